@@ -1,0 +1,1 @@
+"""Models: the Llama-family transformer and its heads."""

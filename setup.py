@@ -1,0 +1,41 @@
+"""collab_rl: multiturn-aware reward training for collaborative language models, in JAX."""
+
+import setuptools
+
+# Ranges are pinned to the minor versions the code is tested with: JAX, Flax, Orbax and grain
+# change their APIs between minor releases.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml-collections>=1.1,<2",
+    "absl-py>=2.3,<3",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "array-record>=0.8,<0.9",
+    "grain>=0.2.18,<0.3",
+    "tokenizers>=0.22,<0.24",
+    "safetensors>=0.6,<0.9",
+    "tensorboardX>=2.6,<2.7",
+    "tqdm>=4.66,<5",
+    "matplotlib>=3.9,<3.12",
+    "numpy>=2.0,<2.5",
+    "jinja2>=3.1,<4",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest>=8,<10",
+    ],
+}
+
+setuptools.setup(
+    name="collab_rl",
+    version="0.1.0",
+    description="Multiturn-aware reward RL for collaborative LMs, in JAX/Flax.",
+    packages=setuptools.find_packages(include=["collab_rl", "collab_rl.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
