@@ -1,0 +1,70 @@
+"""The entry point: `python -m collab_rl.main --config experiments/x.py:variant --workdir DIR`.
+
+Fields are overridden with `--config.field=value`; an unknown field is an error (the config is
+locked). Multi-host runs pass `--distributed` (on Cloud TPU the coordinator is auto-detected;
+elsewhere give `--coordinator_address`, `--num_processes` and `--process_id`, or the JAX_*
+environment variables that `jax.distributed.initialize` reads).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+TRAINERS = {"lm": "collab_rl.trainers.lm"}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def trainer_module(name: str):
+  if name not in TRAINERS:
+    raise ValueError(f"config.trainer={name!r} is not a known trainer; known: {sorted(TRAINERS)}")
+  return importlib.import_module(TRAINERS[name])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with config errors printed as one readable line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    msg = str(e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    msg = (f"bad config override among {overrides}: {type(e).__name__}: {e}. Field names and "
+           "types are those of the config file; an unknown field is an error.")
+  sys.stderr.write(f"FATAL config error: {msg}\n")
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Orbax narrates every save at INFO; keep its warnings and errors, drop the chatter.
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+  import jax  # after flag parsing, so that --jax_* flags and XLA_FLAGS take effect first
+
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  config = _CONFIG.value
+  trainer = trainer_module(config.trainer)
+  logging.info("process %d/%d, %d devices (%d local), trainer %s", jax.process_index(),
+               jax.process_count(), jax.device_count(), jax.local_device_count(), config.trainer)
+  result = trainer.train(config, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print({k: round(v, 4) for k, v in result.get("final", {}).items()})
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,329 @@
+"""A decoder-only Llama-family transformer in Flax linen, with LM, value and reward heads.
+
+Config fields and parameter names mirror Hugging Face Llama and Qwen2 one to one, so that
+`models/hf.py` maps checkpoints by renaming alone:
+
+  HF `model.embed_tokens.weight`                     -> params["embed_tokens"]["embedding"]
+  HF `model.layers.{i}.self_attn.{q,k,v,o}_proj.*`   -> params[f"layers_{i}"]["self_attn"][...]
+  HF `model.layers.{i}.mlp.{gate,up,down}_proj.*`    -> params[f"layers_{i}"]["mlp"][...]
+  HF `model.layers.{i}.{input,post_attention}_layernorm.weight` -> ...["scale"]
+  HF `model.norm.weight`                             -> params["norm"]["scale"]
+  HF `lm_head.weight` (transposed)                   -> params["lm_head"]["kernel"]
+
+The model is used purely: `model.apply({"params": params}, tokens_BxL, ...)`. Decoding passes an
+explicit `KVCache` pytree in and gets the updated one back (no mutable Flax collections), so the
+sampler's state is a plain pytree that jit can donate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+HEADS = ("lm", "value", "reward")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Field names follow Hugging Face's LlamaConfig / Qwen2Config."""
+
+  vocab_size: int = 2048
+  hidden_size: int = 256  # D
+  intermediate_size: int = 688  # MLP width
+  num_hidden_layers: int = 4
+  num_attention_heads: int = 8  # H
+  num_key_value_heads: int = 2  # K; H % K == 0 (grouped-query attention)
+  head_dim: int | None = None  # None: hidden_size // num_attention_heads
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10_000.0
+  # Llama-3.x style frequency scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
+  # "high_freq_factor", "original_max_position_embeddings"}; None for plain RoPE.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False  # Qwen2: bias on q/k/v (never on o_proj)
+  heads: tuple[str, ...] = ("lm",)  # which of HEADS to build
+  dtype: str = "float32"  # compute dtype: float32 or bfloat16
+  param_dtype: str = "float32"
+  remat: bool = False  # rematerialise each layer in the backward pass (saves activations)
+
+  def __post_init__(self):
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+          f"num_key_value_heads={self.num_key_value_heads}")
+    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"hidden_size={self.hidden_size} is not a multiple of "
+          f"num_attention_heads={self.num_attention_heads}; set head_dim")
+    unknown = set(self.heads) - set(HEADS)
+    if unknown:
+      raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16"):
+        raise ValueError(f"{name}={getattr(self, name)!r}: use 'float32' or 'bfloat16'")
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TransformerConfig":
+    """From a plain dict (an ml_collections config's `.to_dict()`); rope_scaling may be a dict."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown model config fields {sorted(unknown)}")
+    if isinstance(d.get("rope_scaling"), dict):
+      d["rope_scaling"] = tuple(sorted(d["rope_scaling"].items()))
+    if "heads" in d:
+      d["heads"] = tuple(d["heads"])
+    return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embeddings.
+# ------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: TransformerConfig) -> jax.Array:
+  """Inverse frequencies [dim_per_head // 2], with Llama-3 scaling when configured."""
+  dim = cfg.dim_per_head
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  scaling = dict(cfg.rope_scaling or ())
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "default":
+    return inv_freq
+  if kind == "linear":
+    return inv_freq / scaling["factor"]
+  if kind != "llama3":
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+  # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+  factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_len = scaling["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  smooth = (old_len / wavelen - low) / (high - low)
+  blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  out = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  is_medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+  return jnp.where(is_medium, blended, out)
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates pairs (i, i + H/2), Hugging Face's `rotate_half` convention."""
+  angles_BxLxF = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  cos_BxLx1xF = jnp.cos(angles_BxLxF)[:, :, None, :]
+  sin_BxLx1xF = jnp.sin(angles_BxLxF)[:, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos_BxLx1xF - x2 * sin_BxLx1xF,
+                         x2 * cos_BxLx1xF + x1 * sin_BxLx1xF], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# KV cache: an explicit pytree, one slot per position, shared write index for the whole batch.
+# ------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+  k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  valid_BxS: jax.Array  # which slots hold real tokens (prompts are right-padded: holes exist)
+  positions_BxS: jax.Array  # rotary position of the token in each slot
+  index: jax.Array  # next slot to write (scalar int32, same for every row)
+
+  @classmethod
+  def init(cls, cfg: TransformerConfig, batch: int, size: int) -> "KVCache":
+    dtype = jnp.dtype(cfg.dtype)
+    shape = (batch, size, cfg.num_key_value_heads, cfg.dim_per_head)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+    return cls(k=zeros, v=zeros, valid_BxS=jnp.zeros((batch, size), bool),
+               positions_BxS=jnp.zeros((batch, size), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers.
+# ------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # Hugging Face casts back to the input dtype before multiplying by the weight.
+    return x32.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _dense(features, name, cfg, bias=False):
+  return nn.Dense(features, use_bias=bias, name=name, dtype=jnp.dtype(cfg.dtype),
+                  param_dtype=jnp.dtype(cfg.param_dtype),
+                  kernel_init=nn.initializers.normal(0.02))
+
+
+def attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS):
+  """Grouped-query attention: N = K * G query heads share K key/value heads."""
+  b, l, n, h = q_BxLxNxH.shape
+  kv = k_BxSxKxH.shape[2]
+  q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, kv, n // kv, h)
+  logits_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH,
+                                preferred_element_type=jnp.float32) / math.sqrt(h)
+  # A large finite negative keeps fully masked rows (padding queries) NaN-free.
+  logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, -1e30)
+  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype)
+  out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs, v_BxSxKxH)
+  return out_BxLxKxGxH.reshape(b, l, n, h)
+
+
+class Attention(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache_kv=None, index=None):
+    cfg = self.cfg
+    n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+    b, l, _ = x_BxLxD.shape
+    q_BxLxNxH = _dense(n * h, "q_proj", cfg, cfg.attention_bias)(x_BxLxD).reshape(b, l, n, h)
+    k_BxLxKxH = _dense(k * h, "k_proj", cfg, cfg.attention_bias)(x_BxLxD).reshape(b, l, k, h)
+    v_BxLxKxH = _dense(k * h, "v_proj", cfg, cfg.attention_bias)(x_BxLxD).reshape(b, l, k, h)
+    inv_freq = rope_inv_freq(cfg)
+    q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, inv_freq)
+    k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, inv_freq)
+    if cache_kv is not None:
+      # Write this chunk at slot `index` and attend over the whole cache.
+      ck, cv = cache_kv
+      ck = jax.lax.dynamic_update_slice_in_dim(ck, k_BxLxKxH.astype(ck.dtype), index, axis=1)
+      cv = jax.lax.dynamic_update_slice_in_dim(cv, v_BxLxKxH.astype(cv.dtype), index, axis=1)
+      k_all, v_all, new_kv = ck, cv, (ck, cv)
+    else:
+      k_all, v_all, new_kv = k_BxLxKxH, v_BxLxKxH, None
+    out_BxLxNxH = attend(q_BxLxNxH, k_all, v_all, mask_BxLxS)
+    out_BxLxD = _dense(cfg.hidden_size, "o_proj", cfg)(out_BxLxNxH.reshape(b, l, n * h))
+    return out_BxLxD, new_kv
+
+
+class MLP(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    gate = _dense(cfg.intermediate_size, "gate_proj", cfg)(x_BxLxD)
+    up = _dense(cfg.intermediate_size, "up_proj", cfg)(x_BxLxD)
+    return _dense(cfg.hidden_size, "down_proj", cfg)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache_kv=None, index=None):
+    cfg = self.cfg
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x_BxLxD)
+    h, new_kv = Attention(cfg, name="self_attn")(h, positions_BxL, mask_BxLxS, cache_kv, index)
+    x_BxLxD = x_BxLxD + h
+    h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x_BxLxD)
+    return x_BxLxD + MLP(cfg, name="mlp")(h), new_kv
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  logits_BxLxV: jax.Array | None
+  value_BxL: jax.Array | None
+  reward_BxL: jax.Array | None
+  hidden_BxLxD: jax.Array
+  cache: KVCache | None
+
+
+class Transformer(nn.Module):
+  """Llama/Qwen2 decoder. Right padding is honoured through `valid_BxL` (or the cache's mask)."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, *, valid_BxL: jax.Array | None = None,
+               positions_BxL: jax.Array | None = None, cache: KVCache | None = None,
+               heads: Sequence[str] | None = None) -> ModelOutput:
+    """Without a cache: causal attention among the valid tokens of each row.
+
+    With a cache: the L new tokens are written at slots [cache.index, cache.index + L) and
+    attend to every earlier valid slot (and causally among themselves).
+    """
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    if valid_BxL is None:
+      valid_BxL = jnp.ones((b, l), bool)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    if cache is None:
+      causal_LxL = jnp.tril(jnp.ones((l, l), bool))
+      mask_BxLxS = causal_LxL[None] & valid_BxL[:, None, :]
+    else:
+      size = cache.valid_BxS.shape[1]
+      valid_all_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxL, cache.index, 1)
+      pos_all_BxS = jax.lax.dynamic_update_slice_in_dim(
+          cache.positions_BxS, positions_BxL.astype(jnp.int32), cache.index, 1)
+      slot_query_L = cache.index + jnp.arange(l)
+      causal_LxS = jnp.arange(size)[None, :] <= slot_query_L[:, None]
+      mask_BxLxS = causal_LxS[None] & valid_all_BxS[:, None, :]
+
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+                     param_dtype=jnp.dtype(cfg.param_dtype),
+                     embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+    x_BxLxD = embed(tokens_BxL)
+    layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+    new_k, new_v = [], []
+    for i in range(cfg.num_hidden_layers):
+      cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+      idx = None if cache is None else cache.index
+      x_BxLxD, kv = layer_cls(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, mask_BxLxS,
+                                                         cache_kv, idx)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    hidden_BxLxD = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                           name="norm")(x_BxLxD)
+
+    heads = cfg.heads if heads is None else tuple(heads)
+    logits = value = reward = None
+    if "lm" in cfg.heads and (self.is_initializing() or "lm" in heads):
+      if cfg.tie_word_embeddings:
+        logits = embed.attend(hidden_BxLxD)
+      else:
+        logits = _dense(cfg.vocab_size, "lm_head", cfg)(hidden_BxLxD)
+      logits = logits.astype(jnp.float32)  # log-probs and losses in fp32 even under bf16
+    if "value" in cfg.heads and (self.is_initializing() or "value" in heads):
+      value = _dense(1, "value_head", cfg, bias=True)(hidden_BxLxD)[..., 0].astype(jnp.float32)
+    if "reward" in cfg.heads and (self.is_initializing() or "reward" in heads):
+      reward = _dense(1, "reward_head", cfg, bias=True)(hidden_BxLxD)[..., 0].astype(jnp.float32)
+
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid_BxS=valid_all_BxS,
+                          positions_BxS=pos_all_BxS, index=cache.index + l)
+    return ModelOutput(logits, value, reward, hidden_BxLxD, new_cache)
+
+
+def init_params(model: Transformer, key: jax.Array, seq_len: int = 8) -> dict:
+  """Fresh params (a plain nested dict); jit it with out_shardings to create them sharded."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return model.init(key, tokens)["params"]
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,137 @@
+"""Jitted prefill + decode with a preallocated KV cache.
+
+Prompts are right-padded with per-row lengths. The cache has one slot per position: the prompt
+fills slots [0, L) (holes after each row's length are masked out), and decode step t writes slot
+L + t for every row at once while each row keeps its own rotary position `len_b + t`. One shared
+write index keeps every cache update a static-shaped `dynamic_update_slice`; the decode loop is a
+`lax.while_loop` that stops early once every row has produced a stop token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from collab_rl.models.transformer import KVCache, Transformer
+
+_NEG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 128  # budget of new tokens per row
+  temperature: float = 1.0
+  top_k: int = 0  # 0 disables
+  top_p: float = 1.0  # 1.0 disables
+  greedy: bool = False
+  stop_tokens: tuple[int, ...] = ()  # e.g. the chat template's end-of-turn token
+  pad_id: int = 0  # written after a row has stopped
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f"temperature must be > 0 (or greedy=True), got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  tokens_BxN: jax.Array  # new tokens, pad_id after the stop token
+  logprobs_BxN: jax.Array  # log p(token) under softmax(logits / temperature); 0 after stop
+  lengths_B: jax.Array  # new tokens per row, the stop token included
+  stopped_B: jax.Array  # True where the row emitted a stop token within the budget
+
+
+def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Masks everything outside the top-k and the top-p nucleus."""
+  if top_k > 0:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, _NEG, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep a token while the mass strictly before it is below p (the top token always stays).
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    kept_BxV = mass_before_BxV < top_p
+    threshold_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < threshold_Bx1, _NEG, logits_BxV)
+  return logits_BxV
+
+
+def _choose(logits_BxV, key, cfg: SamplingConfig):
+  """Picks one token per row; returns it with its log-prob under the unfiltered policy."""
+  temperature = 1.0 if cfg.greedy else cfg.temperature
+  logp_BxV = jax.nn.log_softmax(logits_BxV / temperature, axis=-1)
+  if cfg.greedy:
+    token_B = jnp.argmax(logits_BxV, axis=-1)
+  else:
+    token_B = jax.random.categorical(key, filter_logits(logits_BxV / temperature, cfg.top_k,
+                                                        cfg.top_p))
+  token_B = token_B.astype(jnp.int32)
+  return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
+
+
+def _is_stop(token_B, cfg: SamplingConfig):
+  stop_B = jnp.zeros(token_B.shape, bool)
+  for s in cfg.stop_tokens:
+    stop_B |= token_B == s
+  return stop_B
+
+
+def _sample(model: Transformer, cfg: SamplingConfig, params, prompt_BxL, prompt_len_B, key):
+  b, l = prompt_BxL.shape
+  n = cfg.max_new_tokens
+  prompt_len_B = prompt_len_B.astype(jnp.int32)
+  apply = functools.partial(model.apply, {"params": params}, heads=("lm",))
+
+  # Prefill: the whole prompt in one pass, then read each row's logits at its last real token.
+  cache = KVCache.init(model.cfg, b, l + n)
+  valid_BxL = jnp.arange(l)[None, :] < prompt_len_B[:, None]
+  out = apply(prompt_BxL, valid_BxL=valid_BxL, cache=cache)
+  last_BxV = jnp.take_along_axis(out.logits_BxLxV, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
+  token_B, logp_B = _choose(last_BxV, jax.random.fold_in(key, 0), cfg)
+
+  tokens_BxN = jnp.full((b, n), cfg.pad_id, jnp.int32).at[:, 0].set(token_B)
+  logprobs_BxN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B)
+  done_B = _is_stop(token_B, cfg)
+  lengths_B = jnp.ones((b,), jnp.int32)
+
+  def cond(carry):
+    t, _, _, _, _, done_B, _ = carry
+    return (t < n) & ~jnp.all(done_B)
+
+  def body(carry):
+    t, cache, token_B, tokens_BxN, logprobs_BxN, done_B, lengths_B = carry
+    # Feed the previous token at its row's own position; stopped rows are masked out of the cache.
+    out = apply(token_B[:, None], valid_BxL=~done_B[:, None],
+                positions_BxL=(prompt_len_B + t - 1)[:, None], cache=cache)
+    new_B, logp_B = _choose(out.logits_BxLxV[:, 0], jax.random.fold_in(key, t), cfg)
+    new_B = jnp.where(done_B, cfg.pad_id, new_B)
+    logp_B = jnp.where(done_B, 0.0, logp_B)
+    tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, new_B[:, None], t, axis=1)
+    logprobs_BxN = jax.lax.dynamic_update_slice_in_dim(logprobs_BxN, logp_B[:, None], t, axis=1)
+    lengths_B = lengths_B + (~done_B).astype(jnp.int32)
+    done_B = done_B | _is_stop(new_B, cfg)
+    return t + 1, out.cache, new_B, tokens_BxN, logprobs_BxN, done_B, lengths_B
+
+  carry = (jnp.int32(1), out.cache, token_B, tokens_BxN, logprobs_BxN, done_B, lengths_B)
+  _, _, _, tokens_BxN, logprobs_BxN, done_B, lengths_B = jax.lax.while_loop(cond, body, carry)
+  return SampleOutput(tokens_BxN, logprobs_BxN, lengths_B, done_B)
+
+
+def make_sampler(model: Transformer, cfg: SamplingConfig) -> Callable[..., SampleOutput]:
+  """Returns `sample(params, prompt_BxL, prompt_len_B, key) -> SampleOutput`, jitted once.
+
+  Shapes are static, so one (batch, prompt length) pair compiles once; inputs keep the sharding
+  they arrive with (shard the batch over `data` x `fsdp` with `sharding.shard_batch`).
+  """
+  return jax.jit(functools.partial(_sample, model, cfg))

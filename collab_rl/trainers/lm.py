@@ -1,0 +1,193 @@
+"""Next-token training on a synthetic corpus: the whole path, config to resumed checkpoint.
+
+config -> checks (before anything compiles) -> mesh -> sharded state (fresh, resumed or
+`init_from`) -> grain data sharded by process -> jitted, donated train step -> metrics ->
+Orbax checkpoints -> resume. The RL trainers reuse each piece; this one keeps them honest on a
+task whose answer is known: the corpus is a sparse random Markov chain with `branching`
+successors per token, so the loss floor is log(branching).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from collab_rl import checkpoint as ckpt_lib
+from collab_rl import metrics as metrics_lib
+from collab_rl import sharding as sharding_lib
+from collab_rl import train_state as state_lib
+from collab_rl.models import transformer
+
+# ------------------------------------------------------------------------------------------------
+# Data: a synthetic corpus, indexable so grain can shuffle, shard and checkpoint its position.
+# ------------------------------------------------------------------------------------------------
+
+
+class MarkovCorpus:
+  """Record i: a right-padded token sequence from a fixed sparse Markov chain (0 is padding)."""
+
+  def __init__(self, vocab_size: int, seq_len: int, num_records: int, branching: int, seed: int,
+               min_len: int):
+    rng = np.random.default_rng(seed)
+    self._succ_VxK = rng.integers(1, vocab_size, size=(vocab_size, branching))
+    self._seq_len, self._num, self._min_len, self._seed = seq_len, num_records, min_len, seed
+
+  def __len__(self) -> int:
+    return self._num
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng((self._seed, int(i)))
+    n = int(rng.integers(self._min_len, self._seq_len + 1))
+    tokens_L = np.zeros((self._seq_len,), np.int32)
+    tok = int(rng.integers(1, len(self._succ_VxK)))
+    choices = rng.integers(0, self._succ_VxK.shape[1], size=n)
+    for t in range(n):
+      tokens_L[t] = tok
+      tok = int(self._succ_VxK[tok, choices[t]])
+    return {"tokens": tokens_L, "length": np.int32(n)}
+
+
+def make_dataset(config, split: str) -> grain.MapDataset:
+  c = config.corpus
+  seed = c.seed if split == "train" else c.seed + 1  # held-out records differ, same chain
+  corpus = MarkovCorpus(config.model.vocab_size, config.seq_len + 1, c.num_records, c.branching,
+                        c.seed, c.min_len)
+  ds = grain.MapDataset.source(corpus)
+  if split != "train":
+    ds = ds[c.num_records // 2:]  # validation: the second half, never shuffled
+  # Each process reads its own interleaved slice; the global batch is their concatenation.
+  ds = ds[jax.process_index()::jax.process_count()]
+  local_batch = config.batch_size // jax.process_count()
+  if split == "train":
+    ds = ds.shuffle(seed=seed).repeat()
+  return ds.batch(local_batch, drop_remainder=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model, optimizer, loss, step.
+# ------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps,
+                                                max(config.num_steps, o.warmup_steps + 1),
+                                                end_value=o.learning_rate * o.final_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                     optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+
+
+def lm_loss(model, params, tokens_BxL, length_B):
+  """Mean cross-entropy over real next-token targets (padding excluded)."""
+  inputs_BxL, targets_BxL = tokens_BxL[:, :-1], tokens_BxL[:, 1:]
+  valid_BxL = jnp.arange(inputs_BxL.shape[1])[None, :] < length_B[:, None]
+  logits = model.apply({"params": params}, inputs_BxL, valid_BxL=valid_BxL).logits_BxLxV
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxL)
+  target_mask_BxL = (jnp.arange(inputs_BxL.shape[1])[None, :] < (length_B - 1)[:, None])
+  n = jnp.maximum(target_mask_BxL.sum(), 1)
+  return jnp.sum(ce_BxL * target_mask_BxL) / n, n
+
+
+def train_step(model, tx, state: state_lib.TrainState, batch):
+  (loss, n), grads = jax.value_and_grad(
+      lambda p: lm_loss(model, p, batch["tokens"], batch["length"]), has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": n}
+
+
+def build(config, mesh):
+  """Model, optimizer and the sharded state factory, all from the config."""
+  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
+  tx = make_optimizer(config)
+  rules = sharding_lib.rules_from_config(config.get("partition_rules"))
+
+  def init_fn():
+    key = jax.random.key(config.seed)
+    params = transformer.init_params(model, jax.random.fold_in(key, 0))
+    return state_lib.create(params, tx, jax.random.fold_in(key, 1))
+
+  create_fn, abstract, shardings = state_lib.init_sharded(init_fn, mesh, rules)
+  return model, tx, create_fn, abstract, shardings
+
+
+def check_config(config) -> jax.sharding.Mesh:
+  """Every check that can fail on the config, before anything compiles. Returns the mesh."""
+  transformer.TransformerConfig.from_dict(config.model.to_dict())
+  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  sharding_lib.check_batch(config.batch_size, mesh)
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  for name in ("num_steps", "seq_len", "log_every", "eval_every"):
+    if config[name] <= 0:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  if config.corpus.min_len < 2 or config.corpus.min_len > config.seq_len + 1:
+    raise ValueError(f"config.corpus.min_len={config.corpus.min_len} must be in "
+                     f"[2, seq_len + 1 = {config.seq_len + 1}]")
+  ckpt_lib.check_init_from(config.init_from or None)
+  return mesh
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+# ------------------------------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  mesh = check_config(config)
+  model, tx, create_fn, abstract, shardings = build(config, mesh)
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b),
+                    in_shardings=(shardings, {"tokens": batch_sh, "length": batch_sh}),
+                    out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  eval_fn = jax.jit(lambda p, b: lm_loss(model, p, b["tokens"], b["length"])[0],
+                    in_shardings=(shardings.params, {"tokens": batch_sh, "length": batch_sh}))
+
+  checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints",
+                                       max_to_keep=config.checkpoint.max_to_keep,
+                                       save_interval_steps=config.checkpoint.every_steps,
+                                       async_save=config.checkpoint.async_save)
+  state, data_state, how = ckpt_lib.restore_or_init(checkpointer, abstract, create_fn,
+                                                    init_from=config.init_from or None)
+  logging.info("train state: %s (%d params)", how, transformer.count_params(state.params))
+  train_iter = iter(make_dataset(config, "train").to_iter_dataset())
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  eval_batch = sharding_lib.shard_batch(make_dataset(config, "validation")[0], mesh)
+
+  writer = metrics_lib.MetricWriter(workdir)
+  writer.write_hparams(config.to_dict())
+  start = int(state.step)
+  history = {}
+  t0, tokens = time.perf_counter(), 0
+  for step in metrics_lib.progress(range(start + 1, config.num_steps + 1), total=config.num_steps,
+                                   initial=start, desc="lm"):
+    host_batch = next(train_iter)
+    # Counted on the host so that logging does not wait on the device every step.
+    tokens += int(np.sum(host_batch["length"] - 1)) * jax.process_count()
+    state, m = step_fn(state, sharding_lib.shard_batch(host_batch, mesh))
+    if step % config.log_every == 0 or step == config.num_steps:
+      m = jax.device_get(m)
+      m.pop("target_tokens")
+      dt = time.perf_counter() - t0
+      scalars = {**m, "tokens_per_s": tokens / max(dt, 1e-9)}
+      if step % config.eval_every == 0 or step == config.num_steps:
+        scalars["eval_loss"] = float(eval_fn(state.params, eval_batch))
+      writer.write_scalars(step, scalars)
+      history = {k: float(v) for k, v in scalars.items()}
+      t0, tokens = time.perf_counter(), 0
+    checkpointer.save(step, state, data_state=train_iter.get_state(), config=config,
+                      force=step == config.num_steps)
+  checkpointer.close()  # waits for the last asynchronous save
+  writer.close()
+  return {"state": state, "final": history, "how": how}
