@@ -84,6 +84,8 @@ def _spec_for(name: str, shape: tuple[int, ...], rules, mesh: Mesh) -> P:
   else:
     return P()
   axes = tuple(axes)
+  if not axes:
+    return P()
   if len(axes) > len(shape):
     # Rules describe matrices; a lower-rank leaf matching them (e.g. a bias) stays replicated.
     return P()

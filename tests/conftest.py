@@ -15,3 +15,30 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
   assert jax.device_count() == 8, f"tests need 8 fake CPU devices, got {jax.device_count()}"
+
+
+class CompileCounter:
+  """Counts XLA backend compilations while active (a jit cache hit compiles nothing)."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+
+  def _listener(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event == self.EVENT:
+      self.count += 1
+
+  def __enter__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+@pytest.fixture
+def compile_counter():
+  return CompileCounter()

@@ -10,7 +10,7 @@ successors per token, so the loss floor is log(branching).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import grain
 import jax
@@ -102,11 +102,21 @@ def train_step(model, tx, state: state_lib.TrainState, batch):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": n}
+  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": n}
 
 
-def build(config, mesh):
-  """Model, optimizer and the sharded state factory, all from the config."""
+class Built(NamedTuple):
+  model: transformer.Transformer
+  tx: optax.GradientTransformation
+  create_fn: Callable[[], state_lib.TrainState]  # builds the state in its shardings
+  abstract: state_lib.TrainState  # ShapeDtypeStructs with shardings: what restores target
+  shardings: state_lib.TrainState
+  step_fn: Callable  # (state, batch) -> (state, metrics); the state is donated
+  eval_fn: Callable  # (params, batch) -> loss
+
+
+def build(config, mesh) -> Built:
+  """Model, optimizer, sharded state factory and the jitted steps, all from the config."""
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
   tx = make_optimizer(config)
   rules = sharding_lib.rules_from_config(config.get("partition_rules"))
@@ -117,7 +127,13 @@ def build(config, mesh):
     return state_lib.create(params, tx, jax.random.fold_in(key, 1))
 
   create_fn, abstract, shardings = state_lib.init_sharded(init_fn, mesh, rules)
-  return model, tx, create_fn, abstract, shardings
+  batch_sh = {"tokens": sharding_lib.batch_sharding(mesh),
+              "length": sharding_lib.batch_sharding(mesh)}
+  step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b), in_shardings=(shardings, batch_sh),
+                    out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  eval_fn = jax.jit(lambda p, b: lm_loss(model, p, b["tokens"], b["length"])[0],
+                    in_shardings=(shardings.params, batch_sh))
+  return Built(model, tx, create_fn, abstract, shardings, step_fn, eval_fn)
 
 
 def check_config(config) -> jax.sharding.Mesh:
@@ -143,21 +159,22 @@ def check_config(config) -> jax.sharding.Mesh:
 # ------------------------------------------------------------------------------------------------
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          stop_after: int | None = None) -> dict[str, Any]:
+  """Trains to `config.num_steps`, resuming from `workdir` if it holds a checkpoint.
+
+  `stop_after` ends this process at that step (with a checkpoint) without changing the run's
+  schedule: it is how tests and time-boxed jobs stand in for a preemption.
+  """
   mesh = check_config(config)
-  model, tx, create_fn, abstract, shardings = build(config, mesh)
-  batch_sh = sharding_lib.batch_sharding(mesh)
-  step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b),
-                    in_shardings=(shardings, {"tokens": batch_sh, "length": batch_sh}),
-                    out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
-  eval_fn = jax.jit(lambda p, b: lm_loss(model, p, b["tokens"], b["length"])[0],
-                    in_shardings=(shardings.params, {"tokens": batch_sh, "length": batch_sh}))
+  b = build(config, mesh)
+  step_fn, eval_fn = b.step_fn, b.eval_fn
 
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints",
                                        max_to_keep=config.checkpoint.max_to_keep,
                                        save_interval_steps=config.checkpoint.every_steps,
                                        async_save=config.checkpoint.async_save)
-  state, data_state, how = ckpt_lib.restore_or_init(checkpointer, abstract, create_fn,
+  state, data_state, how = ckpt_lib.restore_or_init(checkpointer, b.abstract, b.create_fn,
                                                     init_from=config.init_from or None)
   logging.info("train state: %s (%d params)", how, transformer.count_params(state.params))
   train_iter = iter(make_dataset(config, "train").to_iter_dataset())
@@ -168,9 +185,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer = metrics_lib.MetricWriter(workdir)
   writer.write_hparams(config.to_dict())
   start = int(state.step)
+  last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
   history = {}
   t0, tokens = time.perf_counter(), 0
-  for step in metrics_lib.progress(range(start + 1, config.num_steps + 1), total=config.num_steps,
+  for step in metrics_lib.progress(range(start + 1, last + 1), total=config.num_steps,
                                    initial=start, desc="lm"):
     host_batch = next(train_iter)
     # Counted on the host so that logging does not wait on the device every step.
@@ -187,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       history = {k: float(v) for k, v in scalars.items()}
       t0, tokens = time.perf_counter(), 0
     checkpointer.save(step, state, data_state=train_iter.get_state(), config=config,
-                      force=step == config.num_steps)
+                      force=step == last)
   checkpointer.close()  # waits for the last asynchronous save
   writer.close()
   return {"state": state, "final": history, "how": how}

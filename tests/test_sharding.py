@@ -1,0 +1,78 @@
+"""Mesh construction, partition rules and batch placement on 8 fake devices."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from collab_rl import sharding as sharding_lib
+from collab_rl.models import transformer as tfm
+
+
+def test_mesh_fill_and_axes():
+  mesh = sharding_lib.make_mesh((-1, 2, 1))
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "model": 1}
+  assert sharding_lib.data_parallel_size(mesh) == 8
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((4, 4, 1), "needs 16 devices, but only 8"),
+    ((-1, -1, 1), "at most one -1"),
+    ((3, -1, 1), "not divisible by 3"),
+    ((2, 2, 1), "uses 4 of 8"),
+    ((0, 8, 1), "positive"),
+    ((8, 1), "3 entries"),
+])
+def test_bad_mesh_shapes(shape, match):
+  with pytest.raises(ValueError, match=match):
+    sharding_lib.make_mesh(shape)
+
+
+def test_check_batch():
+  mesh = sharding_lib.make_mesh((4, 2, 1))
+  sharding_lib.check_batch(16, mesh)
+  with pytest.raises(ValueError, match="batch_size=12 must be a positive multiple of the "
+                     "data-parallel size 8"):
+    sharding_lib.check_batch(12, mesh)
+
+
+def test_llama_rules_shard_params():
+  cfg = tfm.TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+  shapes = jax.eval_shape(lambda: tfm.init_params(tfm.Transformer(cfg), jax.random.key(0)))
+  mesh = sharding_lib.make_mesh((2, 2, 2))
+  specs = sharding_lib.param_specs(shapes, sharding_lib.LLAMA_RULES, mesh)
+  attn = specs["layers_0"]["self_attn"]
+  assert attn["q_proj"]["kernel"] == P("fsdp", "model")
+  assert attn["o_proj"]["kernel"] == P("model", "fsdp")
+  assert specs["layers_0"]["input_layernorm"]["scale"] == P()
+  assert specs["embed_tokens"]["embedding"] == P("model", "fsdp")
+  params = jax.jit(lambda: tfm.init_params(tfm.Transformer(cfg), jax.random.key(0)),
+                   out_shardings=sharding_lib.param_shardings(shapes, mesh))()
+  q = params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.shard_shape(q.shape) == (16, 16)
+
+
+def test_indivisible_param_names_param_and_axis():
+  mesh = sharding_lib.make_mesh((1, 8, 1))
+  shapes = {"layers_0": {"mlp": {"gate_proj": {"kernel": jax.ShapeDtypeStruct((12, 16), "f4")}}}}
+  with pytest.raises(ValueError, match=r"layers_0/mlp/gate_proj/kernel .* not divisible by mesh "
+                     "axis 'fsdp' of size 8"):
+    sharding_lib.param_shardings(shapes, mesh)
+
+
+def test_rules_from_config_validates_axes():
+  rules = sharding_lib.rules_from_config([("mlp/.*/kernel", ("fsdp", None))])
+  assert rules[-1] == (r".*", ())
+  with pytest.raises(ValueError, match="unknown mesh axes \\['tensor'\\]"):
+    sharding_lib.rules_from_config([("mlp", ("tensor",))])
+
+
+def test_shard_batch_global_array():
+  mesh = sharding_lib.make_mesh((4, 2, 1))
+  batch = {"tokens": np.arange(16 * 3).reshape(16, 3), "length": np.arange(16)}
+  out = sharding_lib.shard_batch(batch, mesh)
+  assert out["tokens"].shape == (16, 3)
+  assert out["tokens"].sharding.shard_shape((16, 3)) == (2, 3)
+  np.testing.assert_array_equal(out["length"], batch["length"])
