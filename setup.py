@@ -27,6 +27,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8,<10",
+        # Parity tests build tiny checkpoints with transformers; the CPU build of torch is enough.
+        "torch==2.13.0",
+        "transformers>=5,<6",
     ],
 }
 

@@ -168,8 +168,11 @@ class Tokenizer:
     added = {t.content for t in self.tokenizer.get_added_tokens_decoder().values()}
     if self._template is not None:
       marker = "collab_rl_marker"
-      text = self.render([{"role": "user", "content": "hi"},
-                          {"role": "assistant", "content": marker}])
+      try:
+        text = self.render([{"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": marker}])
+      except jinja2.exceptions.TemplateError:
+        text = ""  # e.g. a template that insists on a system message: fall back to eos
       after = text[text.rfind(marker) + len(marker):] if marker in text else ""
       encoding = self.tokenizer.encode(after, add_special_tokens=False)
       if encoding.tokens and encoding.tokens[0] in added:

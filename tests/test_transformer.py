@@ -27,6 +27,7 @@ def test_attention_masks_right_padding_by_hand():
   v[0, 2, 0] = [0.0, 0.0, 1000.0, 0.0]
   valid = jnp.array([[True, True, False]])
   mask = jnp.tril(jnp.ones((3, 3), bool))[None] & valid[:, None, :]
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # K-major, as attend takes them
   out = np.asarray(tfm.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask))[0, :, 0]
   np.testing.assert_allclose(out[0], [4.0, 0.0, 0.0, 0.0], atol=1e-6)  # sees only itself
   np.testing.assert_allclose(out[1], [1.0, 6.0, 0.0, 0.0], atol=1e-5)  # 4/4, 3*8/4
@@ -38,8 +39,8 @@ def test_grouped_query_heads_share_kv_like_hugging_face():
   # 4 query heads, 2 kv heads: heads 0,1 read kv head 0 and heads 2,3 read kv head 1
   # (HF's repeat_kv order).
   q = jnp.zeros((1, 1, 4, 2))
-  k = jnp.zeros((1, 1, 2, 2))
-  v = jnp.array([[[[1.0, 1.0], [5.0, 5.0]]]])
+  k = jnp.zeros((1, 2, 1, 2))  # [B, K, S, H]
+  v = jnp.array([[[[1.0, 1.0]], [[5.0, 5.0]]]])
   out = tfm.attend(q, k, v, jnp.ones((1, 1, 1), bool))[0, 0]
   np.testing.assert_allclose(out, [[1, 1], [1, 1], [5, 5], [5, 5]])
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import jax
 from jax.experimental import multihost_utils
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for safetensors' numpy reader)
 import numpy as np
 from safetensors import safe_open
 
@@ -50,13 +50,14 @@ PathLike = str | pathlib.Path
 
 
 def _dtype_name(dtype: Any) -> str | None:
-  """float32 / bfloat16 (the dtypes the model runs in); float16 widens to float32."""
+  """float32 / bfloat16, the dtypes the model runs in; float16 widens to float32."""
   if dtype is None:
     return None
-  name = str(dtype).removeprefix("torch.")
-  name = {"float16": "float32", "half": "float32", "float": "float32", "bf16": "bfloat16",
-          "fp32": "float32"}.get(name, name)
-  name = np.dtype(name).name if name not in ("bfloat16",) else name
+  try:
+    name = np.dtype(dtype.removeprefix("torch.") if isinstance(dtype, str) else dtype).name
+  except TypeError:
+    name = str(dtype)
+  name = "float32" if name == "float16" else name
   if name not in ("float32", "bfloat16"):
     raise ValueError(f"unsupported dtype {dtype!r}: use float32 or bfloat16")
   return name
@@ -117,11 +118,14 @@ def config_from_hf(hf: Mapping[str, Any], dtype: Any = None,
   theta, scaling = _rope(hf, where)
   dtype = _dtype_name(dtype) or _dtype_name(hf.get("dtype") or hf.get("torch_dtype")) or "float32"
   heads = hf["num_attention_heads"]
+  head_dim = hf.get("head_dim")
+  if head_dim == hf["hidden_size"] // heads and not hf["hidden_size"] % heads:
+    head_dim = None  # the default; keeps configs equal whichever way they were written
   return TransformerConfig(
       vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
       intermediate_size=hf["intermediate_size"], num_hidden_layers=layers,
       num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
+      head_dim=head_dim, rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
       rope_scaling=scaling, max_position_embeddings=hf.get("max_position_embeddings", 4096),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       attention_bias=kind == "qwen2", heads=("lm",), dtype=dtype, param_dtype=dtype)
@@ -227,8 +231,9 @@ def load_pretrained(path: PathLike, dtype: Any = None, mesh: jax.sharding.Mesh |
         found[name] = f
     for name, f in listed.items():
       if found.get(name) != f:
+        actual = f"it is in {found[name]}" if name in found else "no file has it"
         raise ValueError(f"{folder / 'model.safetensors.index.json'} maps tensor {name} to {f}, "
-                         f"but {'it is in ' + str(found[name]) if name in found else 'no file has it'}")
+                         f"but {actual}")
     if dtype is None and not (hf.get("dtype") or hf.get("torch_dtype")):
       embed = "model.embed_tokens.weight"
       if embed in found:
@@ -293,9 +298,9 @@ def save_pretrained(model: Transformer, params: Mapping, path: PathLike,
   """Writes config.json + model.safetensors (in the params' dtype) that transformers loads.
 
   Streams one tensor at a time to the file, so the host holds at most one full tensor. Value and
-  reward heads have no Hugging Face counterpart and are left out. `hf_config` entries (e.g. the
-  source checkpoint's token ids) are added to config.json. Multi-host: every process must call
-  this (gathers are collective); process 0 writes.
+  reward heads have no Hugging Face counterpart and are left out. `hf_config` (e.g. the source
+  checkpoint's config.json, for its token ids) supplies the keys that the model does not decide.
+  Multi-host: every process must call this (gathers are collective); process 0 writes.
   """
   cfg = model.cfg
   if "lm" not in cfg.heads:
@@ -316,15 +321,15 @@ def save_pretrained(model: Transformer, params: Mapping, path: PathLike,
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
 
-  config = config_to_hf(cfg)
+  # The architecture keys always come from the model, so they match the tensors written.
+  config = {**(hf_config or {}), **config_to_hf(cfg)}
   config["dtype"] = config["torch_dtype"] = np.dtype(leaves["embed_tokens/embedding"].dtype).name
-  config.update(hf_config or {})
   folder = pathlib.Path(path)
   writer = jax.process_index() == 0
   if writer:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-  with open(folder / "model.safetensors", "wb") if writer else contextlib.nullcontext() as f:
+  with (open(folder / "model.safetensors", "wb") if writer else contextlib.nullcontext()) as f:
     if writer:
       f.write(struct.pack("<Q", len(blob)) + blob)
     for p, transposed, _ in expected.values():
