@@ -118,3 +118,12 @@ def test_sharded_batch_gives_same_tokens(setup):
 def test_bad_sampling_config(kw):
   with pytest.raises(ValueError):
     sampling.SamplingConfig(**kw)
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+  probs = jnp.array([0.1, 0.0, 0.6, 0.3])
+  logits = jnp.broadcast_to(jnp.log(probs), (20_000, 4))
+  draws = np.asarray(sampling.sample_inverse_cdf(jax.random.key(0), logits))
+  freq = np.bincount(draws, minlength=4) / draws.size
+  assert freq[1] == 0.0  # a masked (zero-mass) token is never drawn
+  np.testing.assert_allclose(freq, probs, atol=0.015)

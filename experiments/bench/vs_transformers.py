@@ -1,0 +1,155 @@
+"""collab_rl against Hugging Face transformers on the same weights, in one process, as JSON.
+
+  python experiments/bench/vs_transformers.py --out bench_out/vs_transformers.json
+
+A tiny random Llama (width 256, 4 layers, 8 heads, 2 key/value heads, vocab 2048, fp32) is built
+with transformers, saved, and loaded into collab_rl with `models.hf.load_pretrained`, so both run
+identical weights. Both use 2 threads. Generation: 64-token prompts, 128 new tokens (no early
+stop), greedy and sampled (temperature 1, no top-k/top-p), batch 1 and 16; new tokens/s from the
+median wall time of `--repeats` calls after a warm-up (compilation excluded). Train step: batch
+16 x 256, AdamW (lr 1e-3), next-token loss, forward + backward + update; tokens/s from the median
+step time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", "bench_out/vs_transformers.json", "Where the JSON goes.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
+_THREADS = flags.DEFINE_integer("threads", 2, "Threads for torch (XLA uses the machine's cores).")
+
+HF_CONFIG = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                 rms_norm_eps=1e-6, tie_word_embeddings=False)
+PROMPT, NEW, TRAIN_BATCH, TRAIN_LEN = 64, 128, 16, 256
+
+
+def _median(fn, repeats: int, sync=lambda x: x) -> float:
+  sync(fn())  # warm-up (and compilation for JAX)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def bench_transformers(folder: str, repeats: int) -> dict:
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  out = {"generation": {}}
+  for greedy in (True, False):
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0, do_sample=not greedy)
+    if not greedy:
+      kw.update(temperature=1.0, top_k=0, top_p=1.0)
+    for batch in (1, 16):
+      prompt = torch.randint(1, HF_CONFIG["vocab_size"], (batch, PROMPT))
+      attn = torch.ones_like(prompt)
+      with torch.no_grad():
+        sec = _median(lambda: model.generate(prompt, attention_mask=attn, **kw), repeats)
+      name = f"{'greedy' if greedy else 'sampled'}_b{batch}"
+      out["generation"][name] = {"seconds": sec, "new_tokens_per_s": batch * NEW / sec}
+      print(f"transformers {name}: {batch * NEW / sec:,.0f} new tokens/s")
+
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+  tokens = torch.randint(1, HF_CONFIG["vocab_size"], (TRAIN_BATCH, TRAIN_LEN + 1))
+
+  def step():
+    logits = model(input_ids=tokens[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             tokens[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  sec = _median(step, repeats)
+  out["train_step"] = {"seconds": sec, "tokens_per_s": TRAIN_BATCH * TRAIN_LEN / sec}
+  print(f"transformers train step: {TRAIN_BATCH * TRAIN_LEN / sec:,.0f} tokens/s")
+  return out
+
+
+def bench_collab_rl(folder: str, repeats: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from collab_rl import sampling
+  from collab_rl import train_state as state_lib
+  from collab_rl.models import hf
+  from collab_rl.trainers import lm
+
+  model, params = hf.load_pretrained(folder)
+  out = {"generation": {}}
+  for greedy in (True, False):
+    sample = sampling.make_sampler(model, sampling.SamplingConfig(
+        max_new_tokens=NEW, greedy=greedy, temperature=1.0))
+    for batch in (1, 16):
+      prompt = jax.random.randint(jax.random.key(1), (batch, PROMPT), 1, HF_CONFIG["vocab_size"])
+      lengths = jnp.full((batch,), PROMPT)
+      sec = _median(lambda: sample(params, prompt, lengths, jax.random.key(2)).tokens_BxN,
+                    repeats, jax.block_until_ready)
+      name = f"{'greedy' if greedy else 'sampled'}_b{batch}"
+      out["generation"][name] = {"seconds": sec, "new_tokens_per_s": batch * NEW / sec}
+      print(f"collab_rl {name}: {batch * NEW / sec:,.0f} new tokens/s")
+
+  tx = optax.adamw(1e-3)
+  holder = [state_lib.create(params, tx, jax.random.key(3))]
+  step = jax.jit(lambda s, b: lm.train_step(model, tx, s, b), donate_argnums=0)
+  batch = {"tokens": jax.random.randint(jax.random.key(4), (TRAIN_BATCH, TRAIN_LEN + 1), 1,
+                                        HF_CONFIG["vocab_size"]),
+           "length": jnp.full((TRAIN_BATCH,), TRAIN_LEN + 1)}
+
+  def one():
+    holder[0], m = step(holder[0], batch)
+    return m["loss"]
+
+  sec = _median(one, repeats, jax.block_until_ready)
+  out["train_step"] = {"seconds": sec, "tokens_per_s": TRAIN_BATCH * TRAIN_LEN / sec}
+  print(f"collab_rl train step: {TRAIN_BATCH * TRAIN_LEN / sec:,.0f} tokens/s")
+  return out
+
+
+def main(argv):
+  del argv
+  import jax
+  import torch
+  import transformers
+
+  torch.set_num_threads(_THREADS.value)
+  with tempfile.TemporaryDirectory() as folder:
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG)).save_pretrained(folder)
+    ours = bench_collab_rl(folder, _REPEATS.value)
+    theirs = bench_transformers(folder, _REPEATS.value)
+
+  ratios = {name: ours["generation"][name]["new_tokens_per_s"]
+            / theirs["generation"][name]["new_tokens_per_s"] for name in ours["generation"]}
+  ratios["train_step"] = ours["train_step"]["tokens_per_s"] / theirs["train_step"]["tokens_per_s"]
+  result = {"model": HF_CONFIG, "prompt_len": PROMPT, "new_tokens": NEW,
+            "train_batch": [TRAIN_BATCH, TRAIN_LEN], "torch_threads": _THREADS.value,
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "collab_rl": ours, "transformers": theirs, "ratio_collab_rl_over_transformers": ratios}
+  for name, r in ratios.items():
+    print(f"ratio {name}: {r:.2f}x")
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
