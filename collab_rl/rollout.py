@@ -1,0 +1,156 @@
+"""Policy and user simulator take turns on a batch of conversations, all on device.
+
+A rollout is one `lax.scan` over assistant turns: the policy writes `<assistant> ... <eot>`,
+the simulator answers `<user> ... <eot>`, a row whose user ended the chat stops changing. With a
+scripted simulator the whole thing is one jitted function: no host round trip per turn.
+
+A policy is any `policy(params, conv, sim_state, key) -> (tokens_BxN, logprobs_BxN, lengths_B)`:
+`lm_policy` samples from a transformer (it reads the conversation tokens only); `oracle_policy`
+and `answer_now_policy` are hand-written baselines that read the intent (to check the tasks).
+A simulator has `init_sim(intent)` and `user_turn(intent, sim, reply_BxN, len_B, key)`; the
+scripted tasks in `collab_rl/tasks/` and the LM simulator in `simulators.py` both do.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from collab_rl import conversation as conv_lib
+from collab_rl import sampling
+from collab_rl.models.transformer import Transformer
+from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
+
+Policy = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
+
+@flax.struct.dataclass
+class Rollout:
+  conv: conv_lib.Conversation
+  sim: Any  # the simulator's state at the end (for the slot tasks: slots.SimState)
+  logprobs_BxL: jax.Array  # sampling log-prob of every assistant token, 0 elsewhere
+  reply_lengths_BxT: jax.Array  # tokens the policy wrote in each of its turns (0: row was done)
+
+
+# ------------------------------------------------------------------------------------------------
+# Policies.
+# ------------------------------------------------------------------------------------------------
+
+
+def lm_policy(model: Transformer, cfg: sampling.SamplingConfig) -> Policy:
+  """Samples a reply from the transformer given the conversation so far (header included)."""
+  def policy(params, conv, sim, key):
+    del sim  # the policy never sees the hidden intent or the simulator's state
+    out = sampling._sample(model, cfg, params, conv.tokens_BxL, conv.cursor_B, key)
+    return out.tokens_BxN, out.logprobs_BxN, out.lengths_B
+  return policy
+
+
+def oracle_policy(task) -> Policy:
+  """Asks for every slot it has not been told, then answers with the intended artifact."""
+  def policy(params, conv, sim, key):
+    del params, key
+    b = conv.batch
+    pending_BxK = ~sim.known_BxK
+    slot_B = jnp.argmax(pending_BxK, 1)
+    ask_BxN = jnp.stack([jnp.full((b,), task.ids["ask"]),
+                         jnp.asarray(task.name_ids_K)[slot_B],
+                         jnp.full((b,), task.eot_id)], 1)
+    ask_BxN = jnp.pad(ask_BxN, ((0, 0), (0, task.answer_len + 1 - 3)))
+    answer_BxN = jnp.concatenate([task.ideal_answer(conv.intent),
+                                  jnp.full((b, 1), task.eot_id, jnp.int32)], 1)
+    asking = jnp.any(pending_BxK, 1)
+    toks = jnp.where(asking[:, None], ask_BxN, answer_BxN)
+    lengths = jnp.where(asking, 3, task.answer_len + 1)
+    return toks, jnp.zeros(toks.shape, jnp.float32), lengths
+  return policy
+
+
+def answer_now_policy(task, key_for_guess: int = 0) -> Policy:
+  """Never asks: fills each slot it has not been told with a guess and answers at once."""
+  def policy(params, conv, sim, key):
+    del params
+    b = conv.batch
+    guess_BxK = task.sample_values(jax.random.fold_in(key, key_for_guess), b)
+    values = jnp.where(sim.known_BxK, conv.intent.values_BxK, guess_BxK)
+    no_hole = jnp.zeros_like(sim.known_BxK)
+    body = task._render(task.answer_template, values, no_hole)
+    toks = jnp.concatenate([body, jnp.full((b, 1), task.eot_id, jnp.int32)], 1)
+    return toks, jnp.zeros(toks.shape, jnp.float32), jnp.full((b,), toks.shape[1], jnp.int32)
+  return policy
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+# ------------------------------------------------------------------------------------------------
+
+
+def _scatter_rows(dst_BxL, src_BxN, start_B, len_B):
+  """dst[b, start_b + i] = src[b, i] for i < len_b (a masked gather, like conversation.append)."""
+  l, n = dst_BxL.shape[1], src_BxN.shape[1]
+  off = jnp.arange(l)[None, :] - start_B[:, None]
+  inside = (off >= 0) & (off < len_B[:, None])
+  return jnp.where(inside, jnp.take_along_axis(src_BxN, jnp.clip(off, 0, n - 1), 1), dst_BxL)
+
+
+def start(task, intent, max_len: int) -> tuple[conv_lib.Conversation, Any]:
+  """`<bos> <user> first request <eot>`, and the simulator's initial state."""
+  b = intent.values_BxK.shape[0]
+  conv = conv_lib.empty(b, max_len, intent)
+  ones = jnp.ones((b,), jnp.int32)
+  conv = conv_lib.append(conv, jnp.full((b, 1), task.bos_id), ones, CONTEXT)
+  conv = conv_lib.append(conv, jnp.full((b, 1), task.user_header_id), ones, CONTEXT)
+  req, req_len = task.first_request(intent)
+  conv = conv_lib.append(conv, req, req_len, USER, new_turn=False)
+  return conv, task.init_sim(intent)
+
+
+def take_turns(policy: Policy, simulator, params, conv, sim, key, num_turns: int,
+               logprobs_BxL=None) -> Rollout:
+  """`num_turns` assistant turns, each answered by the simulator (MR's futures start here too)."""
+  b = conv.batch
+  ones = jnp.ones((b,), jnp.int32)
+  if logprobs_BxL is None:
+    logprobs_BxL = jnp.zeros(conv.tokens_BxL.shape, jnp.float32)
+
+  def turn(carry, t):
+    conv, sim, logprobs_BxL = carry
+    k_pol, k_sim = jax.random.split(jax.random.fold_in(key, t))
+    active = ~conv.done_B
+    conv = conv_lib.append(conv, jnp.full((b, 1), simulator.assistant_header_id), ones, CONTEXT)
+    reply, logp, reply_len = policy(params, conv, sim, k_pol)
+    reply_len = jnp.where(active, reply_len, 0)
+    logprobs_BxL = _scatter_rows(logprobs_BxL, logp, conv.cursor_B, reply_len)
+    conv = conv_lib.append(conv, reply, reply_len, ASSISTANT, new_turn=False)
+    user, user_len, done, new_sim = simulator.user_turn(conv.intent, sim, reply, reply_len, k_sim)
+    # Rows that were already done keep their simulator state.
+    sim = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(active.reshape((b,) + (1,) * (new.ndim - 1)), new, old),
+        new_sim, sim)
+    conv = conv_lib.append(conv, jnp.full((b, 1), simulator.user_header_id), ones, CONTEXT)
+    conv = conv_lib.append(conv, user, user_len, USER, new_turn=False)
+    conv = conv_lib.mark_done(conv, done & active)
+    return (conv, sim, logprobs_BxL), reply_len
+
+  (conv, sim, logprobs_BxL), lens_TxB = jax.lax.scan(turn, (conv, sim, logprobs_BxL),
+                                                     jnp.arange(num_turns))
+  return Rollout(conv, sim, logprobs_BxL, lens_TxB.T)
+
+
+def rollout(policy: Policy, task, params, key, batch: int, *, num_turns: int,
+            max_len: int, intent=None) -> Rollout:
+  """Fresh episodes (or the given intents) played for `num_turns` assistant turns."""
+  k_int, k_turns = jax.random.split(key)
+  intent = task.sample_intents(k_int, batch) if intent is None else intent
+  conv, sim = start(task, intent, max_len)
+  return take_turns(policy, task, params, conv, sim, k_turns, num_turns)
+
+
+def make_rollout(policy: Policy, task, *, batch: int, num_turns: int, max_len: int):
+  """The jitted rollout: `(params, key) -> Rollout`, one compilation per config."""
+  return jax.jit(functools.partial(rollout, policy, task, batch=batch, num_turns=num_turns,
+                                   max_len=max_len))

@@ -1,0 +1,1 @@
+"""Collaborative tasks: one module per task, behind one interface."""

@@ -1,0 +1,67 @@
+"""Per-conversation metrics of the verifiable tasks, and the ask/answer decision summary.
+
+Task score (the metric of the latest answer), tokens read (what the policy wrote, the user's
+reading cost) and typed (what the user wrote), turns, interactivity, and whether the policy's
+first move was a question or an answer. The Abg-CoQA-style summary treats "asked first" as the
+prediction of "the request is ambiguous" and reports both recalls and the macro F1 of the two
+classes (ask, answer).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from collab_rl import conversation as conv_lib
+from collab_rl.tasks import slots as slots_lib
+from collab_rl.tokenizer import ASSISTANT, USER
+
+
+def episode_metrics(task, conv: conv_lib.Conversation, sim: slots_lib.SimState) -> dict:
+  """[B] arrays, one value per conversation."""
+  return {
+      "score": sim.score_B,
+      "tokens_read": jnp.sum(conv.roles_BxL == ASSISTANT, 1),
+      "tokens_typed": jnp.sum(conv.roles_BxL == USER, 1),
+      "turns": conv.num_turns_B,
+      "interactivity": task.interactivity(conv.intent, sim),
+      "ambiguous": conv.intent.ambiguous_B,
+      "asked_first": sim.first_action_B == slots_lib.ASKED,
+      "answered_first": sim.first_action_B == slots_lib.ANSWERED,
+      "irrelevant_questions": sim.irrelevant_B,
+      "solved": conv.done_B,
+      "overflow": conv.overflow_B,
+  }
+
+
+def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
+  tp = np.sum(pred & truth)
+  denom = 2 * tp + np.sum(pred & ~truth) + np.sum(~pred & truth)
+  return float(2 * tp / denom) if denom else 1.0
+
+
+def ask_answer_summary(ambiguous, asked_first) -> dict[str, float]:
+  """Ask-when-ambiguous, answer-when-clear and their macro F1 (nan where a class is absent)."""
+  amb, ask = np.asarray(ambiguous, bool), np.asarray(asked_first, bool)
+  return {
+      "ask_when_ambiguous": float(ask[amb].mean()) if amb.any() else float("nan"),
+      "answer_when_clear": float((~ask[~amb]).mean()) if (~amb).any() else float("nan"),
+      "ask_answer_macro_f1": 0.5 * (_f1(ask, amb) + _f1(~ask, ~amb)),
+  }
+
+
+def summarize(metrics: dict) -> dict[str, float]:
+  """Batch means (tokens in thousands, as the paper reports them) plus the decision summary."""
+  m = {k: np.asarray(v) for k, v in metrics.items()}
+  amb = m["ambiguous"].astype(bool)
+  out = {
+      "score": float(m["score"].mean()),
+      "score_ambiguous": float(m["score"][amb].mean()) if amb.any() else float("nan"),
+      "score_clear": float(m["score"][~amb].mean()) if (~amb).any() else float("nan"),
+      "tokens_read_k": float(m["tokens_read"].mean() / 1000),
+      "tokens_typed_k": float(m["tokens_typed"].mean() / 1000),
+      "turns": float(m["turns"].mean()),
+      "interactivity": float(m["interactivity"].mean()),
+  }
+  out.update(ask_answer_summary(amb, m["asked_first"]))
+  return out
