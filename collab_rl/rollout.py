@@ -4,7 +4,8 @@ A rollout is one `lax.scan` over assistant turns: the policy writes `<assistant>
 the simulator answers `<user> ... <eot>`, a row whose user ended the chat stops changing. With a
 scripted simulator the whole thing is one jitted function: no host round trip per turn.
 
-A policy is any `policy(params, conv, sim_state, key) -> (tokens_BxN, logprobs_BxN, lengths_B)`:
+A policy has `init(params, conv, prefix_width)` and `(params, conv, sim, state, key) ->
+(tokens_BxN, logprobs_BxN, lengths_B, state)`:
 `lm_policy` samples from a transformer (it reads the conversation tokens only); `oracle_policy`
 and `answer_now_policy` are hand-written baselines that read the intent (to check the tasks).
 A simulator has `init_sim(intent)` and `user_turn(intent, sim, reply_BxN, len_B, key)`; the
@@ -14,7 +15,7 @@ scripted tasks in `collab_rl/tasks/` and the LM simulator in `simulators.py` bot
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -22,10 +23,9 @@ import jax.numpy as jnp
 
 from collab_rl import conversation as conv_lib
 from collab_rl import sampling
-from collab_rl.models.transformer import Transformer
+from collab_rl import sharding as sharding_lib
+from collab_rl.models.transformer import KVCache, Transformer
 from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
-
-Policy = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -37,23 +37,76 @@ class Rollout:
 
 
 # ------------------------------------------------------------------------------------------------
-# Policies.
+# Policies: `init(params, conv, prefix_width) -> state` and `(params, conv, sim, state, key) ->
+# (tokens_BxN, logprobs_BxN, lengths_B, state)`; the state carries a KV cache across turns.
 # ------------------------------------------------------------------------------------------------
 
 
-def lm_policy(model: Transformer, cfg: sampling.SamplingConfig) -> Policy:
-  """Samples a reply from the transformer given the conversation so far (header included)."""
-  def policy(params, conv, sim, key):
+@flax.struct.dataclass
+class LMState:
+  cache: KVCache
+  upto_B: jax.Array  # conversation positions [0, upto) are in the cache
+
+
+class LMPolicy:
+  """Samples replies from a transformer, with one KV cache for the whole conversation.
+
+  `init` prefills the conversation so far; each turn then feeds only what it gained since (the
+  previous reply's last token, the user's answer, the assistant header: at most `chunk_width`
+  tokens) and decodes. Nothing is recomputed, so a turn costs its new tokens, not the whole
+  history. The policy reads the conversation tokens only, never the intent.
+  """
+
+  def __init__(self, model: Transformer, cfg: sampling.SamplingConfig, *, chunk_width: int,
+               max_turns: int):
+    self.model, self.cfg = model, cfg
+    self.chunk_width, self.max_turns = chunk_width, max_turns
+
+  def init(self, params, conv: conv_lib.Conversation, prefix_width: int | None = None) -> LMState:
+    w = conv.max_len if prefix_width is None else min(prefix_width, conv.max_len)
+    size = w + self.max_turns * (self.chunk_width + self.cfg.max_new_tokens - 1)
+    cache = KVCache.init(self.model.cfg, conv.batch, size)
+    upto_B = jnp.minimum(conv.cursor_B, w)
+    out = self.model.apply({"params": params}, conv.tokens_BxL[:, :w],
+                           valid_BxL=jnp.arange(w)[None, :] < upto_B[:, None], cache=cache,
+                           heads=())
+    return LMState(out.cache, upto_B)
+
+  def __call__(self, params, conv, sim, state: LMState, key):
     del sim  # the policy never sees the hidden intent or the simulator's state
-    out = sampling._sample(model, cfg, params, conv.tokens_BxL, conv.cursor_B, key)
-    return out.tokens_BxN, out.logprobs_BxN, out.lengths_B
-  return policy
+    active_B = ~conv.done_B
+    chunk_BxW = _gather_rows(conv.tokens_BxL, state.upto_B, self.chunk_width)
+    chunk_len_B = jnp.minimum(conv.cursor_B - state.upto_B, self.chunk_width)
+    out, cache = sampling.prefill_and_decode(self.model, self.cfg, params, state.cache, chunk_BxW,
+                                             chunk_len_B, state.upto_B, key, active_B)
+    # Every generated token but the last went into the cache during decoding.
+    upto_B = jnp.where(active_B, conv.cursor_B + jnp.maximum(out.lengths_B - 1, 0),
+                       state.upto_B)
+    return out.tokens_BxN, out.logprobs_BxN, out.lengths_B, LMState(cache, upto_B)
 
 
-def oracle_policy(task) -> Policy:
+def lm_policy(model: Transformer, cfg: sampling.SamplingConfig, *, chunk_width: int = 32,
+              max_turns: int = 8) -> LMPolicy:
+  return LMPolicy(model, cfg, chunk_width=chunk_width, max_turns=max_turns)
+
+
+class _Scripted:
+  """Hand-written baselines: stateless, and they read the intent (to check the tasks)."""
+
+  def __init__(self, fn):
+    self._fn = fn
+
+  def init(self, params, conv, prefix_width=None):
+    return ()
+
+  def __call__(self, params, conv, sim, state, key):
+    return (*self._fn(conv, sim, key), state)
+
+
+def oracle_policy(task) -> _Scripted:
   """Asks for every slot it has not been told, then answers with the intended artifact."""
-  def policy(params, conv, sim, key):
-    del params, key
+  def policy(conv, sim, key):
+    del key
     b = conv.batch
     pending_BxK = ~sim.known_BxK
     slot_B = jnp.argmax(pending_BxK, 1)
@@ -67,13 +120,12 @@ def oracle_policy(task) -> Policy:
     toks = jnp.where(asking[:, None], ask_BxN, answer_BxN)
     lengths = jnp.where(asking, 3, task.answer_len + 1)
     return toks, jnp.zeros(toks.shape, jnp.float32), lengths
-  return policy
+  return _Scripted(policy)
 
 
-def answer_now_policy(task, key_for_guess: int = 0) -> Policy:
+def answer_now_policy(task, key_for_guess: int = 0) -> _Scripted:
   """Never asks: fills each slot it has not been told with a guess and answers at once."""
-  def policy(params, conv, sim, key):
-    del params
+  def policy(conv, sim, key):
     b = conv.batch
     guess_BxK = task.sample_values(jax.random.fold_in(key, key_for_guess), b)
     values = jnp.where(sim.known_BxK, conv.intent.values_BxK, guess_BxK)
@@ -81,12 +133,19 @@ def answer_now_policy(task, key_for_guess: int = 0) -> Policy:
     body = task._render(task.answer_template, values, no_hole)
     toks = jnp.concatenate([body, jnp.full((b, 1), task.eot_id, jnp.int32)], 1)
     return toks, jnp.zeros(toks.shape, jnp.float32), jnp.full((b,), toks.shape[1], jnp.int32)
-  return policy
+  return _Scripted(policy)
 
 
 # ------------------------------------------------------------------------------------------------
 # The loop.
 # ------------------------------------------------------------------------------------------------
+
+
+def _gather_rows(src_BxL, start_B, width: int):
+  """[B, width] windows src[b, start_b : start_b + width] (PAD past the end)."""
+  l = src_BxL.shape[1]
+  idx = start_B[:, None] + jnp.arange(width)[None, :]
+  return jnp.where(idx < l, jnp.take_along_axis(src_BxL, jnp.clip(idx, 0, l - 1), 1), 0)
 
 
 def _scatter_rows(dst_BxL, src_BxN, start_B, len_B):
@@ -109,8 +168,8 @@ def start(task, intent, max_len: int) -> tuple[conv_lib.Conversation, Any]:
   return conv, task.init_sim(intent)
 
 
-def take_turns(policy: Policy, simulator, params, conv, sim, key, num_turns: int,
-               logprobs_BxL=None) -> Rollout:
+def take_turns(policy, simulator, params, conv, sim, key, num_turns: int, *,
+               logprobs_BxL=None, policy_state=None, prefix_width=None) -> Rollout:
   """`num_turns` assistant turns, each answered by the simulator (MR's futures start here too)."""
   b = conv.batch
   ones = jnp.ones((b,), jnp.int32)
@@ -118,11 +177,11 @@ def take_turns(policy: Policy, simulator, params, conv, sim, key, num_turns: int
     logprobs_BxL = jnp.zeros(conv.tokens_BxL.shape, jnp.float32)
 
   def turn(carry, t):
-    conv, sim, logprobs_BxL = carry
+    conv, sim, pstate, logprobs_BxL = carry
     k_pol, k_sim = jax.random.split(jax.random.fold_in(key, t))
     active = ~conv.done_B
     conv = conv_lib.append(conv, jnp.full((b, 1), simulator.assistant_header_id), ones, CONTEXT)
-    reply, logp, reply_len = policy(params, conv, sim, k_pol)
+    reply, logp, reply_len, pstate = policy(params, conv, sim, pstate, k_pol)
     reply_len = jnp.where(active, reply_len, 0)
     logprobs_BxL = _scatter_rows(logprobs_BxL, logp, conv.cursor_B, reply_len)
     conv = conv_lib.append(conv, reply, reply_len, ASSISTANT, new_turn=False)
@@ -134,23 +193,35 @@ def take_turns(policy: Policy, simulator, params, conv, sim, key, num_turns: int
     conv = conv_lib.append(conv, jnp.full((b, 1), simulator.user_header_id), ones, CONTEXT)
     conv = conv_lib.append(conv, user, user_len, USER, new_turn=False)
     conv = conv_lib.mark_done(conv, done & active)
-    return (conv, sim, logprobs_BxL), reply_len
+    return (conv, sim, pstate, logprobs_BxL), reply_len
 
-  (conv, sim, logprobs_BxL), lens_TxB = jax.lax.scan(turn, (conv, sim, logprobs_BxL),
-                                                     jnp.arange(num_turns))
+  if policy_state is None:
+    policy_state = policy.init(params, conv, prefix_width)
+  (conv, sim, _, logprobs_BxL), lens_TxB = jax.lax.scan(
+      turn, (conv, sim, policy_state, logprobs_BxL), jnp.arange(num_turns))
   return Rollout(conv, sim, logprobs_BxL, lens_TxB.T)
 
 
-def rollout(policy: Policy, task, params, key, batch: int, *, num_turns: int,
-            max_len: int, intent=None) -> Rollout:
-  """Fresh episodes (or the given intents) played for `num_turns` assistant turns."""
+def rollout(policy, task, params, key, batch: int, *, num_turns: int,
+            max_len: int, intent=None, mesh=None) -> Rollout:
+  """Fresh episodes (or the given intents) played for `num_turns` assistant turns.
+
+  With a mesh, every [B, ...] array is split over data x fsdp, so each device plays its rows.
+  """
   k_int, k_turns = jax.random.split(key)
   intent = task.sample_intents(k_int, batch) if intent is None else intent
   conv, sim = start(task, intent, max_len)
-  return take_turns(policy, task, params, conv, sim, k_turns, num_turns)
+  if mesh is not None:
+    conv, sim = jax.lax.with_sharding_constraint((conv, sim), sharding_lib.batch_sharding(mesh))
+  # The opening is `<bos> <user> request <eot>`: only that many columns need prefilling.
+  prefix_width = 2 + int(task.first_request(intent)[0].shape[1])
+  return take_turns(policy, task, params, conv, sim, k_turns, num_turns,
+                    prefix_width=prefix_width)
 
 
-def make_rollout(policy: Policy, task, *, batch: int, num_turns: int, max_len: int):
+def make_rollout(policy, task, *, batch: int, num_turns: int, max_len: int, mesh=None):
   """The jitted rollout: `(params, key) -> Rollout`, one compilation per config."""
+  if mesh is not None:
+    sharding_lib.check_batch(batch, mesh)
   return jax.jit(functools.partial(rollout, policy, task, batch=batch, num_turns=num_turns,
-                                   max_len=max_len))
+                                   max_len=max_len, mesh=mesh))

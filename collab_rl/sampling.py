@@ -99,23 +99,38 @@ def _is_stop(token_B, cfg: SamplingConfig):
   return stop_B
 
 
-def _sample(model: Transformer, cfg: SamplingConfig, params, prompt_BxL, prompt_len_B, key):
-  b, l = prompt_BxL.shape
+def prefill_and_decode(model: Transformer, cfg: SamplingConfig, params, cache: KVCache,
+                       chunk_BxW, chunk_len_B, start_pos_B, key, active_B=None):
+  """Writes a right-padded chunk into the cache, then samples; returns (SampleOutput, cache).
+
+  The chunk's tokens get positions `start_pos_B + i` (each row its own) and are written at the
+  cache's shared index; decoding continues from each row's last chunk token. The final cache
+  holds every generated token but the last of each row (it was never fed back), so a caller that
+  continues the conversation starts its next chunk with that token. Inactive rows (finished
+  conversations) write nothing valid and return length 0.
+  """
+  b, w = chunk_BxW.shape
   n = cfg.max_new_tokens
-  prompt_len_B = prompt_len_B.astype(jnp.int32)
+  chunk_len_B = chunk_len_B.astype(jnp.int32)
+  start_pos_B = start_pos_B.astype(jnp.int32)
+  active_B = jnp.ones((b,), bool) if active_B is None else active_B
   apply = functools.partial(model.apply, {"params": params}, heads=("lm",))
 
-  # Prefill: the whole prompt in one pass, then read each row's logits at its last real token.
-  cache = KVCache.init(model.cfg, b, l + n)
-  valid_BxL = jnp.arange(l)[None, :] < prompt_len_B[:, None]
-  out = apply(prompt_BxL, valid_BxL=valid_BxL, cache=cache)
-  last_BxV = jnp.take_along_axis(out.logits_BxLxV, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
+  # Prefill: the whole chunk in one pass, then read each row's logits at its last real token.
+  valid_BxW = (jnp.arange(w)[None, :] < chunk_len_B[:, None]) & active_B[:, None]
+  out = apply(chunk_BxW, valid_BxL=valid_BxW, positions_BxL=start_pos_B[:, None] + jnp.arange(w),
+              cache=cache)
+  last_i = jnp.clip(chunk_len_B - 1, 0, w - 1)
+  last_BxV = jnp.take_along_axis(out.logits_BxLxV, last_i[:, None, None], axis=1)[:, 0]
   token_B, logp_B = _choose(last_BxV, jax.random.fold_in(key, 0), cfg)
+  token_B = jnp.where(active_B, token_B, cfg.pad_id)
+  logp_B = jnp.where(active_B, logp_B, 0.0)
+  next_pos_B = start_pos_B + chunk_len_B  # position of the first generated token
 
   tokens_BxN = jnp.full((b, n), cfg.pad_id, jnp.int32).at[:, 0].set(token_B)
   logprobs_BxN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B)
-  done_B = _is_stop(token_B, cfg)
-  lengths_B = jnp.ones((b,), jnp.int32)
+  done_B = _is_stop(token_B, cfg) | ~active_B
+  lengths_B = active_B.astype(jnp.int32)
 
   def cond(carry):
     t, _, _, _, _, done_B, _ = carry
@@ -125,7 +140,7 @@ def _sample(model: Transformer, cfg: SamplingConfig, params, prompt_BxL, prompt_
     t, cache, token_B, tokens_BxN, logprobs_BxN, done_B, lengths_B = carry
     # Feed the previous token at its row's own position; stopped rows are masked out of the cache.
     out = apply(token_B[:, None], valid_BxL=~done_B[:, None],
-                positions_BxL=(prompt_len_B + t - 1)[:, None], cache=cache)
+                positions_BxL=(next_pos_B + t - 1)[:, None], cache=cache)
     new_B, logp_B = _choose(out.logits_BxLxV[:, 0], jax.random.fold_in(key, t), cfg)
     new_B = jnp.where(done_B, cfg.pad_id, new_B)
     logp_B = jnp.where(done_B, 0.0, logp_B)
@@ -136,8 +151,18 @@ def _sample(model: Transformer, cfg: SamplingConfig, params, prompt_BxL, prompt_
     return t + 1, out.cache, new_B, tokens_BxN, logprobs_BxN, done_B, lengths_B
 
   carry = (jnp.int32(1), out.cache, token_B, tokens_BxN, logprobs_BxN, done_B, lengths_B)
-  _, _, _, tokens_BxN, logprobs_BxN, done_B, lengths_B = jax.lax.while_loop(cond, body, carry)
-  return SampleOutput(tokens_BxN, logprobs_BxN, lengths_B, done_B)
+  _, cache, _, tokens_BxN, logprobs_BxN, done_B, lengths_B = jax.lax.while_loop(cond, body, carry)
+  stopped_B = done_B & active_B & (lengths_B > 0)
+  stopped_B &= _is_stop(jnp.take_along_axis(tokens_BxN, jnp.maximum(lengths_B - 1, 0)[:, None],
+                                            1)[:, 0], cfg)
+  return SampleOutput(tokens_BxN, logprobs_BxN, lengths_B, stopped_B), cache
+
+
+def _sample(model: Transformer, cfg: SamplingConfig, params, prompt_BxL, prompt_len_B, key):
+  b, l = prompt_BxL.shape
+  cache = KVCache.init(model.cfg, b, l + cfg.max_new_tokens)
+  return prefill_and_decode(model, cfg, params, cache, prompt_BxL, prompt_len_B,
+                            jnp.zeros((b,), jnp.int32), key)[0]
 
 
 def make_sampler(model: Transformer, cfg: SamplingConfig) -> Callable[..., SampleOutput]:
