@@ -156,3 +156,14 @@ def test_bad_model_config(bad, match):
 def test_unknown_model_field_named():
   with pytest.raises(ValueError, match="hidden_sise"):
     tfm.TransformerConfig.from_dict({"hidden_sise": 3})
+
+
+def test_causal_query_chunks_match_one_block(model_and_params):
+  model, params = model_and_params
+  chunked = tfm.Transformer(tfm.TransformerConfig(**{**TINY.__dict__, "causal_query_chunk": 4}))
+  whole = tfm.Transformer(tfm.TransformerConfig(**{**TINY.__dict__, "causal_query_chunk": 0}))
+  tokens = jax.random.randint(jax.random.key(3), (2, 16), 1, 64)
+  valid = jnp.arange(16)[None] < jnp.array([[11], [16]])
+  a = chunked.apply({"params": params}, tokens, valid_BxL=valid).logits_BxLxV
+  b = whole.apply({"params": params}, tokens, valid_BxL=valid).logits_BxLxV
+  np.testing.assert_allclose(a, b, atol=1e-5)

@@ -53,6 +53,10 @@ class TransformerConfig:
   dtype: str = "float32"  # compute dtype: float32 or bfloat16
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each layer in the backward pass (saves activations)
+  # Without a cache, queries are processed in chunks of this many rows, each against only the
+  # keys it can see (causal): ~40% less attention work at L = 256 and smaller softmax tensors.
+  # 0 disables. Numerics are unchanged (each query still sees all its keys at once).
+  causal_query_chunk: int = 64
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
@@ -259,7 +263,16 @@ class Attention(nn.Module):
       k_all, v_all, new_kv = ck, cv, (ck, cv)
     else:
       k_all, v_all, new_kv = k_BxKxLxH, v_BxKxLxH, None
-    out_BxLxNxH = attend(q_BxLxNxH, k_all, v_all, mask_BxLxS)
+    # At most 8 chunks: more would cost more in small ops than the skipped work saves.
+    chunk = max(cfg.causal_query_chunk, -(-l // 8)) if cfg.causal_query_chunk else 0
+    if cache_kv is None and chunk and l > chunk:
+      # Query rows [lo, hi) only see keys [0, hi): slice instead of computing masked scores.
+      outs = [attend(q_BxLxNxH[:, lo:lo + chunk], k_all[:, :, :lo + chunk],
+                     v_all[:, :, :lo + chunk], mask_BxLxS[:, lo:lo + chunk, :lo + chunk])
+              for lo in range(0, l, chunk)]
+      out_BxLxNxH = jnp.concatenate(outs, axis=1)
+    else:
+      out_BxLxNxH = attend(q_BxLxNxH, k_all, v_all, mask_BxLxS)
     out_BxLxD = _dense(cfg.hidden_size, "o_proj", cfg)(out_BxLxNxH.reshape(b, l, n * h))
     return out_BxLxD, new_kv
 
