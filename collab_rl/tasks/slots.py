@@ -144,12 +144,17 @@ class SlotTask:
     return None
 
   def sample_intents(self, key, batch: int) -> Intent:
-    k_val, k_amb, k_num, k_perm, k_extra = jax.random.split(key, 5)
+    k_val, k_rest, k_extra = jax.random.split(key, 3)
     values = self.sample_values(k_val, batch)
-    ambiguous = jax.random.uniform(k_amb, (batch,)) < self.sim.ambiguous_rate
-    n_missing = jax.random.randint(k_num, (batch,), self.sim.min_missing, self.sim.max_missing + 1)
+    k = len(self.slots)
+    # One draw for the ambiguity flag, the number missing and their choice: each random call
+    # adds its own hash to the compiled program, and rollouts compile this for every config.
+    u = jax.random.uniform(k_rest, (batch, k + 2))
+    ambiguous = u[:, 0] < self.sim.ambiguous_rate
+    span = self.sim.max_missing - self.sim.min_missing + 1
+    n_missing = self.sim.min_missing + jnp.minimum(jnp.floor(u[:, 1] * span), span - 1)
     # A random subset of n_missing slots: the n smallest of K random keys.
-    rank = jnp.argsort(jnp.argsort(jax.random.uniform(k_perm, (batch, len(self.slots))), 1), 1)
+    rank = jnp.argsort(jnp.argsort(u[:, 2:], 1), 1)
     missing = (rank < n_missing[:, None]) & ambiguous[:, None]
     return Intent(values, missing, ambiguous, self.sample_extra(k_extra, values))
 

@@ -1,6 +1,6 @@
 """Rollout throughput: the width-256 policy against the scripted user, 6 turns, batch 256.
 
-  python experiments/bench/rollout.py --out bench_out/rollout.json
+  python -m experiments.bench.rollout --out bench_out/rollout.json
 
 Policy: width 256, 4 layers, 8 heads, 2 key/value heads, fp32, the task's vocabulary; random
 weights, so replies mostly run to the 16-token budget (the most expensive case). One jitted call
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 
 from absl import app, flags
+
+from experiments.bench import common
 
 _OUT = flags.DEFINE_string("out", "bench_out/rollout.json", "Where the JSON goes.")
 _TASK = flags.DEFINE_string("task", "ambig_math", "Task to play.")
@@ -26,17 +26,6 @@ _BATCH = flags.DEFINE_integer("batch", 256, "Conversations per call.")
 _TURNS = flags.DEFINE_integer("turns", 6, "Assistant turns (each followed by a user turn).")
 _REPLY = flags.DEFINE_integer("reply_tokens", 16, "Budget of one assistant reply.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
-
-
-def _median(fn, repeats):
-  import jax
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main(argv):
@@ -62,14 +51,14 @@ def main(argv):
       chunk_width=task.sim.max_user_len + 4, max_turns=turns)
   run = rollout_lib.make_rollout(policy, task, batch=b, num_turns=turns, max_len=max_len)
   ro = run(params, jax.random.key(1))
-  sec = _median(lambda: run(params, jax.random.key(1)).conv.tokens_BxL, _REPEATS.value)
+  sec = common.median_seconds(lambda: run(params, jax.random.key(1)).conv.tokens_BxL, _REPEATS.value, jax.block_until_ready)
   roles = jax.device_get(ro.conv.roles_BxL)
   policy_tokens = int((roles == ASSISTANT).sum())
   all_tokens = int(jax.device_get(ro.conv.cursor_B).sum())
 
   oracle = rollout_lib.make_rollout(rollout_lib.oracle_policy(task), task, batch=b,
                                     num_turns=turns, max_len=max_len)
-  oracle_sec = _median(lambda: oracle(None, jax.random.key(1)).conv.tokens_BxL, _REPEATS.value)
+  oracle_sec = common.median_seconds(lambda: oracle(None, jax.random.key(1)).conv.tokens_BxL, _REPEATS.value, jax.block_until_ready)
 
   intent = task.sample_intents(jax.random.key(2), b)
   sim = task.init_sim(intent)
@@ -83,7 +72,7 @@ def main(argv):
       out, _, _, s = user_turn(intent, s, reply, reply_len, jax.random.key(t))
     return out
 
-  sim_sec = _median(six_user_turns, _REPEATS.value)
+  sim_sec = common.median_seconds(six_user_turns, _REPEATS.value, jax.block_until_ready)
   result = {
       "task": _TASK.value, "batch": b, "turns": turns, "reply_budget": _REPLY.value,
       "max_len": max_len, "policy": {"hidden_size": 256, "layers": 4, "heads": 8, "kv_heads": 2,
@@ -95,9 +84,7 @@ def main(argv):
       "oracle_rollout_seconds": oracle_sec, "oracle_share": oracle_sec / sec,
   }
   print(json.dumps(result, indent=2))
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

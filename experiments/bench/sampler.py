@@ -1,6 +1,6 @@
 """Sampler and train-step throughput of the width-256 reference model, written as JSON.
 
-  python experiments/bench/sampler.py --out bench_out/sampler.json
+  python -m experiments.bench.sampler --out bench_out/sampler.json
 
 Model: width 256, 4 layers, 8 heads, 2 key/value heads, vocab 2048, fp32 (MLP 688, ~8/3 D).
 Generation: 64-token prompts, 128 new tokens (no stop token, so every row decodes all 128), at
@@ -11,30 +11,18 @@ compilation excluded). Train step: batch 16 x 256, AdamW, the LM trainer's step,
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import statistics
-import time
 
 from absl import app, flags
+
+from experiments.bench import common
 
 _OUT = flags.DEFINE_string("out", "bench_out/sampler.json", "Where the JSON goes.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
 
 MODEL = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=2, dtype="float32")
-
-
-def _median_time(fn, repeats: int) -> float:
-  import jax
-  jax.block_until_ready(fn())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main(argv):
@@ -62,8 +50,8 @@ def main(argv):
     for batch in (1, 16):
       prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 1, cfg.vocab_size)
       lengths = jnp.full((batch,), prompt_len)
-      sec = _median_time(lambda: sample(params, prompt, lengths, jax.random.key(2)),
-                         _REPEATS.value)
+      sec = common.median_seconds(lambda: sample(params, prompt, lengths, jax.random.key(2)),
+                                _REPEATS.value, jax.block_until_ready)
       name = f"{'greedy' if greedy else 'sampled'}_b{batch}"
       results["generation"][name] = {"seconds": sec, "new_tokens_per_s": batch * new / sec}
       print(f"{name}: {batch * new / sec:,.0f} new tokens/s ({sec * 1e3:.0f} ms per call)")
@@ -80,15 +68,12 @@ def main(argv):
     holder[0], m = step(holder[0], data)
     return m["loss"]
 
-  sec = _median_time(one_step, _REPEATS.value)
+  sec = common.median_seconds(one_step, _REPEATS.value, jax.block_until_ready)
   results["train_step"] = {"batch": batch, "seq_len": seq, "seconds": sec,
                            "tokens_per_s": batch * seq / sec}
   print(f"train step {batch}x{seq}: {batch * seq / sec:,.0f} tokens/s ({sec * 1e3:.0f} ms)")
 
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {_OUT.value}")
+  common.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """collab_rl against Hugging Face transformers on the same weights, in one process, as JSON.
 
-  python experiments/bench/vs_transformers.py --out bench_out/vs_transformers.json
+  python -m experiments.bench.vs_transformers --out bench_out/vs_transformers.json
 
 A tiny random Llama (width 256, 4 layers, 8 heads, 2 key/value heads, vocab 2048, fp32) is built
 with transformers, saved, and loaded into collab_rl with `models.hf.load_pretrained`, so both run
@@ -13,14 +13,13 @@ step time.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 
 from absl import app, flags
+
+from experiments.bench import common
 
 _OUT = flags.DEFINE_string("out", "bench_out/vs_transformers.json", "Where the JSON goes.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
@@ -30,16 +29,6 @@ HF_CONFIG = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hi
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
                  rms_norm_eps=1e-6, tie_word_embeddings=False)
 PROMPT, NEW, TRAIN_BATCH, TRAIN_LEN = 64, 128, 16, 256
-
-
-def _median(fn, repeats: int, sync=lambda x: x) -> float:
-  sync(fn())  # warm-up (and compilation for JAX)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    sync(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def bench_transformers(folder: str, repeats: int) -> dict:
@@ -57,7 +46,7 @@ def bench_transformers(folder: str, repeats: int) -> dict:
       prompt = torch.randint(1, HF_CONFIG["vocab_size"], (batch, PROMPT))
       attn = torch.ones_like(prompt)
       with torch.no_grad():
-        sec = _median(lambda: model.generate(prompt, attention_mask=attn, **kw), repeats)
+        sec = common.median_seconds(lambda: model.generate(prompt, attention_mask=attn, **kw), repeats)
       name = f"{'greedy' if greedy else 'sampled'}_b{batch}"
       out["generation"][name] = {"seconds": sec, "new_tokens_per_s": batch * NEW / sec}
       print(f"transformers {name}: {batch * NEW / sec:,.0f} new tokens/s")
@@ -75,7 +64,7 @@ def bench_transformers(folder: str, repeats: int) -> dict:
     opt.zero_grad(set_to_none=True)
     return loss
 
-  sec = _median(step, repeats)
+  sec = common.median_seconds(step, repeats)
   out["train_step"] = {"seconds": sec, "tokens_per_s": TRAIN_BATCH * TRAIN_LEN / sec}
   print(f"transformers train step: {TRAIN_BATCH * TRAIN_LEN / sec:,.0f} tokens/s")
   return out
@@ -99,7 +88,7 @@ def bench_collab_rl(folder: str, repeats: int) -> dict:
     for batch in (1, 16):
       prompt = jax.random.randint(jax.random.key(1), (batch, PROMPT), 1, HF_CONFIG["vocab_size"])
       lengths = jnp.full((batch,), PROMPT)
-      sec = _median(lambda: sample(params, prompt, lengths, jax.random.key(2)).tokens_BxN,
+      sec = common.median_seconds(lambda: sample(params, prompt, lengths, jax.random.key(2)).tokens_BxN,
                     repeats, jax.block_until_ready)
       name = f"{'greedy' if greedy else 'sampled'}_b{batch}"
       out["generation"][name] = {"seconds": sec, "new_tokens_per_s": batch * NEW / sec}
@@ -116,7 +105,7 @@ def bench_collab_rl(folder: str, repeats: int) -> dict:
     holder[0], m = step(holder[0], batch)
     return m["loss"]
 
-  sec = _median(one, repeats, jax.block_until_ready)
+  sec = common.median_seconds(one, repeats, jax.block_until_ready)
   out["train_step"] = {"seconds": sec, "tokens_per_s": TRAIN_BATCH * TRAIN_LEN / sec}
   print(f"collab_rl train step: {TRAIN_BATCH * TRAIN_LEN / sec:,.0f} tokens/s")
   return out
@@ -145,10 +134,7 @@ def main(argv):
             "collab_rl": ours, "transformers": theirs, "ratio_collab_rl_over_transformers": ratios}
   for name, r in ratios.items():
     print(f"ratio {name}: {r:.2f}x")
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {_OUT.value}")
+  common.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":
