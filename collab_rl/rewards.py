@@ -51,7 +51,9 @@ def conversation_reward(task, conv: conv_lib.Conversation, sim, cfg: RewardConfi
 
 
 def _tile(tree, times: int):
-  return jax.tree_util.tree_map(lambda x: jnp.repeat(x, times, axis=0), tree)
+  """Each row `times` times consecutively; scalars (e.g. a KV cache's shared index) as they are."""
+  return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.repeat(x, times, axis=0),
+                                tree)
 
 
 def _where_rows(mask_B, new, old):

@@ -108,3 +108,41 @@ def test_one_device_and_eight_devices_agree():
 def test_bad_reward_config(kw):
   with pytest.raises(ValueError):
     rewards.RewardConfig(**kw)
+
+
+def test_lm_policy_futures_from_the_tiled_cache_equal_a_recomputed_prefix():
+  from collab_rl import sampling
+  from collab_rl.models import transformer as tfm
+  task = registry.make_task("ambig_math", {"ambiguous_rate": 1.0})
+  model = tfm.Transformer(tfm.TransformerConfig(
+      vocab_size=task.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2))
+  params = tfm.init_params(model, jax.random.key(0))
+  policy = rollout_lib.lm_policy(model, sampling.SamplingConfig(
+      max_new_tokens=6, temperature=1.0, stop_tokens=(task.eot_id,)), chunk_width=16,
+      max_turns=4)
+  cfg = rewards.RewardConfig(window=2, samples=3)
+
+  @jax.jit
+  def from_policy_cache(key):
+    conv, sim = _at_first_turn(task, batch=8)
+    pstate = policy.init(params, conv)
+    reply, _, reply_len, pstate = policy(params, conv, sim, pstate, jax.random.key(1))
+    return rewards.multiturn_aware_reward(policy, task, params, conv, sim, pstate, reply,
+                                          reply_len, key, cfg)
+
+  tiled = from_policy_cache(jax.random.key(2))
+  assert tiled[3].shape == (8, 3)
+  # The same futures from a policy state rebuilt by prefilling conversation + reply from scratch.
+  conv, sim = _at_first_turn(task, batch=8)
+  reply, _, reply_len, _ = policy(params, conv, sim, policy.init(params, conv), jax.random.key(1))
+  full = conv_lib.append(conv, reply, reply_len, 3, new_turn=False)
+  rebuilt = policy.init(params, full)
+  rebuilt = rebuilt.replace(upto_B=full.cursor_B - 1)
+  # The rebuilt cache holds the reply's last token too; mask it out so both caches agree.
+  valid = rebuilt.cache.valid_BxS & (jnp.arange(rebuilt.cache.valid_BxS.shape[1])[None]
+                                     < rebuilt.upto_B[:, None])
+  rebuilt = rebuilt.replace(cache=rebuilt.cache.replace(valid_BxS=valid))
+  again = jax.jit(lambda key: rewards.multiturn_aware_reward(
+      policy, task, params, conv, sim, rebuilt, reply, reply_len, key, cfg))(jax.random.key(2))
+  np.testing.assert_allclose(tiled[3], again[3], atol=1e-5)
