@@ -120,3 +120,21 @@ def extrinsic_intrinsic_reward(simulator, conv, sim, reply_BxN, reply_len_B, key
   conv, new_sim = answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, key,
                                append_user=False)
   return conversation_reward(simulator, conv, new_sim, cfg)[0]
+
+
+def helpfulness_reward(simulator, conv, sim, reply_BxN, reply_len_B):
+  """A scripted helpfulness judge for the verifiable tasks: it sees the conversation, not the goal.
+
+  Like the LLM judges of CollabLLM's ablation, it rates the single reply: a well-formed answer
+  scores the share of the slots stated so far (in the request or in the user's answers) that it
+  writes as stated, while a question or anything else scores 0. It cannot tell a lucky guess of
+  an unstated slot from knowledge, hence the failure mode the paper reports: guessing looks
+  helpful, asking does not. The prompted LM judge of `reward_model.py` plays this role for the
+  language tasks.
+  """
+  parsed_BxK = simulator.parse_answer(reply_BxN, reply_len_B)
+  well_formed_B = jnp.all(parsed_BxK >= 0, axis=1)
+  stated_BxK = sim.known_BxK  # what the conversation has told the assistant
+  right_BxK = parsed_BxK == conv.intent.values_BxK
+  share_B = jnp.sum(right_BxK & stated_BxK, 1) / jnp.maximum(jnp.sum(stated_BxK, 1), 1)
+  return jnp.where(well_formed_B, share_B, 0.0).astype(jnp.float32)

@@ -63,6 +63,12 @@ def test_mr_prefers_asking_while_next_turn_reward_prefers_guessing():
   next_ask = rewards.extrinsic_reward(task, conv, sim, ask[0], ask[2], jax.random.key(4))
   next_guess = rewards.extrinsic_reward(task, conv, sim, guess[0], guess[2], jax.random.key(4))
   assert float(next_ask.mean()) == 0.0 and float(next_guess.mean()) > 0.0
+  # The scripted helpfulness judge cannot see the goal: a guess that keeps the stated pieces is
+  # fully "helpful", a question is not.
+  help_ask = rewards.helpfulness_reward(task, conv, sim, ask[0], ask[2])
+  help_guess = rewards.helpfulness_reward(task, conv, sim, guess[0], guess[2])
+  np.testing.assert_allclose(help_ask, 0.0)
+  np.testing.assert_allclose(help_guess, 1.0)
 
 
 def test_window_zero_equals_the_immediate_reward():
