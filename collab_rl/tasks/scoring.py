@@ -40,12 +40,17 @@ def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
   return float(2 * tp / denom) if denom else 1.0
 
 
-def ask_answer_summary(ambiguous, asked_first) -> dict[str, float]:
-  """Ask-when-ambiguous, answer-when-clear and their macro F1 (nan where a class is absent)."""
+def ask_answer_summary(ambiguous, asked_first, answered_first=None) -> dict[str, float]:
+  """Ask-when-ambiguous, answer-when-clear and the macro F1 of ask vs not-ask.
+
+  Answer-when-clear counts well-formed answers only (when `answered_first` is given), so a
+  policy that writes nonsense on clear requests does not get credit for "not asking".
+  """
   amb, ask = np.asarray(ambiguous, bool), np.asarray(asked_first, bool)
+  ans = ~ask if answered_first is None else np.asarray(answered_first, bool)
   return {
       "ask_when_ambiguous": float(ask[amb].mean()) if amb.any() else float("nan"),
-      "answer_when_clear": float((~ask[~amb]).mean()) if (~amb).any() else float("nan"),
+      "answer_when_clear": float(ans[~amb].mean()) if (~amb).any() else float("nan"),
       "ask_answer_macro_f1": 0.5 * (_f1(ask, amb) + _f1(~ask, ~amb)),
   }
 
@@ -63,5 +68,5 @@ def summarize(metrics: dict) -> dict[str, float]:
       "turns": float(m["turns"].mean()),
       "interactivity": float(m["interactivity"].mean()),
   }
-  out.update(ask_answer_summary(amb, m["asked_first"]))
+  out.update(ask_answer_summary(amb, m["asked_first"], m["answered_first"]))
   return out
