@@ -1,0 +1,31 @@
+"""Online multi-turn DPO on ambig_math, pairs ranked by the multiturn-aware reward.
+
+  python -m collab_rl.main --config experiments/dpo_ambig_math.py \
+      --config.init_from=workdir/sft_base/checkpoints --workdir workdir/dpo_mr
+
+Each iteration samples `dpo.candidates` replies per conversation (after `context_turns` turns of
+history), ranks them by MR (window, samples), and trains on (best, worst) pairs whose gap passes
+`dpo.min_gap`. Start from the SFT base with `init_from`. Expected: the chosen replies on
+ambiguous requests are clarifying questions, so the ask rate on ambiguous requests rises.
+"""
+
+import ml_collections
+
+from experiments import ppo_ambig_math
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  runlocal = arg == "runlocal"
+  if arg not in (None, "", "runlocal"):
+    raise ValueError(f"unknown variant {arg!r} for dpo_ambig_math (known: runlocal)")
+  # Task, simulator, model, reward, optimizer and mesh as in the PPO config (one place to edit).
+  c = ppo_ambig_math.get_config("runlocal" if runlocal else None)
+  c.trainer = "dpo"  # collab_rl/trainers/dpo.py
+  del c.ppo
+  c.context_turns = 0  # turns of history played before the candidates (< turns)
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.candidates = 4  # G replies sampled per conversation
+  c.dpo.beta = 0.1  # DPO temperature
+  c.dpo.min_gap = 0.1  # keep a pair only if MR(best) - MR(worst) exceeds this
+  c.optimizer.learning_rate = 5e-5
+  return c
