@@ -14,7 +14,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-TRAINERS = {"lm": "collab_rl.trainers.lm"}
+TRAINERS = {
+    "lm": "collab_rl.trainers.lm",
+    "ppo": "collab_rl.trainers.ppo",
+    "dpo": "collab_rl.trainers.dpo",
+    "sft": "collab_rl.trainers.sft",
+}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)

@@ -1,0 +1,350 @@
+"""SFT of the base policy on conversations, with the loss on the assistant's tokens only.
+
+This trains the shared **base policy** every RL arm starts from (`init_from`). The base is
+passive, as instruction-tuned models are: its data answers at once most of the time but holds
+some clarifying questions. Each step plays a fresh batch of episodes on device against the
+task's scripted user with a behaviour mixture chosen once per conversation: with probability
+`ask_share` the oracle (asks for every missing slot, then answers right), else answer-now
+(fills the missing slots with guesses and answers at once; after `wrong` it guesses again).
+
+Loss: next-token cross-entropy on the ASSISTANT tokens of each conversation (reply contents and
+their `<eot>`: exactly what the sampler generates); every token before them is context, the
+`<assistant>` headers and the user's turns included:
+
+    L = - sum_{b,t} m_bt log p(x_bt | x_b,<t) / sum_{b,t} m_bt,   m_bt = [role_bt == ASSISTANT]
+
+Evaluation (step 0 of a fresh run, every `eval_every` steps and at the end) plays a fixed batch
+of held-out episodes (keys no training step uses) with the policy itself and logs
+`scoring.summarize` (score, score on clear / ambiguous requests, ask-when-ambiguous,
+answer-when-clear, their macro F1, tokens, turns) plus the share of first replies that are
+well-formed (`well_formed`; `well_formed_answer_clear`: a parseable answer to a clear request),
+the score of the conversations that opened with a question (`score_asked_first`, nan if none),
+and the teacher-forced loss on a held-out behaviour batch (`eval_loss`).
+
+Episodes are a function of (seed, step), so a resumed run sees the same data and no iterator
+state is checkpointed. The train step reads a `{"tokens", "roles"}` batch only: another source
+(e.g. conversations read from disk with grain) is one more entry in `DATA_SOURCES`, which would
+also hand its iterator state to the checkpointer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from collab_rl import checkpoint as ckpt_lib
+from collab_rl import losses
+from collab_rl import metrics as metrics_lib
+from collab_rl import rollout as rollout_lib
+from collab_rl import sampling
+from collab_rl import sharding as sharding_lib
+from collab_rl import train_state as state_lib
+from collab_rl.models import transformer
+from collab_rl.tasks import registry
+from collab_rl.tasks import scoring
+from collab_rl.tokenizer import ASSISTANT, PAD
+from collab_rl.trainers import lm
+
+# ------------------------------------------------------------------------------------------------
+# Behaviour: oracle or answer-now, one choice per conversation.
+# ------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class MixState:
+  ask_B: jax.Array  # bool: this conversation follows the oracle
+  chosen: jax.Array  # bool scalar: the choice has been drawn (on the first turn)
+
+
+class AskOrAnswerMix:
+  """A scripted policy: per conversation, the oracle with probability `ask_share`, else
+  answer-now. The choice is drawn from the first turn's key and kept in the policy state, so a
+  conversation that opened with a question goes on asking until it can answer right."""
+
+  def __init__(self, task, ask_share: float):
+    self.ask_share = float(ask_share)
+    self.oracle = rollout_lib.oracle_policy(task)
+    self.answer_now = rollout_lib.answer_now_policy(task)
+
+  def init(self, params, conv, prefix_width=None) -> MixState:
+    del params, prefix_width
+    return MixState(jnp.zeros((conv.batch,), bool), jnp.zeros((), bool))
+
+  def choose(self, key, batch: int) -> jax.Array:
+    return jax.random.uniform(key, (batch,)) < self.ask_share
+
+  def __call__(self, params, conv, sim, state: MixState, key):
+    k_pick, k_guess = jax.random.split(key)
+    ask_B = jnp.where(state.chosen, state.ask_B, self.choose(k_pick, conv.batch))
+    ask_toks, _, ask_len, _ = self.oracle(params, conv, sim, (), key)
+    now_toks, _, now_len, _ = self.answer_now(params, conv, sim, (), k_guess)
+    n = max(ask_toks.shape[1], now_toks.shape[1])
+    pad = lambda t: jnp.pad(t, ((0, 0), (0, n - t.shape[1])))
+    toks = jnp.where(ask_B[:, None], pad(ask_toks), pad(now_toks)).astype(jnp.int32)
+    lengths = jnp.where(ask_B, ask_len, now_len).astype(jnp.int32)
+    return toks, jnp.zeros(toks.shape, jnp.float32), lengths, MixState(ask_B, jnp.ones((), bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data sources: `(config, task, mesh) -> (key -> {"tokens": [B, L], "roles": [B, L]})`.
+# ------------------------------------------------------------------------------------------------
+
+
+def behaviour_source(config, task, mesh) -> Callable[[jax.Array], dict]:
+  """Fresh episodes of `AskOrAnswerMix` against the scripted user, all on device."""
+  policy = AskOrAnswerMix(task, config.ask_share)
+
+  def batch(key):
+    ro = rollout_lib.rollout(policy, task, None, key, config.batch_size,
+                             num_turns=config.num_turns, max_len=config.max_len, mesh=mesh)
+    return {"tokens": ro.conv.tokens_BxL, "roles": ro.conv.roles_BxL}
+
+  return jax.jit(batch, out_shardings=sharding_lib.batch_sharding(mesh))
+
+
+DATA_SOURCES = {"behaviour": behaviour_source}
+
+# ------------------------------------------------------------------------------------------------
+# Loss and step.
+# ------------------------------------------------------------------------------------------------
+
+
+def loss_mask(roles_BxL: jax.Array) -> jax.Array:
+  """[B, L] the tokens the loss trains: the assistant's own (headers and padding excluded)."""
+  return roles_BxL == ASSISTANT
+
+
+def sft_loss(model, params, tokens_BxL, roles_BxL):
+  """Mean -log p of the assistant tokens given everything before them; aux (accuracy, count)."""
+  valid_BxL = roles_BxL != PAD
+  logits_BxLxV = model.apply({"params": params}, tokens_BxL, valid_BxL=valid_BxL,
+                             heads=("lm",)).logits_BxLxV
+  logp_BxL = losses.token_logprobs(logits_BxLxV, tokens_BxL)
+  mask_BxL = loss_mask(roles_BxL)
+  pred_BxL = jnp.pad(jnp.argmax(logits_BxLxV[:, :-1], -1), ((0, 0), (1, 0)))
+  acc = losses.masked_mean((pred_BxL == tokens_BxL).astype(jnp.float32), mask_BxL)
+  return -losses.masked_mean(logp_BxL, mask_BxL), (acc, mask_BxL.sum())
+
+
+def train_step(model, tx, state: state_lib.TrainState, batch):
+  (loss, (acc, n)), grads = jax.value_and_grad(
+      lambda p: sft_loss(model, p, batch["tokens"], batch["roles"]), has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "token_acc": acc,
+               "assistant_tokens": n}
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: the policy itself against the scripted user.
+# ------------------------------------------------------------------------------------------------
+
+
+def first_reply_format(task, conv, len_B) -> dict[str, jax.Array]:
+  """[B] bools: the first assistant reply is a well-formed answer (the task's answer template,
+  then `<eot>`) / a well-formed question (`ask <slot> <eot>`)."""
+  w = task.answer_len + 1
+  start_B = jnp.argmax(conv.roles_BxL == ASSISTANT, 1)
+  idx_BxW = jnp.clip(start_B[:, None] + jnp.arange(w)[None, :], 0, conv.max_len - 1)
+  reply_BxW = jnp.take_along_axis(conv.tokens_BxL, idx_BxW, 1)
+  reply_BxW = jnp.where(jnp.arange(w)[None, :] < len_B[:, None], reply_BxW, PAD)
+  answer_ok = jnp.all(task.parse_answer(reply_BxW, len_B) >= 0, 1)
+  ask_ok = ((len_B == 3) & (reply_BxW[:, 0] == task.ids["ask"])
+            & (jnp.asarray(task.token_slot_V)[reply_BxW[:, 1]] >= 0)
+            & (reply_BxW[:, 2] == task.eot_id))
+  return {"answer_well_formed": answer_ok, "ask_well_formed": ask_ok}
+
+
+def make_policy(config, task, model) -> rollout_lib.LMPolicy:
+  """The policy as evaluation plays it: one reply is at most the answer template and `<eot>`."""
+  s = config.eval_sampling
+  cfg = sampling.SamplingConfig(max_new_tokens=task.answer_len + 1, temperature=s.temperature,
+                                greedy=s.greedy, stop_tokens=(task.eot_id,))
+  return rollout_lib.lm_policy(model, cfg, chunk_width=task.sim.max_user_len + 4,
+                               max_turns=config.num_turns)
+
+
+def summarize(episodes: dict) -> dict[str, float]:
+  """Host-side means of the eval episodes: `scoring.summarize` plus the reply format."""
+  m = {k: np.asarray(v) for k, v in episodes.items()}
+  answer_ok, ask_ok = m.pop("answer_well_formed"), m.pop("ask_well_formed")
+  clear = ~m["ambiguous"].astype(bool)
+  out = scoring.summarize(m)
+  out["well_formed"] = float(np.mean(answer_ok | ask_ok))
+  out["well_formed_answer_clear"] = float(answer_ok[clear].mean()) if clear.any() else np.nan
+  # Whether a question, once asked, pays off: what RL needs the base to do after asking.
+  asked = m["asked_first"].astype(bool)
+  out["score_asked_first"] = float(m["score"][asked].mean()) if asked.any() else np.nan
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Build.
+# ------------------------------------------------------------------------------------------------
+
+
+class Built(NamedTuple):
+  task: Any
+  model: transformer.Transformer
+  create_fn: Callable[[], state_lib.TrainState]
+  abstract: state_lib.TrainState
+  data_fn: Callable  # key -> {"tokens", "roles"} training batch
+  step_fn: Callable  # (state, batch) -> (state, metrics); the state is donated
+  loss_fn: Callable  # (params, batch) -> teacher-forced loss
+  eval_fn: Callable  # (params, key) -> [B] per-episode metrics of the policy's own rollouts
+
+
+def make_task(config):
+  return registry.make_task(config.task, config.sim.to_dict())
+
+
+def build(config, mesh, task) -> Built:
+  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
+  tx = lm.make_optimizer(config)
+  rules = sharding_lib.rules_from_config(config.get("partition_rules"))
+
+  def init_fn():
+    key = jax.random.key(config.seed)
+    params = transformer.init_params(model, jax.random.fold_in(key, 0))
+    return state_lib.create(params, tx, jax.random.fold_in(key, 1))
+
+  create_fn, abstract, shardings = state_lib.init_sharded(init_fn, mesh, rules)
+  data_fn = DATA_SOURCES[config.data_source](config, task, mesh)
+  batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b), in_shardings=(shardings, batch_sh),
+                    out_shardings=(shardings, repl), donate_argnums=0)
+  loss_fn = jax.jit(lambda p, b: sft_loss(model, p, b["tokens"], b["roles"])[0],
+                    in_shardings=(shardings.params, batch_sh), out_shardings=repl)
+  policy = make_policy(config, task, model)
+
+  def episodes(params, key):
+    ro = rollout_lib.rollout(policy, task, params, key, config.eval_batch_size,
+                             num_turns=config.num_turns, max_len=config.max_len, mesh=mesh)
+    return {**scoring.episode_metrics(task, ro.conv, ro.sim),
+            **first_reply_format(task, ro.conv, ro.reply_lengths_BxT[:, 0])}
+
+  eval_fn = jax.jit(episodes, in_shardings=(shardings.params, repl))
+  return Built(task, model, create_fn, abstract, data_fn, step_fn, loss_fn, eval_fn)
+
+
+def episode_len(config, task) -> int:
+  """Tokens of the longest conversation: the opening, then every turn at its budget (header,
+  the longest well-formed reply with `<eot>`, header, the user's budget with `<eot>`)."""
+  opening = 2 + len(task.request_template) + 1
+  return opening + config.num_turns * (1 + task.answer_len + 1 + 1 + task.sim.max_user_len + 1)
+
+
+def check_config(config):
+  """Every check that can fail on the config, before anything compiles. Returns (mesh, task)."""
+  mcfg = transformer.TransformerConfig.from_dict(config.model.to_dict())
+  if "lm" not in mcfg.heads:
+    raise ValueError(f"config.model.heads={mcfg.heads} must include 'lm' (the policy)")
+  if not 0.0 <= config.ask_share <= 1.0:
+    raise ValueError(f"config.ask_share={config.ask_share} must be in [0, 1] (the share of "
+                     "conversations that follow the asking oracle)")
+  if config.data_source not in DATA_SOURCES:
+    raise ValueError(f"config.data_source={config.data_source!r} is not one of "
+                     f"{sorted(DATA_SOURCES)}")
+  task = make_task(config)  # unknown task or simulator fields fail here
+  if mcfg.vocab_size < task.vocab_size:
+    raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
+                     f"{config.task} vocabulary ({task.vocab_size} words)")
+  for name in ("num_steps", "num_turns", "max_len", "log_every", "eval_every",
+               "eval_batch_size"):
+    if config[name] <= 0:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  for name in ("batch_size", "eval_batch_size"):
+    sharding_lib.check_batch(config[name], mesh, what=name)
+    if config[name] % jax.process_count():
+      raise ValueError(f"{name}={config[name]} is not divisible by the "
+                       f"{jax.process_count()} processes")
+  need = episode_len(config, task)
+  if config.max_len < need:
+    # A cut conversation would train on replies without their <eot>.
+    raise ValueError(f"config.max_len={config.max_len} cannot hold {config.num_turns} turns of "
+                     f"{config.task} at their budgets ({need} tokens)")
+  if mcfg.max_position_embeddings < config.max_len:
+    raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} < "
+                     f"config.max_len={config.max_len}")
+  make_policy(config, task, None)  # SamplingConfig validates the temperature
+  ckpt_lib.check_init_from(config.init_from or None)
+  return mesh, task
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate(b: Built, params, eval_batch, eval_key) -> dict[str, float]:
+  out = summarize(jax.device_get(b.eval_fn(params, eval_key)))
+  out["eval_loss"] = float(b.loss_fn(params, eval_batch))
+  return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          stop_after: int | None = None) -> dict[str, Any]:
+  """Trains to `config.num_steps`, resuming from `workdir` if it holds a checkpoint.
+
+  `stop_after` ends this process at that step (with a checkpoint), as in `trainers/lm.py`.
+  Returns {"state", "final", "how"}: `final` holds the latest value of every logged scalar, and
+  always an evaluation of the returned policy (run unlogged if this process did none).
+  """
+  mesh, task = check_config(config)
+  b = build(config, mesh, task)
+  checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints",
+                                       max_to_keep=config.checkpoint.max_to_keep,
+                                       save_interval_steps=config.checkpoint.every_steps,
+                                       async_save=config.checkpoint.async_save)
+  state, _, how = ckpt_lib.restore_or_init(checkpointer, b.abstract, b.create_fn,
+                                           init_from=config.init_from or None)
+  logging.info("train state: %s (%d params)", how, transformer.count_params(state.params))
+  root = jax.random.key(config.seed)
+  train_root, eval_root = jax.random.fold_in(root, 2), jax.random.fold_in(root, 3)
+  eval_batch = b.data_fn(jax.random.fold_in(eval_root, 0))
+  eval_key = jax.random.fold_in(eval_root, 1)
+
+  writer = metrics_lib.MetricWriter(workdir)
+  writer.write_hparams(config.to_dict())
+  start = int(state.step)
+  last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
+  history: dict[str, float] = {}
+  if start == 0:  # the untrained (or init_from) policy: the baseline
+    history.update(evaluate(b, state.params, eval_batch, eval_key))
+    writer.write_scalars(0, history)
+  t0, steps = time.perf_counter(), 0
+  for step in metrics_lib.progress(range(start + 1, last + 1), total=config.num_steps,
+                                   initial=start, desc="sft"):
+    batch = b.data_fn(jax.random.fold_in(train_root, step))
+    state, m = b.step_fn(state, batch)
+    steps += 1
+    final = step == config.num_steps
+    scalars = {}
+    if step % config.log_every == 0 or final:
+      m = jax.device_get(m)
+      dt = max(time.perf_counter() - t0, 1e-9)
+      scalars.update(m, episodes_per_s=steps * config.batch_size / dt)
+      t0, steps = time.perf_counter(), 0
+    if step % config.eval_every == 0 or final:
+      t_eval = time.perf_counter()
+      scalars.update(evaluate(b, state.params, eval_batch, eval_key))
+      t0 += time.perf_counter() - t_eval  # throughput counts training steps only
+    if scalars:
+      writer.write_scalars(step, scalars)
+      history.update({k: float(v) for k, v in scalars.items()})
+    checkpointer.save(step, state, config=config, force=step == last)
+  if "score" not in history:  # e.g. the workdir held a finished run: report its policy anyway
+    history.update(evaluate(b, state.params, eval_batch, eval_key))
+  checkpointer.close()  # waits for the last asynchronous save
+  writer.close()
+  return {"state": state, "final": history, "how": how}

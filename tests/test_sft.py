@@ -1,0 +1,141 @@
+"""SFT of the base policy: the assistant-only loss mask, the behaviour mixture, a short run that
+learns the answer format, bit-identical resume, and config errors before any compilation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from collab_rl import conversation as conv_lib
+from collab_rl import metrics as metrics_lib
+from collab_rl import rollout as rollout_lib
+from collab_rl.models import transformer as tfm
+from collab_rl.tasks.ambig_math import AmbigMath
+from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
+from collab_rl.trainers import sft
+from experiments import sft_base
+
+TASK = AmbigMath()
+
+
+def tiny_config(**overrides):
+  c = sft_base.get_config("runlocal")
+  c.model.hidden_size = 32
+  c.model.intermediate_size = 64
+  c.batch_size = 16
+  c.eval_batch_size = 64
+  c.num_steps = 40
+  c.optimizer.warmup_steps = 5
+  c.log_every = 10
+  c.eval_every = 20
+  c.checkpoint.every_steps = 20
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def _hand_made_conversation():
+  """<bos> <user> calc 3 + ? * 2 <eot> <assistant> ask n2 <eot> <user> n2 is 7 <eot>
+  <assistant> answer 3 + 7 * 2 <eot>, and the role of every token written by hand."""
+  tid = TASK.tokenizer.token_to_id
+  pieces = [("<bos>", CONTEXT, True), ("<user>", CONTEXT, True),
+            ("calc 3 + ? * 2 <eot>", USER, False), ("<assistant>", CONTEXT, True),
+            ("ask n2 <eot>", ASSISTANT, False), ("<user>", CONTEXT, True),
+            ("n2 is 7 <eot>", USER, False), ("<assistant>", CONTEXT, True),
+            ("answer 3 + 7 * 2 <eot>", ASSISTANT, False)]
+  conv = conv_lib.empty(2, 32)
+  roles = []
+  for text, role, new_turn in pieces:
+    ids = jnp.asarray([[tid(w) for w in text.split()]] * 2, jnp.int32)
+    conv = conv_lib.append(conv, ids, jnp.full((2,), ids.shape[1]), role, new_turn=new_turn)
+    roles += [role] * ids.shape[1]
+  expected = np.zeros((32,), bool)
+  expected[:len(roles)] = np.asarray(roles) == ASSISTANT
+  return conv, expected
+
+
+def test_loss_mask_is_exactly_the_assistant_tokens():
+  conv, expected = _hand_made_conversation()
+  mask = np.asarray(sft.loss_mask(conv.roles_BxL))
+  assert mask[0].sum() == 3 + 7  # "ask n2 <eot>" and "answer 3 + 7 * 2 <eot>"
+  np.testing.assert_array_equal(mask, np.stack([expected, expected]))
+  # The loss is the mean -log p of exactly those tokens, with the whole conversation as context.
+  model = tfm.Transformer(tfm.TransformerConfig(
+      vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, heads=("lm", "value")))
+  params = jax.jit(tfm.init_params, static_argnums=0)(model, jax.random.key(0))
+  loss, (_, n) = jax.jit(sft.sft_loss, static_argnums=0)(model, params, conv.tokens_BxL,
+                                                         conv.roles_BxL)
+  logits = jax.jit(model.apply)({"params": params}, conv.tokens_BxL,
+                                valid_BxL=conv_lib.valid_mask(conv)).logits_BxLxV
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  toks = np.asarray(conv.tokens_BxL)
+  pos = np.nonzero(expected)[0]
+  want = -np.mean([logp[b, t - 1, toks[b, t]] for b in range(2) for t in pos])
+  assert int(n) == 2 * len(pos)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def test_mixture_asks_in_ask_share_of_conversations():
+  share = 0.3
+  run = rollout_lib.make_rollout(sft.AskOrAnswerMix(TASK, share), TASK, batch=4096, num_turns=3,
+                                 max_len=80)
+  ro = jax.device_get(run(None, jax.random.key(0)))
+  amb = np.asarray(ro.conv.intent.ambiguous_B)
+  asked = np.asarray(ro.sim.first_action_B) == 1  # slots.ASKED
+  assert abs(asked[amb].mean() - share) < 0.03  # ~2000 ambiguous rows: 3 standard errors
+  assert not asked[~amb].any()  # the oracle answers a clear request at once too
+  # The choice holds for the whole conversation: askers ask every missing slot and solve it,
+  # answer-now rows never ask later.
+  np.testing.assert_array_equal(np.asarray(ro.sim.score_B)[asked], 1.0)
+  asst_asks = (ro.conv.tokens_BxL == TASK.ids["ask"]) & (ro.conv.roles_BxL == ASSISTANT)
+  assert not asst_asks[~asked].any()
+
+
+def test_short_run_learns_the_answer_format_and_resumes_bit_identically(tmp_path, monkeypatch):
+  # The three runs share one config: compile once (build is a pure function of config and mesh).
+  builds = {}
+  build = sft.build
+  monkeypatch.setattr(sft, "build", lambda config, mesh, task: builds.setdefault(
+      config.to_json(), build(config, mesh, task)))
+  config = tiny_config(**{"model.hidden_size": 64, "model.intermediate_size": 128,
+                          "batch_size": 32, "optimizer.learning_rate": 1e-2, "num_steps": 60,
+                          "eval_every": 30, "checkpoint.every_steps": 30})
+  full = sft.train(config, str(tmp_path / "full"))
+  evals = [r for r in metrics_lib.read_jsonl(str(tmp_path / "full" / "metrics.jsonl"))
+           if "score" in r]
+  assert [r["step"] for r in evals] == [0, 30, 60]
+  assert evals[0]["well_formed"] < 0.1  # the untrained policy writes no well-formed reply
+  final = full["final"]
+  assert final["eval_loss"] < 0.5 * evals[0]["eval_loss"], evals
+  assert final["well_formed_answer_clear"] >= 0.6, final
+  assert final["answer_when_clear"] >= 0.9, final
+  assert "value_head" in full["state"].params  # for the RL trainers' strict restore
+
+  first = sft.train(config, str(tmp_path / "split"), stop_after=30)
+  assert int(first["state"].step) == 30
+  resumed = sft.train(config, str(tmp_path / "split"))
+  assert resumed["how"] == "resumed step 30"
+  assert len(builds) == 1
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(full["state"].params),
+                         jax.device_get(resumed["state"].params))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"ask_share": 1.5}, "ask_share"),
+    ({"ask_share": -0.1}, "ask_share"),
+    ({"task": "chess"}, "unknown task 'chess'"),
+    ({"data_source": "disk"}, "data_source"),
+    ({"max_len": 40}, "max_len=40"),
+    ({"model.vocab_size": 16}, "vocab_size"),
+    ({"model.heads": ("value",)}, "'lm'"),
+    ({"eval_batch_size": 12}, "eval_batch_size=12"),
+])
+def test_bad_config_fails_before_compiling(tmp_path, compile_counter, overrides, message):
+  with compile_counter as counter, pytest.raises(ValueError, match=message):
+    sft.train(tiny_config(**overrides), str(tmp_path))
+  assert counter.count == 0
