@@ -19,6 +19,7 @@ TRAINERS = {
     "ppo": "collab_rl.trainers.ppo",
     "dpo": "collab_rl.trainers.dpo",
     "sft": "collab_rl.trainers.sft",
+    "reward_model": "collab_rl.trainers.reward_model",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
