@@ -11,6 +11,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (after the flag on purpose)
 import pytest  # noqa: E402
 
+# With 8 fake devices sharing 2 cores, two programs with collectives in flight at once can
+# deadlock XLA:CPU's in-process rendezvous ("Expected 8 threads to join the rendezvous, but only
+# 7 arrived"): reading a replicated output waits for one shard only, so the next program starts
+# while the last still runs. Synchronous CPU dispatch rules that out in tests; real runs on
+# accelerators keep asynchronous dispatch.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
