@@ -31,10 +31,15 @@ def _candidates(task, conv, sim):
   return ask, answer
 
 
+_MR_FNS = {}
+
+
 def _mr(task, conv, sim, reply, cfg, key=3):
-  fn = jax.jit(lambda c, s, r, l, k: rewards.multiturn_aware_reward(
-      rollout_lib.oracle_policy(task), task, None, c, s, (), r, l, k, cfg))
-  return fn(conv, sim, reply[0], reply[2], jax.random.key(key))
+  """MR with oracle futures, jitted once per (task, config) so repeated keys do not recompile."""
+  if (id(task), cfg) not in _MR_FNS:
+    _MR_FNS[id(task), cfg] = jax.jit(lambda c, s, r, l, k: rewards.multiturn_aware_reward(
+        rollout_lib.oracle_policy(task), task, None, c, s, (), r, l, k, cfg))
+  return _MR_FNS[id(task), cfg](conv, sim, reply[0], reply[2], jax.random.key(key))
 
 
 def test_conversation_reward_by_hand():
