@@ -20,6 +20,7 @@ TRAINERS = {
     "dpo": "collab_rl.trainers.dpo",
     "sft": "collab_rl.trainers.sft",
     "reward_model": "collab_rl.trainers.reward_model",
+    "sim_sft": "collab_rl.trainers.sim_sft",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
