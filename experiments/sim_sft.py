@@ -11,7 +11,8 @@ simulator LM learns the user's replies given the hidden goal and the conversatio
 Expected (ambig_math): the untrained simulator agrees with the scripted user on ~3% of user
 tokens and never ends a chat at the right time; `runlocal` (about 4 minutes on a 2-core CPU)
 ends at ~99% teacher-forced token accuracy, ~99% done agreement, and ~95% of free-running user
-turns identical to the scripted user's; the default run goes to ~100% on all of them.
+turns identical to the scripted user's. The default (longer) run has not been measured to the
+end yet.
 """
 
 import ml_collections
@@ -123,10 +124,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_turns = 3
     c.max_len = 80
     c.batch_size = 32
-    c.num_steps = 1500
+    c.num_steps = 3000
     c.optimizer.warmup_steps = 50
     c.log_every = 50
-    c.eval_every = 500
+    c.eval_every = 1000
     c.eval_batches = 2
-    c.checkpoint.every_steps = 500
+    c.checkpoint.every_steps = 1000
   return c
