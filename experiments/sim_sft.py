@@ -8,11 +8,14 @@ simulator LM learns the user's replies given the hidden goal and the conversatio
   python -m collab_rl.main --config experiments/sim_sft.py:runlocal --workdir /tmp/sim_sft_small
   python -m collab_rl.main --config experiments/sim_sft.py:task=doc_edit --workdir /tmp/sim_doc
 
-Expected (ambig_math): the untrained simulator agrees with the scripted user on ~3% of user
-tokens and never ends a chat at the right time; `runlocal` (about 4 minutes on a 2-core CPU)
-ends at ~99% teacher-forced token accuracy, ~99% done agreement, and ~95% of free-running user
-turns identical to the scripted user's. The default (longer) run has not been measured to the
-end yet.
+Expected (ambig_math, measured with `runlocal`: 3-4 minutes on a 2-core CPU): held-out
+agreement with the scripted user goes from 2% of user tokens (step 0) to 96%; whole replies
+0% -> 89% teacher-forced, and 0% -> 93% of free-running user turns identical to the script's.
+Questions are answered right ("n2 is 7", "known", "what ?": 100%) once the model has learned to
+copy from the goal (~1500 steps); "thanks" vs "wrong" after an answer stays at 83-85% (done
+agreement 90-94%): the small model judges from the history (were the missing slots asked?)
+instead of comparing the answer with the goal token by token. The default config (4 layers,
+width 128) takes ~25 minutes on 2 cores and has not been run to the end.
 """
 
 import ml_collections

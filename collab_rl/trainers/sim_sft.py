@@ -2,7 +2,8 @@
 
 Every step plays a fresh batch of episodes against the task's scripted user with a mixture of
 behaviour policies (each turn, each row asks what the oracle would, answers at once with guesses,
-or does something random: asks about any slot, answers with random values, writes word salad),
+or does something random: asks about any slot, answers right or one slot off whatever it was
+told, writes word salad),
 renders each conversation as the simulator reads it (`simulators.view_of`: the goal after
 `<bos>`, then the conversation) and trains next-token cross-entropy on the user's replies only:
 their tokens and their `<eot>`, the targets the simulator samples at rollout time. The first
@@ -50,9 +51,9 @@ from collab_rl.trainers import lm
 
 
 def random_replies(task, intent, key, b: int):
-  """Questions about any slot (known or not: `known`), answers one slot off (mostly `wrong`),
-  word salad (`what ?`): what an untrained policy writes. (tokens_BxN, lengths_B), N = answer
-  template + `<eot>`."""
+  """Questions about any slot (known or not: `known`), answers that are right or one slot off
+  whatever the history (`thanks` / `wrong`), word salad (`what ?`). (tokens_BxN, lengths_B),
+  N = answer template + `<eot>`."""
   n, k = task.answer_len + 1, len(task.slots)
   k_kind, k_slot, k_val, k_words, k_len = jax.random.split(key, 5)
   kind_B = jax.random.randint(k_kind, (b,), 0, 3)
@@ -61,8 +62,8 @@ def random_replies(task, intent, key, b: int):
   ask_BxN = jnp.concatenate([jnp.full((b, 1), task.ids["ask"], jnp.int32),
                              jnp.asarray(task.name_ids_K)[slot_B][:, None], eot], 1)
   ask_BxN = jnp.pad(ask_BxN, ((0, 0), (0, n - 3)))
-  # Near misses: the intended answer with one slot redrawn (sometimes to the same value), so
-  # that "thanks" must come from comparing the answer with the goal, not from the history.
+  # The intended answer, half the time with one slot redrawn: "thanks" must then come from
+  # comparing the answer with the goal, not from whether the missing slots were asked.
   k_which, k_new, k_off = jax.random.split(k_val, 3)
   which_BxK = jax.nn.one_hot(jax.random.randint(k_which, (b,), 0, k), k, dtype=bool)
   which_BxK &= (jax.random.uniform(k_off, (b,)) < 0.5)[:, None]
