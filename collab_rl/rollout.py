@@ -75,7 +75,7 @@ class LMPolicy:
   def __call__(self, params, conv, sim, state: LMState, key):
     del sim  # the policy never sees the hidden intent or the simulator's state
     active_B = ~conv.done_B
-    chunk_BxW = _gather_rows(conv.tokens_BxL, state.upto_B, self.chunk_width)
+    chunk_BxW = gather_rows(conv.tokens_BxL, state.upto_B, self.chunk_width)
     chunk_len_B = jnp.minimum(conv.cursor_B - state.upto_B, self.chunk_width)
     out, cache = sampling.prefill_and_decode(self.model, self.cfg, params, state.cache, chunk_BxW,
                                              chunk_len_B, state.upto_B, key, active_B)
@@ -141,7 +141,7 @@ def answer_now_policy(task, key_for_guess: int = 0) -> _Scripted:
 # ------------------------------------------------------------------------------------------------
 
 
-def _gather_rows(src_BxL, start_B, width: int):
+def gather_rows(src_BxL, start_B, width: int):
   """[B, width] windows src[b, start_b : start_b + width] (PAD past the end)."""
   l = src_BxL.shape[1]
   idx = start_B[:, None] + jnp.arange(width)[None, :]

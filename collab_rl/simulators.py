@@ -189,7 +189,7 @@ class LMSimulator:
                            active_B)
     view = conv_lib.append(view, reply_BxN, len_B, ASSISTANT, active_B, new_turn=False)
     view = conv_lib.append(view, jnp.full((b, 1), self.user_header_id), ones, CONTEXT, active_B)
-    chunk_BxW = rollout_lib._gather_rows(view.tokens_BxL, sim.upto_B, self.chunk_width)
+    chunk_BxW = rollout_lib.gather_rows(view.tokens_BxL, sim.upto_B, self.chunk_width)
     chunk_len_B = jnp.minimum(view.cursor_B - sim.upto_B, self.chunk_width)
     cache = sim.cache.replace(index=jnp.max(sim.cache.index))
     out, cache = sampling.prefill_and_decode(self.model, self.cfg, params, cache, chunk_BxW,
