@@ -11,13 +11,11 @@ ambiguous requests are clarifying questions, so the ask rate on ambiguous reques
 
 import ml_collections
 
-from experiments import ppo_ambig_math
+from experiments import ppo_ambig_math, variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  runlocal = arg == "runlocal"
-  if arg not in (None, "", "runlocal"):
-    raise ValueError(f"unknown variant {arg!r} for dpo_ambig_math (known: runlocal)")
+  runlocal = variants.parse(arg, "dpo_ambig_math")["runlocal"]
   # Task, simulator, model, reward, optimizer and mesh as in the PPO config (one place to edit).
   c = ppo_ambig_math.get_config("runlocal" if runlocal else None)
   c.trainer = "dpo"  # collab_rl/trainers/dpo.py

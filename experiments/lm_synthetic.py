@@ -12,12 +12,11 @@ Expected: eval_loss falls from log(vocab) = 6.2 (default) towards the corpus flo
 
 import ml_collections
 
+from experiments import variants
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = set((arg or "").split(",")) - {""}
-  unknown = variants - {"runlocal"}
-  if unknown:
-    raise ValueError(f"unknown variants {sorted(unknown)} for lm_synthetic (known: runlocal)")
+  v = variants.parse(arg, "lm_synthetic")
   c = ml_collections.ConfigDict()
   c.trainer = "lm"  # collab_rl/trainers/lm.py
   c.seed = 0  # params, optimizer RNG and data order
@@ -80,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Another run's checkpoint directory (WORKDIR/checkpoints) to take params from, or "".
   c.init_from = ""
 
-  if "runlocal" in variants:
+  if v["runlocal"]:
     c.model.vocab_size = 128
     c.model.hidden_size = 64
     c.model.intermediate_size = 128

@@ -13,14 +13,12 @@ ambiguous requests; next-turn rewards keep it passive.
 
 import ml_collections
 
+from experiments import variants
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1")
-              for kv in (arg or "").split(",") if kv)
-  unknown = set(opts) - {"reward", "window", "advantage", "runlocal"}
-  if unknown:
-    raise ValueError(f"unknown variants {sorted(unknown)} (known: reward, window, advantage, "
-                     "runlocal)")
+  opts = variants.parse(arg, "ppo_ambig_math", options={
+      "reward": ("mr", None), "window": ("2", None), "advantage": ("gae", None)})
   c = ml_collections.ConfigDict()
   c.trainer = "ppo"  # collab_rl/trainers/ppo.py
   c.seed = 0
@@ -45,15 +43,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.temperature = 1.0  # sampling temperature of the rollouts
 
   c.reward = ml_collections.ConfigDict()
-  c.reward.kind = opts.get("reward", "mr")  # mr | next_turn_ext | next_turn_ext_int | ...
-  c.reward.window = int(opts.get("window", 2))  # MR's forward turns
+  c.reward.kind = opts["reward"]  # mr | next_turn_ext | next_turn_ext_int | ...
+  c.reward.window = int(opts["window"])  # MR's forward turns
   c.reward.samples = 3  # MR's futures per reply
   c.reward.w_ext = 1.0  # weight of the task metric in R*
   c.reward.w_int = 0.5  # weight of interactivity in R*
   c.reward.token_cost = 5e-3  # lambda per token read (higher than the paper: short replies here)
 
   c.ppo = ml_collections.ConfigDict()
-  c.ppo.advantage = opts.get("advantage", "gae")  # gae (value head) | grpo | rloo
+  c.ppo.advantage = opts["advantage"]  # gae (value head) | grpo | rloo
   c.ppo.group_size = 4  # conversations per intent for grpo/rloo
   c.ppo.gamma = 1.0  # per-turn discount
   c.ppo.lam = 0.95  # GAE lambda
@@ -78,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                 async_save=True))
   c.init_from = ""  # the SFT base's checkpoint directory
 
-  if "runlocal" in opts:
+  if opts["runlocal"]:
     c.batch_size = 32
     c.num_iterations = 20
     c.eval_every = 10

@@ -29,28 +29,16 @@ The default config (width 128, 4 layers, 2000 steps) was not measured on CPU.
 
 import ml_collections
 
+from experiments import variants
+
 _TASKS = ("ambig_math", "doc_edit", "code_spec")
 _OBJECTIVES = ("bradley_terry", "regression")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = set((arg or "").split(",")) - {""}
-  task, objective = "ambig_math", "bradley_terry"
-  for v in sorted(variants):
-    if v.startswith("task="):
-      task = v.removeprefix("task=")
-      variants.remove(v)
-      if task not in _TASKS:
-        raise ValueError(f"unknown task {task!r} for reward_model (known: {_TASKS})")
-    elif v.startswith("objective="):
-      objective = v.removeprefix("objective=")
-      variants.remove(v)
-      if objective not in _OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r} (known: {_OBJECTIVES})")
-  unknown = variants - {"runlocal"}
-  if unknown:
-    raise ValueError(f"unknown variants {sorted(unknown)} for reward_model "
-                     "(known: runlocal, task=, objective=)")
+  v = variants.parse(arg, "reward_model", options={"task": ("ambig_math", _TASKS),
+                                                     "objective": ("bradley_terry", _OBJECTIVES)})
+  task, objective = v["task"], v["objective"]
   c = ml_collections.ConfigDict()
   c.trainer = "reward_model"  # collab_rl/trainers/reward_model.py
   c.seed = 0  # params, optimizer RNG and every episode (train and held-out)
@@ -139,7 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # must match leaf for leaf: an LM-only policy checkpoint has no reward head to restore.
   c.init_from = ""
 
-  if "runlocal" in variants:
+  if v["runlocal"]:
     c.model.hidden_size = 64
     c.model.intermediate_size = 176
     c.model.num_hidden_layers = 2

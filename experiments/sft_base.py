@@ -22,21 +22,14 @@ said (score_asked_first ~0.13; ~0.44 after 1200 steps). The default model does b
 
 import ml_collections
 
+from experiments import variants
+
 _TASKS = ("ambig_math", "doc_edit", "code_spec")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = set((arg or "").split(",")) - {""}
-  task = "ambig_math"
-  for v in sorted(variants):
-    if v.startswith("task="):
-      task = v.removeprefix("task=")
-      variants.remove(v)
-      if task not in _TASKS:
-        raise ValueError(f"unknown task {task!r} for sft_base (known: {_TASKS})")
-  unknown = variants - {"runlocal"}
-  if unknown:
-    raise ValueError(f"unknown variants {sorted(unknown)} for sft_base (known: runlocal, task=)")
+  v = variants.parse(arg, "sft_base", options={"task": ("ambig_math", _TASKS)})
+  task = v["task"]
   c = ml_collections.ConfigDict()
   c.trainer = "sft"  # collab_rl/trainers/sft.py
   c.seed = 0  # params, optimizer RNG and every episode (train and held-out)
@@ -116,7 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Another run's checkpoint directory (WORKDIR/checkpoints) to take params from, or "".
   c.init_from = ""
 
-  if "runlocal" in variants:
+  if v["runlocal"]:
     c.model.hidden_size = 64
     c.model.intermediate_size = 176
     c.model.num_hidden_layers = 2
