@@ -21,6 +21,8 @@ TRAINERS = {
     "sft": "collab_rl.trainers.sft",
     "reward_model": "collab_rl.trainers.reward_model",
     "sim_sft": "collab_rl.trainers.sim_sft",
+    # Not a trainer, but a job of the same shape: config in, dataset and metrics out.
+    "data_engine": "collab_rl.data.engine",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
@@ -67,7 +69,8 @@ def main(argv):
   trainer = trainer_module(config.trainer)
   logging.info("process %d/%d, %d devices (%d local), trainer %s", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count(), config.trainer)
-  result = trainer.train(config, _WORKDIR.value)
+  job = trainer.run if hasattr(trainer, "run") else trainer.train
+  result = job(config, _WORKDIR.value)
   if jax.process_index() == 0:
     print({k: round(v, 4) for k, v in result.get("final", {}).items()})
 

@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from collab_rl import sharding as sharding_lib
+from collab_rl.models import transformer
 
 
 @flax.struct.dataclass
@@ -32,6 +33,17 @@ class TrainState:
 def create(params, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(key))
+
+
+def fresh_init_fn(model, tx: optax.GradientTransformation, seed: int) -> Callable[[], TrainState]:
+  """The state a run starts from without a checkpoint: params from fold_in(key(seed), 0), the
+  run's RNG from fold_in(key(seed), 1). Every trainer derives it this way, on every process."""
+  def init_fn():
+    key = jax.random.key(seed)
+    return create(transformer.init_params(model, jax.random.fold_in(key, 0)), tx,
+                  jax.random.fold_in(key, 1))
+
+  return init_fn
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh, rules) -> TrainState:

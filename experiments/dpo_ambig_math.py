@@ -1,7 +1,13 @@
-"""Online multi-turn DPO on ambig_math, pairs ranked by the multiturn-aware reward.
+"""Multi-turn DPO on ambig_math, pairs ranked by the multiturn-aware reward: online or offline.
 
   python -m collab_rl.main --config experiments/dpo_ambig_math.py \
       --config.init_from=workdir/sft_base/checkpoints --workdir workdir/dpo_mr
+  python -m collab_rl.main --config experiments/dpo_ambig_math.py:source=offline \
+      --config.init_from=workdir/sft_base/checkpoints --config.dpo.data_dir=data/ \
+      --workdir workdir/dpo_offline
+
+Offline reads the pairs that `experiments/data_engine.py` wrote (ranked once, by the policy that
+made them); online samples and ranks them with the current policy every iteration.
 
 Each iteration samples `dpo.candidates` replies per conversation (after `context_turns` turns of
 history), ranks them by MR (window, samples), and trains on (best, worst) pairs whose gap passes
@@ -15,13 +21,17 @@ from experiments import ppo_ambig_math, variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  runlocal = variants.parse(arg, "dpo_ambig_math")["runlocal"]
+  opts = variants.parse(arg, "dpo_ambig_math",
+                        options={"source": ("online", ("online", "offline"))})
+  runlocal = opts["runlocal"]
   # Task, simulator, model, reward, optimizer and mesh as in the PPO config (one place to edit).
   c = ppo_ambig_math.get_config("runlocal" if runlocal else None)
   c.trainer = "dpo"  # collab_rl/trainers/dpo.py
   del c.ppo
   c.context_turns = 0  # turns of history played before the candidates (< turns)
   c.dpo = ml_collections.ConfigDict()
+  c.dpo.source = opts["source"]  # online (sample + rank now) | offline (data engine records)
+  c.dpo.data_dir = "data"  # offline: holds mr_candidates/1.0.0 (experiments/data_engine.py)
   c.dpo.candidates = 4  # G replies sampled per conversation
   c.dpo.beta = 0.1  # DPO temperature
   c.dpo.min_gap = 0.1  # keep a pair only if MR(best) - MR(worst) exceeds this

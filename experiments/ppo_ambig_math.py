@@ -75,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_iterations=20, max_to_keep=3,
                                                 async_save=True))
   c.init_from = ""  # the SFT base's checkpoint directory
+  c.on_nonfinite = "stop"  # stop | skip: what a NaN/inf loss or gradient does (never applied)
 
   if opts["runlocal"]:
     c.batch_size = 32

@@ -208,12 +208,8 @@ def build(config, mesh, task) -> Built:
   tx = lm.make_optimizer(config)
   rules = sharding_lib.rules_from_config(config.get("partition_rules"))
 
-  def init_fn():
-    key = jax.random.key(config.seed)
-    params = transformer.init_params(model, jax.random.fold_in(key, 0))
-    return state_lib.create(params, tx, jax.random.fold_in(key, 1))
-
-  create_fn, abstract, shardings = state_lib.init_sharded(init_fn, mesh, rules)
+  create_fn, abstract, shardings = state_lib.init_sharded(
+      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
   b = config.behaviour
   mix = BehaviourMix(task, (b.oracle, b.answer_now, b.random))
   kw = dict(batch=config.batch_size, num_turns=config.num_turns, max_len=config.max_len,

@@ -1,0 +1,220 @@
+"""CollabLLM's data engine: MR-scored candidate replies, written as a TFDS dataset.
+
+From fresh first requests, every assistant turn samples G candidate replies from the policy,
+scores each by the multiturn-aware reward (S futures of w turns with the simulator and the policy
+itself), continues the conversation with the best candidate and records
+
+  (history up to the assistant header, the G candidates, their MR mean and spread)
+
+per conversation and turn. The result is the source of offline DPO (`trainers/dpo.py` with
+`dpo.source="offline"`: chosen = best, rejected = worst when the gap passes a threshold) and of
+SFT on the best replies. One jitted call plays a chunk of B conversations for all turns; the
+dataset is written by `builders.prepare`, so a failed build leaves nothing behind.
+
+  python -m collab_rl.main --config experiments/data_engine.py --workdir workdir/engine \
+      --config.init_from=workdir/sft_base/checkpoints
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from collab_rl import checkpoint as ckpt_lib
+from collab_rl import conversation as conv_lib
+from collab_rl import metrics as metrics_lib
+from collab_rl import rewards
+from collab_rl import rollout as rollout_lib
+from collab_rl import sampling
+from collab_rl import sharding as sharding_lib
+from collab_rl.data import builders
+from collab_rl.models import transformer
+from collab_rl.tasks import registry
+from collab_rl.tokenizer import CONTEXT
+
+NAME = "mr_candidates"
+FIELDS = ("history_tokens", "history_roles", "history_len", "candidates", "candidate_len", "mr",
+          "mr_std", "turn", "episode_id", "ambiguous")
+
+# ------------------------------------------------------------------------------------------------
+# Generation: one jitted call per chunk of conversations.
+# ------------------------------------------------------------------------------------------------
+
+
+def check_config(config):
+  task = registry.make_task(config.task, config.sim.to_dict())
+  mcfg = transformer.TransformerConfig.from_dict(config.model.to_dict())
+  if mcfg.vocab_size != task.vocab_size:
+    raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} must equal the vocabulary of "
+                     f"task {config.task!r} ({task.vocab_size})")
+  for name in ("num_conversations", "batch_size", "turns", "candidates", "reply_tokens"):
+    if config[name] <= 0:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  if config.candidates < 2:
+    raise ValueError(f"config.candidates={config.candidates}: ranking needs at least 2")
+  if not 0 <= config.validation_fraction < 1:
+    raise ValueError(f"config.validation_fraction={config.validation_fraction} must be in [0, 1)")
+  if not config.data_dir:
+    raise ValueError("config.data_dir is empty: say where the dataset goes")
+  rcfg = rewards.RewardConfig(w_ext=config.reward.w_ext, w_int=config.reward.w_int,
+                              token_cost=config.reward.token_cost, window=config.reward.window,
+                              samples=config.reward.samples)
+  sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=config.temperature)
+  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  sharding_lib.check_batch(config.batch_size * config.candidates, mesh,
+                           what="batch_size x candidates")
+  ckpt_lib.check_init_from(config.init_from or None)
+  return task, mcfg, mesh, rcfg
+
+
+def history_len(config, task) -> int:
+  per_turn = config.reply_tokens + task.sim.max_user_len + 4
+  return 4 + len(task.request_template) + (config.turns + config.reward.window) * per_turn
+
+
+def play(config, task, policy, rcfg, params, key) -> dict[str, jax.Array]:
+  """B conversations, `turns` turns each: {field: [T, B, ...]} plus `valid` [T, B]."""
+  b, g = config.batch_size, config.candidates
+  k_int, k_turns = jax.random.split(key)
+  intent = task.sample_intents(k_int, b)
+  conv, sim = rollout_lib.start(task, intent, history_len(config, task))
+  pstate = policy.init(params, conv, 2 + len(task.request_template) + 1)
+  ones = jnp.ones((b,), jnp.int32)
+
+  def tile(tree):
+    return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.repeat(x, g, axis=0), tree)
+
+  def pick(tree, rows):
+    return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else x[rows], tree)
+
+  def turn(carry, t):
+    conv, sim, pstate = carry
+    k_cand, k_mr, k_user = jax.random.split(jax.random.fold_in(k_turns, t), 3)
+    active = ~conv.done_B
+    conv = conv_lib.append(conv, jnp.full((b, 1), task.assistant_header_id), ones, CONTEXT)
+    conv_g, sim_g, pstate_g = tile((conv, sim, pstate))
+    reply, _, reply_len, pstate_g = policy(params, conv_g, sim_g, pstate_g, k_cand)
+    mr, mr_std, _, _ = rewards.multiturn_aware_reward(policy, task, params, conv_g, sim_g,
+                                                      pstate_g, reply, reply_len, k_mr, rcfg)
+    mr_BxG, std_BxG = mr.reshape(b, g), mr_std.reshape(b, g)
+    best_rows = jnp.arange(b) * g + jnp.argmax(mr_BxG, axis=1)
+    record = dict(history_tokens=conv.tokens_BxL, history_roles=conv.roles_BxL.astype(jnp.int8),
+                  history_len=conv.cursor_B, candidates=reply.reshape(b, g, -1),
+                  candidate_len=reply_len.reshape(b, g), mr=mr_BxG, mr_std=std_BxG,
+                  turn=jnp.full((b,), t, jnp.int32), ambiguous=conv.intent.ambiguous_B,
+                  valid=active)
+    # The conversation goes on with the best candidate, from the cache that wrote it.
+    conv, sim = rewards.answer_reply(task, conv, sim, reply[best_rows], reply_len[best_rows],
+                                     k_user, append_user=True)
+    return (conv, sim, pick(pstate_g, best_rows)), record
+
+  _, records = jax.lax.scan(turn, (conv, sim, pstate), jnp.arange(config.turns))
+  return records
+
+
+def generate(config, task, mcfg, mesh, rcfg, params) -> dict[str, np.ndarray]:
+  """Every valid (conversation, turn) record of `num_conversations` conversations, as numpy."""
+  model = transformer.Transformer(mcfg)
+  sc = sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=config.temperature,
+                               stop_tokens=(task.eot_id,))
+  policy = rollout_lib.lm_policy(model, sc, chunk_width=task.sim.max_user_len + 4,
+                                 max_turns=config.turns + config.reward.window)
+  play_fn = jax.jit(lambda p, k: play(config, task, policy, rcfg, p, k))
+  chunks = -(-config.num_conversations // config.batch_size)
+  root = jax.random.key(config.seed)
+  out: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
+  for c in metrics_lib.progress(range(chunks), total=chunks, desc="data engine"):
+    rec = jax.device_get(play_fn(params, jax.random.fold_in(root, c)))
+    n = min(config.batch_size, config.num_conversations - c * config.batch_size)
+    valid_TxB = np.asarray(rec.pop("valid"))[:, :n]
+    rec["episode_id"] = np.broadcast_to(c * config.batch_size + np.arange(n), valid_TxB.shape)
+    # Conversation-major order: a conversation's turns stay together in the file.
+    t_idx, b_idx = np.nonzero(valid_TxB.T)[::-1]
+    for f in FIELDS:
+      x = np.asarray(rec[f])
+      out[f].append(x[t_idx, b_idx] if f != "episode_id" else x[t_idx, b_idx].astype(np.int64))
+  return {f: np.concatenate(v) for f, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The dataset.
+# ------------------------------------------------------------------------------------------------
+
+
+class MRCandidates(builders._Builder):  # pylint: disable=protected-access
+  """(history, G candidates, MR) records made by the data engine; splits by conversation."""
+
+  name = NAME
+
+  def __init__(self, *, records: Mapping[str, np.ndarray] | None = None,
+               meta: Mapping[str, Any] | None = None, validation_fraction: float = 0.0,
+               **kwargs):
+    self.records, self.meta, self.validation_fraction = records, dict(meta or {}), \
+        validation_fraction
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    r = self.records
+    if r is None:
+      raise ValueError(f"{NAME}: building needs the engine's records")
+
+    def tensor(name):
+      return tfds.features.Tensor(shape=r[name].shape[1:], dtype=r[name].dtype)
+
+    features = {f: tensor(f) if r[f].ndim > 1 else tfds.features.Scalar(r[f].dtype)
+                for f in FIELDS}
+    return tfds.core.DatasetInfo(
+        builder=self, description="History, candidate replies and their multiturn-aware reward.",
+        features=tfds.features.FeaturesDict(features), disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(**self.meta))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    episodes = np.unique(self.records["episode_id"])
+    n_val = int(len(episodes) * self.validation_fraction)
+    held_out = np.random.default_rng(0).permutation(episodes)[:n_val]
+    in_val = np.isin(self.records["episode_id"], held_out)
+    splits = {"train": np.nonzero(~in_val)[0], "validation": np.nonzero(in_val)[0]}
+    return {s: self._generate_examples(idx) for s, idx in splits.items() if len(idx)}
+
+  def _generate_examples(self, idx: np.ndarray):
+    for i in idx:
+      yield int(i), {f: self.records[f][i] for f in FIELDS}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Generates the records with the policy of `config.init_from` and writes the dataset."""
+  task, mcfg, mesh, rcfg = check_config(config)
+  model = transformer.Transformer(mcfg)
+  abstract = jax.eval_shape(lambda: transformer.init_params(model, jax.random.key(0)))
+  if config.init_from:
+    params = ckpt_lib.restore_params(config.init_from, abstract)
+  else:
+    logging.warning("data engine: no init_from, so the candidates come from random weights")
+    params = transformer.init_params(model, jax.random.key(config.seed))
+  t0 = time.perf_counter()
+  records = generate(config, task, mcfg, mesh, rcfg, params)
+  seconds = time.perf_counter() - t0
+  gap = records["mr"].max(1) - records["mr"].min(1)
+  meta = dict(task=config.task, policy=config.init_from or "random", candidates=config.candidates,
+              window=rcfg.window, samples=rcfg.samples, turns=config.turns, seed=config.seed,
+              conversations=config.num_conversations)
+  path = builders.prepare(MRCandidates, config.data_dir, records=records, meta=meta,
+                          validation_fraction=config.validation_fraction)
+  final = {"records": float(len(gap)), "mr_mean": float(records["mr"].mean()),
+           "mr_gap_mean": float(gap.mean()), "seconds": seconds,
+           "records_per_s": len(gap) / seconds}
+  os.makedirs(workdir, exist_ok=True)
+  with metrics_lib.MetricWriter(workdir) as writer:
+    writer.write_hparams(config.to_dict())
+    writer.write_scalars(0, final)
+  logging.info("data engine wrote %s: %s", path, final)
+  return {"final": final, "path": path}

@@ -1,0 +1,196 @@
+"""What the conversation RL trainers (PPO, online and offline DPO) build the same way.
+
+Config checks shared by every recipe, the rollout policy, the optimizer, the sharded train state
+(resumed, `init_from` or fresh) with its frozen reference, the greedy evaluation on fixed held-out
+episodes, and the guard against non-finite updates. Each trainer file keeps what is its own: what
+it collects and its loss.
+
+Non-finite updates. Every update step checks its loss and gradient norm inside the jitted step and,
+when either is NaN or inf, returns the state it was given (so bad params never exist, let alone
+reach a checkpoint). `config.on_nonfinite` then decides on the host: "stop" raises
+`NonFiniteError` after waiting for pending checkpoint saves (the last good checkpoint stays the
+latest), "skip" drops the update, counts it in `nonfinite/skipped` and goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from collab_rl import checkpoint as ckpt_lib
+from collab_rl import metrics as metrics_lib
+from collab_rl import rewards
+from collab_rl import rollout as rollout_lib
+from collab_rl import sampling
+from collab_rl import sharding as sharding_lib
+from collab_rl import train_state as state_lib
+from collab_rl.models import transformer
+from collab_rl.tasks import registry, scoring
+
+ON_NONFINITE = ("stop", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss, gradient, reward or batch went NaN/inf and the config says to stop."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Config.
+# ------------------------------------------------------------------------------------------------
+
+
+def reward_config(config) -> rewards.RewardConfig:
+  r = config.reward
+  return rewards.RewardConfig(w_ext=r.w_ext, w_int=r.w_int, token_cost=r.token_cost,
+                              window=r.window, samples=r.samples)
+
+
+def check_common(config):
+  """The checks every RL config must pass before anything compiles: (task, model cfg, mesh, rcfg)."""
+  task = registry.make_task(config.task, config.sim.to_dict())
+  cfg = transformer.TransformerConfig.from_dict(config.model.to_dict())
+  if cfg.vocab_size != task.vocab_size:
+    raise ValueError(f"config.model.vocab_size={cfg.vocab_size} must equal the vocabulary of "
+                     f"task {config.task!r} ({task.vocab_size})")
+  for name in ("turns", "num_iterations", "batch_size", "reply_tokens", "eval_batch",
+               "eval_every"):
+    if config[name] <= 0:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  if config.on_nonfinite not in ON_NONFINITE:
+    raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; choose from {ON_NONFINITE}")
+  rcfg = reward_config(config)  # RewardConfig checks window, samples and token_cost
+  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  sharding_lib.check_batch(config.batch_size, mesh)
+  sharding_lib.check_batch(config.eval_batch, mesh, what="eval_batch")
+  make_policy(config, None, task)  # SamplingConfig checks the temperature
+  ckpt_lib.check_init_from(config.init_from or None)
+  return task, cfg, mesh, rcfg
+
+
+def max_len(config, task) -> int:
+  """Columns of a conversation: the opening, then every turn (and MR's window) at its budget."""
+  per_turn = config.reply_tokens + task.sim.max_user_len + 4
+  return 4 + len(task.request_template) + (config.turns + config.reward.window) * per_turn
+
+
+def make_policy(config, model, task, temperature=None) -> rollout_lib.LMPolicy:
+  t = config.temperature if temperature is None else temperature
+  sc = sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=t,
+                               greedy=t == 0.0, stop_tokens=(task.eot_id,))
+  return rollout_lib.lm_policy(model, sc, chunk_width=task.sim.max_user_len + 4,
+                               max_turns=config.turns + config.reward.window)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optimizer
+  sched = optax.warmup_constant_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                     optax.adamw(sched, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+
+
+# ------------------------------------------------------------------------------------------------
+# State, reference and evaluation.
+# ------------------------------------------------------------------------------------------------
+
+
+class Setup(NamedTuple):
+  model: transformer.Transformer
+  tx: optax.GradientTransformation
+  state: state_lib.TrainState
+  ref_params: Any  # the frozen reference policy: the run's starting point
+  shardings: state_lib.TrainState
+  checkpointer: ckpt_lib.Checkpointer
+  how: str  # "fresh", "resumed step N" or "init_from ..."
+  data_state: dict | None  # a resumed run's data iterator position (offline data only)
+  evaluate: Callable[[Any], dict[str, float]]  # params -> greedy held-out metrics
+
+
+def build(config, workdir: str, task, mcfg, mesh, rcfg) -> Setup:
+  model = transformer.Transformer(mcfg)
+  tx = make_optimizer(config)
+  rules = sharding_lib.rules_from_config(config.get("partition_rules"))
+  create_fn, abstract, shardings = state_lib.init_sharded(
+      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
+  checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints",
+                                       max_to_keep=config.checkpoint.max_to_keep,
+                                       save_interval_steps=config.checkpoint.every_iterations,
+                                       async_save=config.checkpoint.async_save)
+  state, data_state, how = ckpt_lib.restore_or_init(checkpointer, abstract, create_fn,
+                                           init_from=config.init_from or None)
+  # The reference is the run's starting policy, rebuilt the same way on every resume (frozen
+  # params are never saved with the train state).
+  ref_params = (ckpt_lib.restore_params(config.init_from, abstract.params) if config.init_from
+                else create_fn().params)
+  logging.info("%s: %s (%d params)", config.trainer, how, transformer.count_params(state.params))
+
+  greedy = make_policy(config, model, task, temperature=0.0)
+
+  def episodes(params, key):
+    ro = rollout_lib.rollout(greedy, task, params, key, config.eval_batch,
+                             num_turns=config.turns, max_len=max_len(config, task), mesh=mesh)
+    return {**scoring.episode_metrics(task, ro.conv, ro.sim),
+            "reward": rewards.conversation_reward(task, ro.conv, ro.sim, rcfg)[0]}
+
+  episodes = jax.jit(episodes)
+  eval_key = jax.random.key(config.seed + 10_000)  # the same held-out episodes every time
+
+  def evaluate(params) -> dict[str, float]:
+    m = jax.device_get(episodes(params, eval_key))
+    return {**scoring.summarize(m), "reward": float(np.mean(m["reward"]))}
+
+  return Setup(model, tx, state, ref_params, shardings, checkpointer, how, data_state, evaluate)
+
+
+# ------------------------------------------------------------------------------------------------
+# Updates that never apply a non-finite step.
+# ------------------------------------------------------------------------------------------------
+
+
+def guarded_update(loss_fn, tx, state: state_lib.TrainState, batch):
+  """One optimizer step on `loss_fn(params, batch) -> (loss, metrics)`, kept only if finite."""
+  (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      opt_state=opt_state)
+  # Selecting inside the step keeps the old buffers' values even though the state is donated.
+  new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
+  m.update(loss=loss, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.float32))
+  return new, m
+
+
+def host_means(stats) -> dict[str, float]:
+  return {k: float(np.asarray(v).astype(np.float32).mean())
+          for k, v in jax.device_get(stats).items()}
+
+
+def check_finite(config, it: int, scalars: dict[str, float], bad_steps: int,
+                 checkpointer: ckpt_lib.Checkpointer) -> None:
+  """Stops the run (config.on_nonfinite="stop") when an update or a logged scalar was not finite.
+
+  The jitted step has already refused the bad update, so the state in memory is the last good
+  one; pending asynchronous saves are awaited so that the latest checkpoint on disk is complete.
+  """
+  bad = sorted(k for k, v in scalars.items() if not np.isfinite(v))
+  if not bad and not bad_steps:
+    return
+  what = f"{bad_steps} non-finite update(s)" if bad_steps else "no non-finite update"
+  message = (f"{config.trainer} iteration {it}: {what}; non-finite values in {bad or 'none'}")
+  if config.on_nonfinite == "skip":
+    logging.warning("%s; skipped (config.on_nonfinite='skip')", message)
+    return
+  checkpointer.wait()
+  raise NonFiniteError(f"{message}. Stopped (config.on_nonfinite='stop'); the last good "
+                       f"checkpoint is step {checkpointer.latest_step()} in "
+                       f"{checkpointer.directory}; no update of this iteration was applied.")
+
+
+def progress(config, start: int, last: int, desc: str):
+  return metrics_lib.progress(range(start + 1, last + 1), total=config.num_iterations,
+                              initial=start, desc=desc)
