@@ -123,9 +123,18 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
                async_save: bool = True):
+    # Checked here, before anything compiles: 0 would fail at the first save (interval) or keep
+    # no checkpoint at all (max_to_keep), and a preempted run could then never resume.
+    for name, value in {"max_to_keep": max_to_keep,
+                        "save_interval_steps": save_interval_steps}.items():
+      if value < 1:
+        raise ValueError(f"checkpoint {name}={value} must be >= 1")
     self.directory = str(directory)
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save,
+        # The directory appears with the first save: a run that fails while restoring (a
+        # checkpoint of another shape as init_from, say) leaves its workdir as it found it.
+        create=False,
         # Preemption saves stay on; no forced save of the first step a run sees.
         save_decision_policy=ocp_managers.AnySavePolicy([
             ocp_managers.FixedIntervalPolicy(save_interval_steps),

@@ -12,6 +12,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -129,6 +130,20 @@ def shard_batch(batch: Mapping[str, np.ndarray] | np.ndarray, mesh: Mesh):
     global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
   return jax.tree_util.tree_map(put, batch)
+
+
+def to_host(tree):
+  """Global arrays -> numpy arrays of their full value, on every process.
+
+  `jax.device_get` cannot read an array split over other processes' devices (a batch-sharded
+  evaluation output on a multi-host slice); those are all-gathered. A collective: every process
+  must call it at the same point, as SPMD code does.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree_util.tree_map(get, tree)
 
 
 def rules_from_config(rules) -> tuple[tuple[str, tuple], ...]:

@@ -1,14 +1,14 @@
-"""Sandbox: verdicts, limits and containment, each attack checked from the caller's side."""
+"""Sandbox: verdicts, arguments and isolation layers.
+
+Hostile programs (time, memory, processes, files, secrets, signals, network) and the checks that
+the caller is unharmed are one table in tests/reliability/test_hostile_code.py.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import glob
 import os
-import secrets
-import signal
-import socket
 import tempfile
 
 import pytest
@@ -18,33 +18,10 @@ from collab_rl.tasks import sandbox
 ADD = "def add(a, b):\n  return a + b\n"
 
 
-@functools.cache
-def _layers() -> tuple[str, ...]:
-  """The layers this machine grants (root, CAP_SYS_ADMIN, no seccomp filter on unshare...)."""
-  return sandbox.run("", "", 5).layers
-
-
-def _require(*layers: str) -> None:
-  if missing := set(layers) - set(_layers()):
-    pytest.skip(f"layers {sorted(missing)} are not available here")
-
-
 def _has_cap_sys_admin() -> bool:
   with open("/proc/self/status") as f:
     cap_eff = next(line for line in f if line.startswith("CapEff:")).split()[1]
   return bool(int(cap_eff, 16) & (1 << 21))
-
-
-@pytest.fixture(params=["hook", "kernel_only"])
-def layers_mode(request, monkeypatch):
-  """Attacks run twice: with the audit hook, and without it to prove the kernel layers hold."""
-  if request.param == "kernel_only":
-    monkeypatch.setattr(sandbox, "_use_audit_hook", False)
-  return request.param
-
-
-def _sandbox_pids() -> list[int]:
-  return [pid for pid, uids in sandbox._process_uids().items() if any(uid in sandbox.SANDBOX_UIDS for uid in uids)]
 
 
 def test_passing_program_and_its_layers():
@@ -107,128 +84,6 @@ def test_unittest_style(program, expected, status):
 def test_early_exit_is_not_a_pass(program):
   r = sandbox.run(program, "add(1, 2)\nassert False\n", 5)
   assert (r.passed, r.status) == (False, "failed"), r
-
-
-@pytest.mark.parametrize("program", [
-    "while True:\n  pass\n",
-    "import time\ntime.sleep(60)\n",
-    "import os, time\nos.closerange(0, 64)\ntime.sleep(60)\n",  # no pipe left to wait on
-])
-def test_timeout(program):
-  r = sandbox.run(program, "", 1.0)
-  assert (r.passed, r.status) == (False, "timeout"), r
-  assert r.duration_s < 1.5
-  assert not _sandbox_pids()
-
-
-@pytest.mark.parametrize("program", [
-    "x = bytearray(1 << 34)\n",
-    "chunks = []\nwhile True:\n  chunks.append(bytearray(1 << 20))\n",
-])
-def test_memory_bomb(program):
-  r = sandbox.run(program, "", 5, memory_mb=128)
-  assert (r.passed, r.status) == (False, "memory"), r
-
-
-@pytest.mark.parametrize("stream", ["stdout", "stderr"])
-def test_huge_output_is_capped(stream):
-  r = sandbox.run(f"import sys\nwhile True:\n  sys.{stream}.write('x' * 65536)\n", "", 5, max_output_bytes=10_000)
-  assert (r.passed, r.status) == (False, "output_limit"), r.status
-  assert len(r.stdout) + len(r.stderr) <= 10_000 and r.duration_s < 2
-
-
-def test_fork_bomb(layers_mode):
-  del layers_mode
-  r = sandbox.run("import os\nwhile True:\n  os.fork()\n", "", 2)
-  assert not r.passed and r.status in ("failed", "timeout"), r
-  assert os.getpid() > 0 and not _sandbox_pids()
-
-
-def test_grandchild_does_not_survive(layers_mode):
-  del layers_mode
-  marker = "987.654"
-  program = f"""
-import os, subprocess, time
-try:
-  subprocess.Popen(["sleep", "{marker}"], start_new_session=True)
-except Exception as e:
-  print("popen refused:", e)
-try:
-  if os.fork() == 0:
-    os.setsid()
-    time.sleep({marker})
-    os._exit(0)
-except Exception as e:
-  print("fork refused:", e)
-"""
-  r = sandbox.run(program, "", 2)
-  assert "refused" in r.stdout, r
-  assert not _sandbox_pids()
-  for path in glob.glob("/proc/[0-9]*/cmdline"):
-    try:
-      with open(path, "rb") as f:
-        assert marker.encode() not in f.read(), path
-    except OSError:
-      pass
-
-
-def test_writes_outside_the_workdir_do_not_land(layers_mode):
-  del layers_mode
-  _require("uid", "readonly_root")
-  name = f"sandbox_escape_{secrets.token_hex(4)}"
-  targets = [os.path.join(d, name) for d in ("/tmp", "/var/tmp", "/dev/shm", os.getcwd(), os.path.dirname(__file__))]
-  program = "".join(f"try:\n  open({t!r}, 'w').write('x')\nexcept OSError as e:\n  print('refused', e)\n" for t in targets)
-  r = sandbox.run(program, "", 5)
-  assert r.stdout.count("refused") == len(targets), r
-  assert not [t for t in targets if os.path.exists(t)]
-
-
-def test_no_network(layers_mode):
-  if layers_mode == "kernel_only":
-    _require("netns")
-  with socket.socket() as listener:
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('connected')\n"
-    r = sandbox.run(program, "", 3)
-    assert not r.passed and "connected" not in r.stdout, r
-    listener.settimeout(0.2)
-    with pytest.raises(TimeoutError):
-      listener.accept()
-
-
-def test_parent_environment_is_unreadable(monkeypatch):
-  _require("uid")
-  secret = secrets.token_hex(16)
-  monkeypatch.setenv("SANDBOX_TEST_SECRET", secret)
-  program = """
-import os
-print(dict(os.environ))
-try:
-  print(open(f"/proc/{os.getppid()}/environ", "rb").read())
-except OSError as e:
-  print("denied", e)
-"""
-  r = sandbox.run(program, "", 5)
-  assert r.passed and "denied" in r.stdout and secret not in r.stdout + r.stderr, r
-  assert "SANDBOX_TEST_SECRET" not in r.stdout
-
-
-def test_cannot_signal_the_caller(layers_mode):
-  del layers_mode
-  _require("uid")
-  received = []
-  previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))  # survive a broken sandbox
-  try:
-    program = ("import os, signal\n"
-               "for target in (lambda: os.kill(os.getppid(), signal.SIGTERM),\n"
-               "               lambda: os.killpg(os.getpgid(os.getppid()), signal.SIGTERM)):\n"
-               "  try:\n    target()\n  except OSError as e:\n    print('refused', e)\n")
-    r = sandbox.run(program, "", 5)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-  assert not received and r.stdout.count("refused") == 2, r
 
 
 def test_concurrent_runs_get_their_own_uid():

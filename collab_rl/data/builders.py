@@ -21,7 +21,9 @@ import dataclasses
 import functools
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from typing import Any, Mapping
 
@@ -262,6 +264,24 @@ def dataset_dir(data_dir: str, name: str) -> str:
   return os.path.join(os.path.abspath(data_dir), name, VERSION)
 
 
+_HOST = socket.gethostname()
+
+
+def _remove_killed_builds(parent: str, name: str) -> None:
+  """Deletes the temporary directories of builds on this host whose process no longer runs: a
+  SIGKILLed or OOM-killed build never reaches its own clean-up."""
+  pattern = re.compile(rf"\.{re.escape(name)}\.incomplete\.(\d+)@{re.escape(_HOST)}\.[^.]+")
+  for entry in os.listdir(parent):
+    if (match := pattern.fullmatch(entry)) is None:
+      continue
+    try:
+      os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    except PermissionError:  # alive, and someone else's
+      pass
+
+
 def prepare(builder_cls: type[tfds.core.DatasetBuilder], data_dir: str, **kwargs) -> str:
   """Builds `builder_cls(**kwargs)` into `data_dir/<name>/<version>`, replacing any earlier build
   only once the new one is complete. Returns that directory."""
@@ -270,8 +290,11 @@ def prepare(builder_cls: type[tfds.core.DatasetBuilder], data_dir: str, **kwargs
   made_parent = not os.path.isdir(parent)
   os.makedirs(parent, exist_ok=True)
   # Same filesystem as the target, so the final rename is atomic; the leading dot keeps a
-  # crashed build's leftovers from looking like a dataset.
-  tmp = tempfile.mkdtemp(prefix=f".{builder_cls.name}.incomplete.", dir=parent)
+  # crashed build's leftovers from looking like a dataset, and the pid@host lets the next build
+  # remove them once their process is gone.
+  _remove_killed_builds(parent, builder_cls.name)
+  tmp = tempfile.mkdtemp(prefix=f".{builder_cls.name}.incomplete.{os.getpid()}@{_HOST}.",
+                         dir=parent)
   try:
     builder = builder_cls(data_dir=tmp, file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
     # try_download_gcs would ask TFDS's public bucket for a prebuilt copy of a same-named dataset.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Any, Mapping
 
 PROMPT = "single_turn_prompt"
@@ -67,6 +68,10 @@ def parse_record(obj: Any, *, path: str, line: int, max_chars: int = DEFAULT_MAX
       fail(field, "empty")
     if len(value) > max_chars:
       fail(field, f"too long: {len(value)} characters > max_chars={max_chars}")
+    try:  # JSON escapes can spell lone surrogates, which no UTF-8 file can hold
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      fail(field, f"not valid Unicode: {e.reason} at character {e.start}")
     return value
 
   if not isinstance(obj, dict):
@@ -99,6 +104,29 @@ def parse_record(obj: Any, *, path: str, line: int, max_chars: int = DEFAULT_MAX
   return Record(line, prompt, completion, metadata_json, tuple(turns))
 
 
+def _loads(text: str, path: str, line: int) -> Any:
+  """Strict JSON: no NaN/Infinity (not JSON, and no other reader takes them), no key given twice
+  (Python would silently keep the last), and a nesting too deep is an error, not a crash."""
+
+  def no_constant(name: str):
+    raise RecordError(path, line, "record", f"invalid JSON: {name} is not a JSON value")
+
+  def unique(pairs: list[tuple[str, Any]]) -> dict:
+    seen = set()
+    for key, _ in pairs:
+      if key in seen:
+        raise RecordError(path, line, key, "duplicate key")
+      seen.add(key)
+    return dict(pairs)
+
+  try:
+    return json.loads(text, parse_constant=no_constant, object_pairs_hook=unique)
+  except json.JSONDecodeError as e:
+    raise RecordError(path, line, "record", f"invalid JSON: {e.msg} (column {e.colno})") from None
+  except RecursionError:
+    raise RecordError(path, line, "record", "JSON nested too deeply") from None
+
+
 def parse_jsonl(data: bytes, *, path: str, max_chars: int = DEFAULT_MAX_CHARS) -> list[Record]:
   """Validated records of a JSONL file's bytes, in file order (`path` names it in errors)."""
   records = []
@@ -109,12 +137,8 @@ def parse_jsonl(data: bytes, *, path: str, max_chars: int = DEFAULT_MAX_CHARS) -
       raise RecordError(path, line, "record", f"invalid UTF-8 at byte {e.start}") from None
     if not text.strip():
       continue
-    try:
-      obj = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise RecordError(path, line, "record", f"invalid JSON: {e.msg} (column {e.colno})"
-                        ) from None
-    records.append(parse_record(obj, path=path, line=line, max_chars=max_chars))
+    records.append(parse_record(_loads(text, path, line), path=path, line=line,
+                                max_chars=max_chars))
   if not records:
     raise RecordError(path, 0, "record", "the file holds no records")
   return records
@@ -126,13 +150,29 @@ def read_records(path: str, *, max_chars: int = DEFAULT_MAX_CHARS) -> list[Recor
 
 
 def decode(example: Mapping[str, Any]) -> dict[str, Any]:
-  """A record read back from the dataset (bytes, dict of lists) -> str fields and a turn list."""
+  """A record read back from the dataset (bytes, dict of lists) -> str fields and a turn list.
 
-  def s(x) -> str:
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+  The result is checked as the source line was, so a record damaged on disk raises ValueError
+  "field: problem" instead of reaching training.
+  """
+
+  def s(x, field: str) -> str:
+    try:
+      return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{field}: invalid UTF-8 at byte {e.start}") from None
 
   turns = example[TURNS]
-  return {LINE: int(example[LINE]), PROMPT: s(example[PROMPT]),
-          COMPLETION: s(example[COMPLETION]), METADATA: json.loads(s(example[METADATA])),
-          TURNS: [{"role": s(r), "content": s(c)} for r, c in zip(turns["role"],
-                                                                   turns["content"])]}
+  try:
+    metadata = json.loads(s(example[METADATA], METADATA))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{METADATA}: invalid JSON: {e.msg} (column {e.colno})") from None
+  out = {LINE: int(example[LINE]), PROMPT: s(example[PROMPT], PROMPT),
+         COMPLETION: s(example[COMPLETION], COMPLETION), METADATA: metadata,
+         TURNS: [{"role": s(r, f"{TURNS}[{i}].role"), "content": s(c, f"{TURNS}[{i}].content")}
+                 for i, (r, c) in enumerate(zip(turns["role"], turns["content"]))]}
+  try:
+    parse_record(out, path="", line=out[LINE], max_chars=sys.maxsize)
+  except RecordError as e:
+    raise ValueError(f"{e.field}: {e.problem}") from None
+  return out

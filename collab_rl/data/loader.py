@@ -10,9 +10,11 @@ JSON dict (`get_state`/`set_state`), which is what the checkpoint stores to resu
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
+from array_record.python import array_record_module
 import grain
 import jax
 import numpy as np
@@ -24,22 +26,85 @@ from collab_rl.data import collabllm
 intent_from_batch = builders.intent_from_batch  # batch of task records -> Intent
 
 
+class DataError(ValueError):
+  """A prepared dataset that does not read back as written: names the file, record and field."""
+
+
 def _builder(data_dir: str, name: str) -> tfds.core.DatasetBuilder:
   path = builders.dataset_dir(data_dir, name)
   if not os.path.exists(os.path.join(path, "dataset_info.json")):
     raise FileNotFoundError(f"no prepared dataset at {path}; run `python -m collab_rl.data "
                             f"prepare --task {name} --data_dir {data_dir}` first")
+  for file in ("dataset_info.json", "features.json"):  # tfds's own errors name neither
+    try:
+      with open(os.path.join(path, file), encoding="utf-8") as f:
+        json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or UTF-8
+      raise DataError(f"{path}/{file}: unreadable, rebuild the dataset: {e}") from None
   # Read from the files alone: no builder class, task module or TensorFlow needed.
-  return tfds.builder_from_directory(path)
+  try:
+    return tfds.builder_from_directory(path)
+  except Exception as e:  # noqa: BLE001  (whatever tfds's parsers raise)
+    raise DataError(f"{path}/dataset_info.json: not a dataset description: {e!r}") from e
 
 
-def data_source(data_dir: str, name: str, split: str):
-  """Random-access records of a split (decoded to numpy / bytes)."""
+def _check_shards(split: tfds.core.SplitInfo) -> list[tuple[str, int]]:
+  """(file, records) of each shard, each opened and counted against dataset_info.json (a
+  shorter shard would otherwise fail mid-epoch, a longer one lose records silently)."""
+  shards = [(os.fspath(p), int(n)) for p, n in zip(split.filepaths, split.shard_lengths)]
+  for i, (path, n) in enumerate(shards):
+    try:
+      reader = array_record_module.ArrayRecordReader(path)
+      count = reader.num_records()
+      reader.close()
+    except Exception as e:  # noqa: BLE001  (the C++ reader raises RuntimeError for anything)
+      raise DataError(f"{path}: not a readable array_record shard: {e!r}") from None
+    if count != n:
+      raise DataError(f"{path}: holds {count} records, but dataset_info.json says {n} "
+                      f"(splits[{split.name}].shardLengths[{i}])")
+  return shards
+
+
+class Source:
+  """A split's records as tfds decodes them; a record that cannot be read raises DataError naming
+  its shard file and its index in that file."""
+
+  def __init__(self, source, shards: list[tuple[str, int]]):
+    self._source, self._files = source, [path for path, _ in shards]
+    self._starts = np.cumsum([0] + [n for _, n in shards])
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def where(self, i: int) -> str:
+    k = int(np.searchsorted(self._starts, i, side="right")) - 1
+    return f"{self._files[k]}: record {i - self._starts[k]}"
+
+  def __getitem__(self, i: int) -> Any:
+    return self.__getitems__([i])[0]
+
+  def __getitems__(self, indices: list[int]) -> list[Any]:
+    if any(not 0 <= i < len(self) for i in indices):
+      raise IndexError(f"record indices {indices} out of range [0, {len(self)})")
+    try:
+      return self._source.__getitems__(indices)
+    except Exception:  # noqa: BLE001  find the record at fault, to name it
+      for i in indices:
+        try:
+          self._source.__getitems__([i])
+        except Exception as e:  # noqa: BLE001
+          raise DataError(f"{self.where(i)}: unreadable: {e!r}") from None
+      raise
+
+
+def data_source(data_dir: str, name: str, split: str) -> Source:
+  """Random-access records of a split (decoded to numpy / bytes), its shards checked first."""
   b = _builder(data_dir, name)
   if split not in b.info.splits:
     raise ValueError(f"{name} in {data_dir} has no split {split!r}; it has "
                      f"{sorted(b.info.splits)}")
-  return b.as_data_source(split=split)
+  shards = _check_shards(b.info.splits[split])
+  return Source(b.as_data_source(split=split), shards)
 
 
 def metadata(data_dir: str, name: str) -> dict[str, Any]:
@@ -50,9 +115,21 @@ def metadata(data_dir: str, name: str) -> dict[str, Any]:
 def _read(source, text: bool, indices_B: np.ndarray) -> dict[str, Any]:
   """Records at `indices_B`, batched: arrays stacked; for text records, the numbers stacked and
   everything else (strings, metadata dicts, turn lists) kept as lists."""
-  records = source.__getitems__([int(i) for i in indices_B])
-  if text:
-    records = [collabllm.decode(r) for r in records]
+  indices = [int(i) for i in indices_B]
+  records, decoded = source.__getitems__(indices), []
+  for i, r in zip(indices, records):
+    # tfds decodes a feature absent from the stored example as None, which nothing downstream
+    # expects; a damaged text record is checked as its source line was.
+    absent = [k for k, v in r.items() if v is None]
+    try:
+      if absent:
+        raise ValueError(f"{absent[0]}: missing from the stored record")
+      if text:
+        r = collabllm.decode(r)
+    except ValueError as e:
+      raise DataError(f"{source.where(i)}: {e}") from None
+    decoded.append(r)
+  records = decoded
   out = {}
   for k in records[0]:
     values = [r[k] for r in records]

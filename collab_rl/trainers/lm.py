@@ -9,6 +9,7 @@ successors per token, so the loss floor is log(branching).
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -63,11 +64,12 @@ def make_dataset(config, split: str) -> grain.MapDataset:
   ds = grain.MapDataset.source(corpus)
   if split != "train":
     ds = ds[c.num_records // 2:]  # validation: the second half, never shuffled
-  # Each process reads its own interleaved slice; the global batch is their concatenation.
+  else:
+    ds = ds.shuffle(seed=seed).repeat()
+  # Shuffle first, then each process takes its interleaved slice: every global batch holds the
+  # same records whatever the process count, so 2 hosts train exactly as 1 does.
   ds = ds[jax.process_index()::jax.process_count()]
   local_batch = config.batch_size // jax.process_count()
-  if split == "train":
-    ds = ds.shuffle(seed=seed).repeat()
   return ds.batch(local_batch, drop_remainder=True)
 
 
@@ -121,12 +123,8 @@ def build(config, mesh) -> Built:
   tx = make_optimizer(config)
   rules = sharding_lib.rules_from_config(config.get("partition_rules"))
 
-  def init_fn():
-    key = jax.random.key(config.seed)
-    params = transformer.init_params(model, jax.random.fold_in(key, 0))
-    return state_lib.create(params, tx, jax.random.fold_in(key, 1))
-
-  create_fn, abstract, shardings = state_lib.init_sharded(init_fn, mesh, rules)
+  create_fn, abstract, shardings = state_lib.init_sharded(
+      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
   batch_sh = {"tokens": sharding_lib.batch_sharding(mesh),
               "length": sharding_lib.batch_sharding(mesh)}
   step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b), in_shardings=(shardings, batch_sh),
@@ -136,9 +134,32 @@ def build(config, mesh) -> Built:
   return Built(model, tx, create_fn, abstract, shardings, step_fn, eval_fn)
 
 
+MODEL_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+
+
+def check_model(model: ml_collections.ConfigDict) -> transformer.TransformerConfig:
+  """The model config, its sizes checked first: TransformerConfig divides by some of them, and a
+  zero width or layer count would otherwise surface only after compiling (or train nothing)."""
+  for name in (*MODEL_SIZES, "head_dim"):  # head_dim may be None: hidden_size // heads
+    if model.get(name) is not None and model[name] <= 0:
+      raise ValueError(f"config.model.{name} must be positive, got {model[name]}")
+  cfg = transformer.TransformerConfig.from_dict(model.to_dict())
+  if cfg.dim_per_head % 2:
+    raise ValueError(f"config.model: the head dimension {cfg.dim_per_head} (head_dim, else "
+                     "hidden_size // num_attention_heads) must be even for RoPE")
+  return cfg
+
+
+def check_checkpointing(checkpoint: ml_collections.ConfigDict, every: str) -> None:
+  for name in (every, "max_to_keep"):
+    if checkpoint[name] < 1:
+      raise ValueError(f"config.checkpoint.{name} must be >= 1, got {checkpoint[name]}")
+
+
 def check_config(config) -> jax.sharding.Mesh:
   """Every check that can fail on the config, before anything compiles. Returns the mesh."""
-  transformer.TransformerConfig.from_dict(config.model.to_dict())
+  mcfg = check_model(config.model)
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   sharding_lib.check_batch(config.batch_size, mesh)
   if config.batch_size % jax.process_count():
@@ -150,6 +171,23 @@ def check_config(config) -> jax.sharding.Mesh:
   if config.corpus.min_len < 2 or config.corpus.min_len > config.seq_len + 1:
     raise ValueError(f"config.corpus.min_len={config.corpus.min_len} must be in "
                      f"[2, seq_len + 1 = {config.seq_len + 1}]")
+  if mcfg.max_position_embeddings < config.seq_len:
+    raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} < "
+                     f"config.seq_len={config.seq_len}")
+  if config.corpus.branching < 1:
+    raise ValueError(f"config.corpus.branching={config.corpus.branching} must be >= 1")
+  held_out = config.corpus.num_records - config.corpus.num_records // 2
+  if held_out // jax.process_count() < config.batch_size // jax.process_count():
+    raise ValueError(f"config.corpus.num_records={config.corpus.num_records} leaves {held_out} "
+                     f"validation records, fewer than one batch of {config.batch_size}")
+  for name in ("learning_rate", "warmup_steps"):
+    if config.optimizer[name] < 0:
+      raise ValueError(f"config.optimizer.{name} must be >= 0, got {config.optimizer[name]}")
+  check_checkpointing(config.checkpoint, "every_steps")
+  try:
+    sharding_lib.rules_from_config(config.get("partition_rules"))
+  except re.error as e:
+    raise ValueError(f"config.partition_rules: bad regex {e.pattern!r}: {e}") from None
   ckpt_lib.check_init_from(config.init_from or None)
   return mesh
 

@@ -291,8 +291,8 @@ def evaluate(b: Built, params, held_out: list, min_gap: float) -> dict[str, floa
     # independent programs with collectives in flight at once can deadlock (their per-device
     # tasks share one thread pool, in no fixed order), and reading a replicated value waits for
     # one shard only.
-    pred.append(np.asarray(jax.block_until_ready(b.predict_fn(params, batch))))
-    mr.append(np.asarray(batch["mr_BxG"]))
+    pred.append(sharding_lib.to_host(jax.block_until_ready(b.predict_fn(params, batch))))
+    mr.append(sharding_lib.to_host(batch["mr_BxG"]))  # rows spread over the hosts
   pred_BxG, mr_BxG = np.concatenate(pred), np.concatenate(mr)
   chosen, rejected, keep = jax.device_get(rm.make_pairs(mr_BxG, min_gap))
   rows = np.arange(len(mr_BxG))

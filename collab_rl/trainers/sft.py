@@ -212,12 +212,8 @@ def build(config, mesh, task) -> Built:
   tx = lm.make_optimizer(config)
   rules = sharding_lib.rules_from_config(config.get("partition_rules"))
 
-  def init_fn():
-    key = jax.random.key(config.seed)
-    params = transformer.init_params(model, jax.random.fold_in(key, 0))
-    return state_lib.create(params, tx, jax.random.fold_in(key, 1))
-
-  create_fn, abstract, shardings = state_lib.init_sharded(init_fn, mesh, rules)
+  create_fn, abstract, shardings = state_lib.init_sharded(
+      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
   data_fn = DATA_SOURCES[config.data_source](config, task, mesh)
   batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b), in_shardings=(shardings, batch_sh),
@@ -245,7 +241,7 @@ def episode_len(config, task) -> int:
 
 def check_config(config):
   """Every check that can fail on the config, before anything compiles. Returns (mesh, task)."""
-  mcfg = transformer.TransformerConfig.from_dict(config.model.to_dict())
+  mcfg = lm.check_model(config.model)
   if "lm" not in mcfg.heads:
     raise ValueError(f"config.model.heads={mcfg.heads} must include 'lm' (the policy)")
   if not 0.0 <= config.ask_share <= 1.0:
@@ -277,6 +273,7 @@ def check_config(config):
     raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} < "
                      f"config.max_len={config.max_len}")
   make_policy(config, task, None)  # SamplingConfig validates the temperature
+  lm.check_checkpointing(config.checkpoint, "every_steps")
   ckpt_lib.check_init_from(config.init_from or None)
   return mesh, task
 
@@ -287,7 +284,7 @@ def check_config(config):
 
 
 def evaluate(b: Built, params, eval_batch, eval_key) -> dict[str, float]:
-  out = summarize(jax.device_get(b.eval_fn(params, eval_key)))
+  out = summarize(sharding_lib.to_host(b.eval_fn(params, eval_key)))  # rows over hosts
   out["eval_loss"] = float(b.loss_fn(params, eval_batch))
   return out
 

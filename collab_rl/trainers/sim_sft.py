@@ -268,7 +268,7 @@ def evaluate(b: Built, config, params) -> dict[str, float]:
   per_batch = [jax.device_get(b.agree_fn(params, b.data_fn(None, k).conv)) for k in keys[:-1]]
   out = {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
   if config.eval_rollout:
-    sim = jax.device_get(b.free_fn(None, params, keys[-1]).sim)
+    sim = sharding_lib.to_host(b.free_fn(None, params, keys[-1]).sim)  # rows over hosts
     turns = max(int(sim.turns_B.sum()), 1)
     out["rollout_reply_match"] = float(sim.reply_match_B.sum()) / turns
     out["rollout_done_match"] = float(sim.done_match_B.sum()) / turns

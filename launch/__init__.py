@@ -1,0 +1,1 @@
+"""Launchers: Cloud TPU VMs (`python -m launch.tpu`) and N local processes (`launch/local.sh`)."""
