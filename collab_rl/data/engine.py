@@ -132,7 +132,7 @@ def generate(config, task, mcfg, mesh, rcfg, params) -> dict[str, np.ndarray]:
   root = jax.random.key(config.seed)
   out: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
   for c in metrics_lib.progress(range(chunks), total=chunks, desc="data engine"):
-    rec = jax.device_get(play_fn(params, jax.random.fold_in(root, c)))
+    rec = sharding_lib.to_host(play_fn(params, jax.random.fold_in(root, c)))
     n = min(config.batch_size, config.num_conversations - c * config.batch_size)
     valid_TxB = np.asarray(rec.pop("valid"))[:, :n]
     rec["episode_id"] = np.broadcast_to(c * config.batch_size + np.arange(n), valid_TxB.shape)

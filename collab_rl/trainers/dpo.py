@@ -149,13 +149,14 @@ def _pair_batch(model, ref_params, chosen, rejected, keep):
 
 
 def dpo_loss(model, config, params, batch):
-  def logp(tokens, valid, mask):
-    out = model.apply({"params": params}, tokens, valid_BxL=valid, heads=("lm",))
-    return losses.sequence_logprob(losses.token_logprobs(out.logits_BxLxV, tokens), mask)
-
-  lc = logp(batch["c_tokens"], batch["c_valid"], batch["c_mask"])
-  lr = logp(batch["r_tokens"], batch["r_valid"], batch["r_mask"])
-  return losses.dpo_loss(lc, lr, batch["ref_c"], batch["ref_r"], config.dpo.beta, batch["keep"])
+  # Chosen and rejected in one forward pass: one set of larger matmuls instead of two.
+  b = batch["c_tokens"].shape[0]
+  tokens, valid, mask = (jnp.concatenate([batch[f"c_{k}"], batch[f"r_{k}"]])
+                         for k in ("tokens", "valid", "mask"))
+  out = model.apply({"params": params}, tokens, valid_BxL=valid, heads=("lm",))
+  logp_2B = losses.sequence_logprob(losses.token_logprobs(out.logits_BxLxV, tokens), mask)
+  return losses.dpo_loss(logp_2B[:b], logp_2B[b:], batch["ref_c"], batch["ref_r"],
+                         config.dpo.beta, batch["keep"])
 
 
 def dpo_step(model, config, tx, state, batch):

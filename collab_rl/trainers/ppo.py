@@ -208,7 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         idx = perm[i * n_mb:(i + 1) * n_mb]
         state, m = step(state, jax.tree_util.tree_map(lambda x: x[idx], batch))
         ms.append(m)
-    ms = jax.device_get(ms)
+    ms = sharding_lib.to_host(ms)
     bad_steps = int(sum(m.pop("nonfinite") for m in ms))
     # Means over the iteration's minibatch steps (skipped ones included: they show what broke).
     ms = rl_setup.host_means({k: np.stack([m[k] for m in ms]) for k in ms[0]})

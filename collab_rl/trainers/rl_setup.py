@@ -31,6 +31,7 @@ from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry, scoring
+from collab_rl.trainers import lm
 
 ON_NONFINITE = ("stop", "skip")
 
@@ -53,7 +54,7 @@ def reward_config(config) -> rewards.RewardConfig:
 def check_common(config):
   """The checks every RL config must pass before anything compiles: (task, model cfg, mesh, rcfg)."""
   task = registry.make_task(config.task, config.sim.to_dict())
-  cfg = transformer.TransformerConfig.from_dict(config.model.to_dict())
+  cfg = lm.check_model(config.model)  # sizes before anything divides by them
   if cfg.vocab_size != task.vocab_size:
     raise ValueError(f"config.model.vocab_size={cfg.vocab_size} must equal the vocabulary of "
                      f"task {config.task!r} ({task.vocab_size})")
@@ -64,6 +65,7 @@ def check_common(config):
   if config.on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; choose from {ON_NONFINITE}")
   rcfg = reward_config(config)  # RewardConfig checks window, samples and token_cost
+  lm.check_checkpointing(config.checkpoint, "every_iterations")
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   sharding_lib.check_batch(config.batch_size, mesh)
   sharding_lib.check_batch(config.eval_batch, mesh, what="eval_batch")
@@ -140,7 +142,7 @@ def build(config, workdir: str, task, mcfg, mesh, rcfg) -> Setup:
   eval_key = jax.random.key(config.seed + 10_000)  # the same held-out episodes every time
 
   def evaluate(params) -> dict[str, float]:
-    m = jax.device_get(episodes(params, eval_key))
+    m = sharding_lib.to_host(episodes(params, eval_key))
     return {**scoring.summarize(m), "reward": float(np.mean(m["reward"]))}
 
   return Setup(model, tx, state, ref_params, shardings, checkpointer, how, data_state, evaluate)
@@ -167,7 +169,7 @@ def guarded_update(loss_fn, tx, state: state_lib.TrainState, batch):
 
 def host_means(stats) -> dict[str, float]:
   return {k: float(np.asarray(v).astype(np.float32).mean())
-          for k, v in jax.device_get(stats).items()}
+          for k, v in sharding_lib.to_host(stats).items()}
 
 
 def check_finite(config, it: int, scalars: dict[str, float], bad_steps: int,

@@ -1,0 +1,296 @@
+"""Evaluation of trained policies against the scripted user, with intervals, plots and samples.
+
+  python -m collab_rl.evaluate --workdir runs/ [--episodes 512 --turns 4 --sharded]
+
+Finds every run under `--workdir` (a directory holding `checkpoints/`; the sweep's layout
+`<task>/seed<k>/<arm>` names the arm and seed), restores its latest params and config, and plays
+the task's **test** episodes (`data.builders`: the same episodes for every arm and seed) with the
+greedy policy for `--turns` assistant turns. Writes into `--out` (default: the workdir):
+
+  results.json   per arm and task: every metric's mean with a 95% interval over episodes (per
+                 seed) and over seeds, and the per-seed means
+  results.md     the comparison table: the paper's columns (task score, tokens read in
+                 thousands, interactivity) plus ask-when-ambiguous, answer-when-clear, their
+                 macro F1, turns and tokens per solved task
+  plots/         reward curves per arm (from each run's metrics.jsonl) and bars per metric
+  samples/       a few conversations per arm as readable text
+
+Intervals: over episodes, mean +- 1.96 standard errors (a bootstrap of 1000 resamples for the
+macro F1, which is not a mean); over seeds, the t interval of the seed means (t_{0.975, n-1}).
+Scripted reference policies (`--baselines oracle,answer_now`) get rows of their own.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from collab_rl import checkpoint as ckpt_lib
+from collab_rl import conversation as conv_lib
+from collab_rl import metrics as metrics_lib
+from collab_rl import rollout as rollout_lib
+from collab_rl import sampling
+from collab_rl import sharding as sharding_lib
+from collab_rl.data import builders
+from collab_rl.models import transformer
+from collab_rl.tasks import registry, scoring
+
+METRICS = ("score", "tokens_read_k", "interactivity", "ask_when_ambiguous", "answer_when_clear",
+           "ask_answer_macro_f1", "turns", "tokens_per_solved_k")
+COLUMNS = {"score": "task score", "tokens_read_k": "tokens (k)", "interactivity": "interactivity",
+           "ask_when_ambiguous": "ask when ambiguous", "answer_when_clear": "answer when clear",
+           "ask_answer_macro_f1": "ask/answer F1", "turns": "turns",
+           "tokens_per_solved_k": "tokens/solved (k)"}
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262}
+_RUN = re.compile(r"(?:(?P<task>[^/]+)/)?seed(?P<seed>\d+)/(?P<arm>[^/]+)$")
+
+# ------------------------------------------------------------------------------------------------
+# Playing the test episodes.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_intents(task, n: int):
+  """The first n episodes of the task's test split (the builders' definition of the split)."""
+  chunks = [builders.sample_chunk(task, "test", c) for c in range(-(-n // builders.CHUNK))]
+  intent = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *chunks)
+  return jax.tree_util.tree_map(lambda x: x[:n], intent)
+
+
+def max_len(task, turns: int, reply_tokens: int) -> int:
+  return 4 + len(task.request_template) + turns * (reply_tokens + task.sim.max_user_len + 4)
+
+
+def play(task, policy, params, intent, *, turns: int, reply_tokens: int, batch: int, seed: int):
+  """Per-episode metrics of `policy` on `intent` (all episodes), and the first batch's rollout."""
+  n = intent.values_BxK.shape[0]
+  if n % batch:
+    raise ValueError(f"episodes={n} must be a multiple of the evaluation batch {batch}")
+  run = jax.jit(lambda p, i, k: rollout_lib.rollout(
+      policy, task, p, k, batch, num_turns=turns, max_len=max_len(task, turns, reply_tokens),
+      intent=i))
+  per_episode, first = collections.defaultdict(list), None
+  for start in range(0, n, batch):
+    part = jax.tree_util.tree_map(lambda x: x[start:start + batch], intent)
+    ro = run(params, part, jax.random.fold_in(jax.random.key(seed), start))
+    first = ro if first is None else first
+    for k, v in sharding_lib.to_host(scoring.episode_metrics(task, ro.conv, ro.sim)).items():
+      per_episode[k].append(np.asarray(v))
+  return {k: np.concatenate(v) for k, v in per_episode.items()}, first
+
+
+def load_policy(run_dir: str, turns: int, sharded: bool | None):
+  """(task, LM policy, params, reply budget, config) of a run's latest checkpoint."""
+  ck = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"))
+  try:
+    config = ck.restore_config()
+  finally:
+    ck.close()
+  sim = dict(config["sim"])
+  if sharded is not None:
+    sim["sharded"] = sharded
+  task = registry.make_task(config["task"], sim)
+  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config["model"]))
+  abstract = jax.eval_shape(lambda: transformer.init_params(model, jax.random.key(0)))
+  params = ckpt_lib.restore_params(os.path.join(run_dir, "checkpoints"), abstract)
+  reply = task.answer_len + 3
+  sc = sampling.SamplingConfig(max_new_tokens=reply, greedy=True, stop_tokens=(task.eot_id,))
+  policy = rollout_lib.lm_policy(model, sc, chunk_width=task.sim.max_user_len + 4,
+                                 max_turns=turns)
+  return task, policy, params, reply, config
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics.
+# ------------------------------------------------------------------------------------------------
+
+
+def summary(m: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
+  """Each metric's mean and 95% interval over the episodes of one run."""
+  amb = m["ambiguous"].astype(bool)
+  ask, ans = m["asked_first"].astype(bool), m["answered_first"].astype(bool)
+  per_ep = {"score": m["score"], "tokens_read_k": m["tokens_read"] / 1000,
+            "interactivity": m["interactivity"], "turns": m["turns"],
+            "ask_when_ambiguous": ask[amb], "answer_when_clear": ans[~amb]}
+  out = {}
+  for k, x in per_ep.items():
+    x = np.asarray(x, np.float64)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+    out[k] = {"mean": float(x.mean()) if len(x) else float("nan"), "ci": half}
+  f1 = scoring.ask_answer_summary(amb, ask, ans)["ask_answer_macro_f1"]
+  boot = [scoring.ask_answer_summary(amb[i], ask[i], ans[i])["ask_answer_macro_f1"]
+          for i in (rng.integers(0, len(amb), len(amb)) for _ in range(1000))]
+  out["ask_answer_macro_f1"] = {"mean": f1, "ci": float(np.subtract(*np.percentile(
+      boot, [97.5, 2.5])) / 2)}
+  solved = max(int(m["solved"].sum()), 1)
+  out["tokens_per_solved_k"] = {"mean": float(m["tokens_read"].sum() / solved / 1000),
+                                "ci": float("nan")}
+  out["episodes"] = int(len(amb))
+  return out
+
+
+def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+  """Mean of the seed means and its t interval (nan with one seed)."""
+  out = {}
+  for k in METRICS:
+    x = np.array([s[k]["mean"] for s in per_seed], np.float64)
+    n = len(x)
+    half = _T975.get(n - 1, 1.96) * x.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+    out[k] = {"mean": float(x.mean()), "ci": float(half),
+              "per_seed": [float(v) for v in x]}
+  out["seeds"] = len(per_seed)
+  return out
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+  """Markdown, one row per (task, arm): seed mean +- interval over seeds (episodes if 1 seed)."""
+  head = "| task | arm | seeds | " + " | ".join(COLUMNS[k] for k in METRICS) + " |"
+  lines = [head, "|" + " --- |" * (len(METRICS) + 3)]
+  for key in sorted(results):
+    r = results[key]
+    task, arm = key.split(":", 1)
+    cells = []
+    for k in METRICS:
+      mean, ci = r["over_seeds"][k]["mean"], r["over_seeds"][k]["ci"]
+      if r["over_seeds"]["seeds"] == 1:
+        ci = r["per_seed"][0][k]["ci"]
+      cells.append(f"{mean:.3f}" + ("" if math.isnan(ci) else f" ± {ci:.3f}"))
+    lines.append(f"| {task} | {arm} | {r['over_seeds']['seeds']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs, plots and the CLI body.
+# ------------------------------------------------------------------------------------------------
+
+
+def find_runs(workdir: str) -> list[tuple[str, str, int]]:
+  """(run directory, arm, seed) for every run under `workdir` with a finished checkpoint."""
+  runs = []
+  for root, dirs, _ in os.walk(workdir):
+    if "checkpoints" in dirs:
+      rel = os.path.relpath(root, workdir)
+      m = _RUN.search(rel.replace(os.sep, "/"))
+      arm, seed = (m.group("arm"), int(m.group("seed"))) if m else (rel, 0)
+      ck = ckpt_lib.Checkpointer(os.path.join(root, "checkpoints"))
+      if ck.latest_step() is not None:
+        runs.append((root, arm, seed))
+      ck.close()
+      dirs.remove("checkpoints")
+  return sorted(runs)
+
+
+def plot(results: dict[str, Any], curves: dict[str, list[tuple[int, float]]], out: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+  tasks = sorted({k.split(":")[0] for k in results})
+  for task in tasks:
+    keys = [k for k in sorted(results) if k.startswith(task + ":")]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, metric in zip(axes.flat, METRICS):
+      means = [results[k]["over_seeds"][metric]["mean"] for k in keys]
+      cis = [np.nan_to_num(results[k]["over_seeds"][metric]["ci"]) for k in keys]
+      ax.bar(range(len(keys)), means, yerr=cis, capsize=3)
+      ax.set_xticks(range(len(keys)), [k.split(":")[1] for k in keys], rotation=45, ha="right",
+                    fontsize=7)
+      ax.set_title(COLUMNS[metric])
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "plots", f"{task}_bars.png"), dpi=80)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in sorted(curves.items()):
+      if name.startswith(task + ":") and points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, label=name.split(":", 1)[1])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("greedy held-out reward R*")
+    if ax.get_lines():
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "plots", f"{task}_reward_curves.png"), dpi=80)
+    plt.close(fig)
+
+
+def reward_curve(run_dir: str) -> list[tuple[int, float]]:
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  return [(int(r["step"]), float(r["eval/reward"])) for r in metrics_lib.read_jsonl(path)
+          if "eval/reward" in r]
+
+
+def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: int, turns: int,
+                  batch: int, sharded: bool | None = None, baselines: Iterable[str] = (),
+                  samples: int = 3) -> dict[str, Any]:
+  per_arm: dict[str, list] = collections.defaultdict(list)
+  curves: dict[str, list] = {}
+  tasks_seen: dict[str, Any] = {}
+  os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+  rng = np.random.default_rng(0)
+  for run_dir, arm, seed in metrics_lib.progress(list(runs), desc="evaluate"):
+    task, policy, params, reply, config = load_policy(run_dir, turns, sharded)
+    tasks_seen.setdefault(task.name, (task, reply))
+    m, first = play(task, policy, params, test_intents(task, episodes), turns=turns,
+                    reply_tokens=reply, batch=batch, seed=seed)
+    key = f"{task.name}:{arm}"
+    per_arm[key].append(summary(m, rng))
+    curves.setdefault(key, reward_curve(run_dir))
+    if seed == min(s for _, a, s in runs if a == arm):
+      text = conv_lib.decode(first.conv, task.tokenizer, range(min(samples, batch)))
+      with open(os.path.join(out, "samples", f"{task.name}_{arm}.txt"), "w") as f:
+        f.write(f"# {arm} (seed {seed}, {run_dir})\n\n" + "\n\n".join(text) + "\n")
+  for name in baselines:
+    for task, reply in tasks_seen.values():
+      policy = {"oracle": rollout_lib.oracle_policy,
+                "answer_now": rollout_lib.answer_now_policy}[name](task)
+      m, _ = play(task, policy, None, test_intents(task, episodes), turns=turns,
+                  reply_tokens=reply, batch=batch, seed=0)
+      per_arm[f"{task.name}:{name}"].append(summary(m, rng))
+  results = {k: {"per_seed": v, "over_seeds": over_seeds(v)} for k, v in per_arm.items()}
+  settings = {"episodes": episodes, "turns": turns, "sharded": sharded, "split": "test"}
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"settings": settings, "results": results}, f, indent=1)
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(table(results))
+  plot(results, curves, out)
+  return results
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}")
+  runs = find_runs(f.workdir)
+  if not runs:
+    raise SystemExit(f"error: no run with a finished checkpoint under {f.workdir}")
+  out = f.out or f.workdir
+  results = evaluate_runs(runs, out, episodes=f.episodes, turns=f.turns, batch=f.batch,
+                          sharded=True if f.sharded else None,
+                          baselines=[b for b in f.baselines.split(",") if b])
+  print(table(results))
+  print(f"wrote {out}/results.json, results.md, plots/ and samples/")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "Directory holding the runs (searched recursively).")
+  flags.DEFINE_string("out", None, "Where results go (default: the workdir).")
+  flags.DEFINE_integer("episodes", 512, "Test episodes per run.")
+  flags.DEFINE_integer("turns", 4, "Assistant turns per conversation.")
+  flags.DEFINE_integer("batch", 256, "Episodes per jitted rollout.")
+  flags.DEFINE_bool("sharded", False, "Simulator in sharded mode (one piece revealed per turn).")
+  flags.DEFINE_string("baselines", "oracle,answer_now", "Scripted reference policies to add.")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -1,0 +1,131 @@
+"""PPO and DPO update throughput, and where an RL iteration's time goes, as JSON.
+
+  python -m experiments.bench.train_step --out bench_out/train_step.json
+
+The configs are the experiments' own (`experiments/ppo_ambig_math.py` with reward=mr, window 2,
+3 samples; `experiments/dpo_ambig_math.py`, online, 4 candidates), random weights, on this
+machine's devices. For each: the collection call (rollout + rewards, MR futures included, + the
+reference and old log-probs) and the update (PPO: epochs x minibatches jitted steps; DPO: one
+step on chosen + rejected), timed separately after a warm-up. Update tokens/s counts every
+sequence position the update's forward + backward passes process (conversations x columns x
+passes); `assistant_tokens_per_s` counts only the tokens the loss is on.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from absl import app, flags
+
+from experiments.bench import common
+
+_OUT = flags.DEFINE_string("out", "bench_out/train_step.json", "Where the JSON goes.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
+_BATCH = flags.DEFINE_integer("batch", 64, "Conversations per iteration.")
+
+
+def bench_ppo(workdir: str, repeats: int) -> dict:
+  import jax
+  import numpy as np
+
+  from collab_rl import sharding as sharding_lib
+  from collab_rl.trainers import ppo, rl_setup
+  from experiments import ppo_ambig_math
+
+  config = ppo_ambig_math.get_config("reward=mr,window=2")
+  config.batch_size = _BATCH.value
+  task, mcfg, mesh, rcfg = ppo.check_config(config)
+  run = rl_setup.build(config, workdir, task, mcfg, mesh, rcfg)
+  policy = rl_setup.make_policy(config, run.model, task)
+  prep = jax.jit(lambda p, r, k: ppo.prepare_batch(config, run.model, task, policy, rcfg, p, r,
+                                                   k))
+  step = jax.jit(lambda s, mb: ppo.update_step(run.model, config, run.tx, s, mb),
+                 donate_argnums=0, out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
+  key = jax.random.key(0)
+  t_collect = common.median_seconds(lambda: prep(run.state.params, run.ref_params, key), repeats,
+                                    jax.block_until_ready)
+  batch, _ = prep(run.state.params, run.ref_params, key)
+  n_mb = config.batch_size // config.ppo.minibatches
+  minibatches = [jax.tree_util.tree_map(lambda x: x[i * n_mb:(i + 1) * n_mb], batch)
+                 for i in range(config.ppo.minibatches)]
+  holder = [run.state]
+
+  def update():
+    for _ in range(config.ppo.epochs):
+      for mb in minibatches:
+        holder[0], m = step(holder[0], mb)
+    return m["loss"]
+
+  t_update = common.median_seconds(update, repeats, jax.block_until_ready)
+  positions = config.ppo.epochs * batch["tokens"].size
+  assistant = config.ppo.epochs * int(np.asarray(batch["mask"]).sum())
+  run.checkpointer.close()
+  return {"config": "ppo_ambig_math.py:reward=mr,window=2", "batch": config.batch_size,
+          "columns": int(batch["tokens"].shape[1]), "epochs": config.ppo.epochs,
+          "minibatches": config.ppo.minibatches, "collect_s": t_collect, "update_s": t_update,
+          "update_tokens_per_s": positions / t_update,
+          "assistant_tokens_per_s": assistant / t_update,
+          "collect_share": t_collect / (t_collect + t_update)}
+
+
+def bench_dpo(workdir: str, repeats: int) -> dict:
+  import jax
+  import numpy as np
+
+  from collab_rl import sharding as sharding_lib
+  from collab_rl.trainers import dpo, rl_setup
+  from experiments import dpo_ambig_math
+
+  config = dpo_ambig_math.get_config(None)
+  config.batch_size = _BATCH.value
+  task, mcfg, mesh, rcfg = dpo.check_config(config)
+  run = rl_setup.build(config, workdir, task, mcfg, mesh, rcfg)
+  policy = rl_setup.make_policy(config, run.model, task)
+  collect = jax.jit(lambda p, r, k: dpo.collect_pairs(config, task, policy, rcfg, p, r,
+                                                      run.model, k))
+  step = jax.jit(lambda s, b: dpo.dpo_step(run.model, config, run.tx, s, b), donate_argnums=0,
+                 out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
+  key = jax.random.key(0)
+  t_collect = common.median_seconds(lambda: collect(run.state.params, run.ref_params, key),
+                                    repeats, jax.block_until_ready)
+  batch, _ = collect(run.state.params, run.ref_params, key)
+  holder = [run.state]
+
+  def update():
+    holder[0], m = step(holder[0], batch)
+    return m["loss"]
+
+  t_update = common.median_seconds(update, repeats, jax.block_until_ready)
+  positions = 2 * batch["c_tokens"].size  # chosen and rejected
+  scored = int(np.asarray(batch["c_mask"]).sum() + np.asarray(batch["r_mask"]).sum())
+  run.checkpointer.close()
+  return {"config": "dpo_ambig_math.py (online)", "batch": config.batch_size,
+          "candidates": config.dpo.candidates, "columns": int(batch["c_tokens"].shape[1]),
+          "collect_s": t_collect, "update_s": t_update,
+          "update_tokens_per_s": positions / t_update,
+          "assistant_tokens_per_s": scored / t_update,
+          "collect_share": t_collect / (t_collect + t_update)}
+
+
+def main(argv):
+  del argv
+  import os
+  import platform
+
+  import jax
+
+  with tempfile.TemporaryDirectory() as d:
+    result = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
+              "devices": jax.device_count(),
+              "ppo": bench_ppo(f"{d}/ppo", _REPEATS.value),
+              "dpo": bench_dpo(f"{d}/dpo", _REPEATS.value)}
+  for name in ("ppo", "dpo"):
+    r = result[name]
+    print(f"{name}: collect {r['collect_s']:.2f} s, update {r['update_s']:.2f} s "
+          f"({r['update_tokens_per_s']:,.0f} tokens/s), collection share "
+          f"{r['collect_share']:.0%}")
+  common.write_json(_OUT.value, result)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,93 @@
+"""Every arm of the headline experiment, on one task, model and seed: the configs of the sweep.
+
+  python -m collab_rl.main --config experiments/collab_arms.py:arm=sft_base,task=ambig_math \
+      --workdir runs/ambig_math/seed0/sft_base
+  python -m collab_rl.main --config experiments/collab_arms.py:arm=ppo_mr_w2,task=ambig_math \
+      --config.init_from=runs/ambig_math/seed0/sft_base/checkpoints \
+      --workdir runs/ambig_math/seed0/ppo_mr_w2
+
+`experiments/headline.py` runs them all in order and gathers the table. Arms (RL arms start from
+the shared SFT base with `init_from`, and keep it as their frozen KL reference):
+
+  sft_base         the passive base: answers at once, asks in `ask_share` of its SFT data
+  ppo_helpfulness  PPO, next-turn reward: the scripted helpfulness judge
+  ppo_ext          PPO, next-turn reward: the task metric of the reply (w = 0)
+  ppo_ext_int      PPO, next-turn reward: R* of the conversation so far (w = 0)
+  ppo_mr_w1..3     PPO, multiturn-aware reward with window 1, 2, 3
+  dpo_online       online DPO on MR-ranked candidates
+  data_engine      MR-ranked candidates of the base, written as TFDS (offline DPO's data)
+  dpo_offline      offline DPO on the data engine's pairs
+
+Every arm shares the task, simulator and model settings below, so `init_from` restores the base
+strictly. Sizes: `size=small` (the default: width 64, 2 layers; what the README's main job and
+CI-scale runs use) or `size=full` (width 128, 4 layers, longer runs).
+"""
+
+import ml_collections
+
+from collab_rl.tasks import registry
+from experiments import data_engine, dpo_ambig_math, ppo_ambig_math, sft_base, variants
+
+ARMS = ("sft_base", "ppo_helpfulness", "ppo_ext", "ppo_ext_int", "ppo_mr_w1", "ppo_mr_w2",
+        "ppo_mr_w3", "dpo_online", "data_engine", "dpo_offline")
+TASKS = ("ambig_math", "doc_edit", "code_spec")
+_PPO_REWARD = {"ppo_helpfulness": ("helpfulness", 0), "ppo_ext": ("next_turn_ext", 0),
+               "ppo_ext_int": ("next_turn_ext_int", 0), "ppo_mr_w1": ("mr", 1),
+               "ppo_mr_w2": ("mr", 2), "ppo_mr_w3": ("mr", 3)}
+# Words of each task's vocabulary (tasks/registry.py); the model's vocabulary is exactly this.
+VOCAB = {"ambig_math": 36, "doc_edit": 42, "code_spec": 48}
+SIZES = {"small": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2),
+         "full": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4)}
+
+
+def shared(task: str, size: str) -> ml_collections.ConfigDict:
+  """Task, simulator and model of every arm."""
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.sim = sft_base.get_config(f"task={task}").sim  # the scripted user, as the base saw it
+  m = sft_base.get_config(f"task={task}").model
+  m.update(SIZES[size])
+  m.vocab_size = VOCAB[task]
+  m.max_position_embeddings = 512
+  c.model = m
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  v = variants.parse(arg, "collab_arms", flags=(), options={
+      "arm": ("ppo_mr_w2", ARMS), "task": ("ambig_math", TASKS), "seed": ("0", None),
+      "size": ("small", tuple(SIZES))})
+  arm, task, size, seed = v["arm"], v["task"], v["size"], int(v["seed"])
+  small = size == "small"
+  base = shared(task, size)
+  if arm == "sft_base":
+    c = sft_base.get_config(f"task={task}" + (",runlocal" if small else ""))
+    # Enough asking in the data to learn to use the user's answers, still too little for the
+    # greedy base to ask (measured: ask-when-ambiguous 0.0 at every evaluation).
+    c.ask_share = 0.35
+    c.num_steps = 1200 if small else 3000
+    c.eval_every = c.checkpoint.every_steps = 400 if small else 500
+  elif arm.startswith("ppo_"):
+    kind, window = _PPO_REWARD[arm]
+    c = ppo_ambig_math.get_config(f"reward={kind},window={window}")
+    c.optimizer.learning_rate = 3e-4  # 1e-4 learned to ask but barely to use the answer
+    c.num_iterations = 60 if small else 300
+    c.eval_every = c.checkpoint.every_iterations = 20 if small else 50
+  elif arm == "data_engine":
+    c = data_engine.get_config("runlocal" if small else None)
+    c.reward.window = 2
+  else:
+    c = dpo_ambig_math.get_config("source=" + arm.split("_")[1])
+    c.reward.window = 2
+    c.num_iterations = 60 if small else 300
+    c.eval_every = c.checkpoint.every_iterations = 20 if small else 50
+  if arm != "sft_base":
+    # A reply must hold the longest well-formed answer and its <eot>, with room to spare.
+    c.reply_tokens = registry.make_task(task, base.sim.to_dict()).answer_len + 3
+  c.seed = seed
+  c.task = base.task
+  c.sim = base.sim
+  c.model = base.model
+  if arm != "sft_base" and "value" not in c.model.heads:
+    raise ValueError("the base's model must carry a value head for PPO to restore it")
+  return c

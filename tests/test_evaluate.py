@@ -1,0 +1,76 @@
+"""collab_rl.evaluate on real (tiny) runs, and the headline sweep's command plan."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from collab_rl import evaluate
+from collab_rl.trainers import sft
+from experiments import collab_arms, headline
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Two seeds of a 5-step SFT 'arm' in the sweep's layout."""
+  root = tmp_path_factory.mktemp("runs")
+  for seed in (0, 1):
+    cfg = collab_arms.get_config(f"arm=sft_base,seed={seed}")
+    cfg.num_steps, cfg.eval_every, cfg.log_every = 5, 5, 5
+    cfg.eval_batch_size = cfg.batch_size = 16
+    cfg.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    sft.train(cfg, str(root / "ambig_math" / f"seed{seed}" / "sft_base"))
+  return root
+
+
+def test_evaluate_writes_tables_intervals_plots_and_samples(runs, tmp_path):
+  found = evaluate.find_runs(str(runs))
+  assert [(arm, seed) for _, arm, seed in found] == [("sft_base", 0), ("sft_base", 1)]
+  results = evaluate.evaluate_runs(found, str(tmp_path), episodes=32, turns=3, batch=16,
+                                   baselines=["oracle"])
+  assert set(results) == {"ambig_math:sft_base", "ambig_math:oracle"}
+  oracle = results["ambig_math:oracle"]["over_seeds"]
+  assert oracle["score"]["mean"] == 1.0 and oracle["ask_answer_macro_f1"]["mean"] == 1.0
+  base = results["ambig_math:sft_base"]
+  assert base["over_seeds"]["seeds"] == 2 and len(base["per_seed"]) == 2
+  for metric in evaluate.METRICS:
+    seed_means = [s[metric]["mean"] for s in base["per_seed"]]
+    assert base["over_seeds"][metric]["mean"] == pytest.approx(np.mean(seed_means))
+  assert base["per_seed"][0]["episodes"] == 32
+  on_disk = json.load(open(tmp_path / "results.json"))
+  assert on_disk["settings"]["split"] == "test"
+  table = open(tmp_path / "results.md").read().splitlines()
+  assert len(table) == 4 and all(line.count("|") == len(evaluate.METRICS) + 4 for line in table)
+  for name in ("plots/ambig_math_bars.png", "plots/ambig_math_reward_curves.png",
+               "samples/ambig_math_sft_base.txt"):
+    assert os.path.getsize(tmp_path / name) > 0, name
+  assert "<user>" in open(tmp_path / "samples/ambig_math_sft_base.txt").read()
+
+
+def test_same_episodes_for_every_arm():
+  from collab_rl.tasks import registry
+  task = registry.make_task("ambig_math")
+  a, b = evaluate.test_intents(task, 40), evaluate.test_intents(task, 40)
+  np.testing.assert_array_equal(a.values_BxK, b.values_BxK)
+
+
+def test_headline_plan_runs_the_base_first_and_the_engine_before_offline_dpo():
+  jobs = headline.commands("/r", ["ambig_math"], ["0", "1"],
+                           ["dpo_offline", "ppo_mr_w2", "data_engine"], "small")
+  names = [d.split("/")[-1] for d, _ in jobs]
+  assert names == ["sft_base", "ppo_mr_w2", "data_engine", "dpo_offline"] * 2
+  offline = dict(jobs)["/r/ambig_math/seed1/dpo_offline"]
+  assert "--config.init_from=/r/ambig_math/seed1/sft_base/checkpoints" in offline
+  assert "--config.dpo.data_dir=/r/ambig_math/seed1/data_engine/data" in offline
+  with pytest.raises(ValueError, match="add data_engine"):
+    headline.commands("/r", ["ambig_math"], ["0"], ["dpo_offline"], "small")
+  with pytest.raises(ValueError, match="unknown arms"):
+    headline.commands("/r", ["ambig_math"], ["0"], ["ppo_vibes"], "small")
+
+
+def test_every_arm_config_builds_for_every_task():
+  for task in collab_arms.TASKS:
+    models = {collab_arms.get_config(f"arm={arm},task={task}").model.to_json()
+              for arm in collab_arms.ARMS}
+    assert len(models) == 1  # init_from restores the base strictly into every arm
