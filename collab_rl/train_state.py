@@ -83,3 +83,37 @@ def init_sharded(init_fn: Callable[[], TrainState], mesh: Mesh, rules):
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   return jax.jit(init_fn, out_shardings=shardings), abstract, shardings
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss, gradient, reward or batch went NaN/inf; the run stopped before saving it."""
+
+
+def update(state: TrainState, tx: optax.GradientTransformation, loss_fn):
+  """One optimizer step on `loss_fn(params) -> (loss, aux)`, applied only if it is finite.
+
+  Returns (state, loss, aux, {"grad_norm", "nonfinite"}). When the loss or the gradient norm is
+  NaN or inf, the state comes back unchanged (step count included): selecting inside the jitted
+  step keeps the old values even though the caller donates the state, so a bad update never
+  exists outside it, let alone in a checkpoint. `nonfinite` (1.0 or 0.0) tells the host.
+  """
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      opt_state=opt_state)
+  new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
+  return new, loss, aux, {"grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
+
+
+def stop_if_nonfinite(trainer: str, step: int, nonfinite, checkpointer) -> None:
+  """Raises NonFiniteError if the step's update was refused, once pending saves are complete."""
+  if not float(nonfinite):
+    return
+  checkpointer.wait()
+  raise NonFiniteError(
+      f"{trainer} step {step}: the loss or gradient is NaN/inf, so the update was not applied "
+      f"and the run stops. The last good checkpoint is step {checkpointer.latest_step()} in "
+      f"{checkpointer.directory}.")
+

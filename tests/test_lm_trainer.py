@@ -115,3 +115,33 @@ def test_bad_config_fails_before_compiling(overrides, match, tmp_path, compile_c
     lm.train(config, str(tmp_path / "bad"))
   assert counter.count == 0
   assert not (tmp_path / "bad").exists()  # nothing written either
+
+
+def test_inf_loss_stops_before_the_bad_step_is_saved(tmp_path, monkeypatch):
+  """An inf loss on step 3 (a host callback counts executions): the update is refused inside
+  the step, the run stops naming the step, and the checkpoints on disk are steps 1-2, finite."""
+  import itertools
+  import jax.numpy as jnp
+  from collab_rl import checkpoint as ckpt_lib
+  from collab_rl import train_state as state_lib
+
+  cfg = tiny_config(num_steps=5, **{"checkpoint.every_steps": 1})
+  count, update = itertools.count(1), state_lib.update
+
+  def factor():
+    return jax.pure_callback(lambda: np.float32(np.inf if next(count) == 3 else 1.0),
+                             jax.ShapeDtypeStruct((), jnp.float32))
+
+  def poisoned(state, tx, loss_fn):  # the training step's loss only, not the evaluation's
+    return update(state, tx, lambda p: (lambda l, aux: (l * factor(), aux))(*loss_fn(p)))
+
+  monkeypatch.setattr(state_lib, "update", poisoned)
+  with pytest.raises(state_lib.NonFiniteError, match=r"lm step 3: .*last good checkpoint is "
+                                                      r"step 2"):
+    lm.train(cfg, str(tmp_path / "run"))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints"))
+  assert ck.all_steps() == [1, 2]
+  restored, _ = ck.restore(lm.build(cfg, lm.check_config(cfg)).abstract)
+  ck.close()
+  assert int(restored.step) == 2
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored))

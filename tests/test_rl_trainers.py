@@ -175,3 +175,17 @@ def test_nan_loss_is_skipped_when_configured(tmp_path, monkeypatch):
   assert int(out["state"].step) == 3 * cfg.ppo.epochs - 1  # the skipped step did not count
   assert all(np.isfinite(np.asarray(x)).all()
              for x in jax.tree_util.tree_leaves(out["state"].params))
+
+
+def test_nan_in_a_ppo_batch_stops_the_run(tmp_path, monkeypatch):
+  cfg = _fault_config(num_iterations=3)
+  factor, prepare = _nan_factor({2}), ppo.prepare_batch
+
+  def poisoned(*args):
+    batch, stats = prepare(*args)
+    return {**batch, "adv": batch["adv"] * factor()}, stats
+
+  monkeypatch.setattr(ppo, "prepare_batch", poisoned)
+  with pytest.raises(rl_setup.NonFiniteError, match=r"ppo iteration 2: 2 non-finite"):
+    ppo.train(cfg, str(tmp_path / "run"))
+  assert ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [1]

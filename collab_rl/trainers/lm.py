@@ -99,12 +99,9 @@ def lm_loss(model, params, tokens_BxL, length_B):
 
 
 def train_step(model, tx, state: state_lib.TrainState, batch):
-  (loss, n), grads = jax.value_and_grad(
-      lambda p: lm_loss(model, p, batch["tokens"], batch["length"]), has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": n}
+  new, loss, n, m = state_lib.update(
+      state, tx, lambda p: lm_loss(model, p, batch["tokens"], batch["length"]))
+  return new, {"loss": loss, "target_tokens": n, **m}
 
 
 class Built(NamedTuple):
@@ -232,6 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     # Counted on the host so that logging does not wait on the device every step.
     tokens += int(np.sum(host_batch["length"] - 1)) * jax.process_count()
     state, m = step_fn(state, sharding_lib.shard_batch(host_batch, mesh))
+    state_lib.stop_if_nonfinite("lm", step, m["nonfinite"], checkpointer)
     if step % config.log_every == 0 or step == config.num_steps:
       m = jax.device_get(m)
       m.pop("target_tokens")

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from collab_rl import checkpoint as ckpt_lib
@@ -185,12 +184,9 @@ def rm_loss(model, objective: str, min_gap: float, params, batch):
 
 
 def train_step(model, tx, objective, min_gap, state: state_lib.TrainState, batch):
-  (loss, aux), grads = jax.value_and_grad(
-      lambda p: rm_loss(model, objective, min_gap, p, batch), has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+  new, loss, aux, m = state_lib.update(state, tx,
+                                       lambda p: rm_loss(model, objective, min_gap, p, batch))
+  return new, {"loss": loss, **aux, **m}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,6 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   for step in metrics_lib.progress(range(start + 1, last + 1), total=config.num_steps,
                                    initial=start, desc="reward_model"):
     state, m = b.step_fn(state, b.data_fn(jax.random.fold_in(train_root, step)))
+    state_lib.stop_if_nonfinite("reward_model", step, m["nonfinite"], checkpointer)
     steps += 1
     if step % config.log_every == 0 or step == config.num_steps:
       m = jax.device_get(m)

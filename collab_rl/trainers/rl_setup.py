@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -36,8 +35,7 @@ from collab_rl.trainers import lm
 ON_NONFINITE = ("stop", "skip")
 
 
-class NonFiniteError(FloatingPointError):
-  """A loss, gradient, reward or batch went NaN/inf and the config says to stop."""
+NonFiniteError = state_lib.NonFiniteError  # a loss, gradient, reward or batch went NaN/inf
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,16 +153,8 @@ def build(config, workdir: str, task, mcfg, mesh, rcfg) -> Setup:
 
 def guarded_update(loss_fn, tx, state: state_lib.TrainState, batch):
   """One optimizer step on `loss_fn(params, batch) -> (loss, metrics)`, kept only if finite."""
-  (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      opt_state=opt_state)
-  # Selecting inside the step keeps the old buffers' values even though the state is donated.
-  new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
-  m.update(loss=loss, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.float32))
-  return new, m
+  new, loss, m, extra = state_lib.update(state, tx, lambda p: loss_fn(p, batch))
+  return new, {**m, "loss": loss, **extra}
 
 
 def host_means(stats) -> dict[str, float]:

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from collab_rl import checkpoint as ckpt_lib
@@ -135,13 +134,9 @@ def sft_loss(model, params, tokens_BxL, roles_BxL):
 
 
 def train_step(model, tx, state: state_lib.TrainState, batch):
-  (loss, (acc, n)), grads = jax.value_and_grad(
-      lambda p: sft_loss(model, p, batch["tokens"], batch["roles"]), has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "token_acc": acc,
-               "assistant_tokens": n}
+  new, loss, (acc, n), m = state_lib.update(
+      state, tx, lambda p: sft_loss(model, p, batch["tokens"], batch["roles"]))
+  return new, {"loss": loss, "token_acc": acc, "assistant_tokens": n, **m}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,6 +319,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                    initial=start, desc="sft"):
     batch = b.data_fn(jax.random.fold_in(train_root, step))
     state, m = b.step_fn(state, batch)
+    state_lib.stop_if_nonfinite("sft", step, m["nonfinite"], checkpointer)
     steps += 1
     final = step == config.num_steps
     scalars = {}

@@ -164,13 +164,9 @@ def agreement(model, task, params, conv, num_turns: int) -> dict[str, jax.Array]
 
 
 def train_step(model, tx, task, state: state_lib.TrainState, conv):
-  (loss, (acc, n)), grads = jax.value_and_grad(
-      lambda p: sim_loss(model, task, p, conv), has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "token_acc": acc,
-               "target_tokens": n}
+  new, loss, (acc, n), m = state_lib.update(state, tx,
+                                            lambda p: sim_loss(model, task, p, conv))
+  return new, {"loss": loss, "token_acc": acc, "target_tokens": n, **m}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,6 +301,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                    initial=start, desc="sim_sft"):
     conv = b.data_fn(None, jax.random.fold_in(train_root, step)).conv
     state, m = b.step_fn(state, conv)
+    state_lib.stop_if_nonfinite("sim_sft", step, m["nonfinite"], checkpointer)
     steps += 1
     if step % config.log_every == 0 or step == config.num_steps:
       m = jax.device_get(m)
