@@ -130,7 +130,7 @@ def main(argv):
   result = {"model": HF_CONFIG, "prompt_len": PROMPT, "new_tokens": NEW,
             "train_batch": [TRAIN_BATCH, TRAIN_LEN], "torch_threads": _THREADS.value,
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__, "transformers_version": transformers.__version__,
             "collab_rl": ours, "transformers": theirs, "ratio_collab_rl_over_transformers": ratios}
   for name, r in ratios.items():
     print(f"ratio {name}: {r:.2f}x")
