@@ -71,6 +71,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     kind, window = _PPO_REWARD[arm]
     c = ppo_ambig_math.get_config(f"reward={kind},window={window}")
     c.optimizer.learning_rate = 3e-4  # 1e-4 learned to ask but barely to use the answer
+    # Each reply is optimised for its own reward, as in CollabLLM: the arms differ only in the
+    # reward. With gamma > 0 a turn's advantage would sum the later turns' rewards and turn any
+    # next-turn reward into a conversation-level return (measured: ppo_ext then asks, 1.0).
+    c.ppo.gamma = 0.0
     c.num_iterations = 60 if small else 300
     c.eval_every = c.checkpoint.every_iterations = 20 if small else 50
   elif arm == "data_engine":

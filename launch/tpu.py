@@ -5,7 +5,7 @@
       --config=experiments/lm_synthetic.py --workdir=gs://BUCKET/lm -- --config.batch_size=256
   python -m launch.tpu watch  ...same flags...   # create if needed, run, recreate + resume
   python -m launch.tpu delete --name=lm-v5e --zone=us-west4-a
-  python -m launch.tpu sweep  --sweep=experiments/ppo_ambig_math_sweep.py --name=abl ...
+  python -m launch.tpu sweep  --sweep=experiments/collab_arms_sweep.py --name=abl ...
 
 Flags after `--` go to `python -m collab_rl.main` on every worker. `--dry-run` prints every
 command (gcloud and local) instead of running it. The config and its overrides are loaded here

@@ -11,12 +11,12 @@ import pytest
 
 from experiments import memory_plan
 from experiments import pods
-from experiments import ppo_ambig_math_sweep
+from experiments import collab_arms_sweep
 from launch import checks
 from launch import tpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP = ["sweep", "--sweep=experiments/ppo_ambig_math_sweep.py", "--name=abl",
+SWEEP = ["sweep", "--sweep=experiments/collab_arms_sweep.py", "--name=abl",
          "--zone=us-west4-a", "--accelerator=v5e-256", "--spot", "--workdir=gs://bkt/ablation",
          "--dry-run"]
 MAIN_ARGS = ["--config.batch_size=256", "--config.eval_batch=256"]  # 256 chips: 256 rows
@@ -31,7 +31,7 @@ def test_dry_run_of_a_spot_v5e_256_sweep(queued, capsys):
   tpu.main(SWEEP + (["--queued"] if queued else []) + ["--", *MAIN_ARGS])
   commands = _commands(capsys.readouterr().out)
   assert all(c[:3] == ["gcloud", "compute", "tpus"] for c in commands)
-  arms = [name for name, _ in ppo_ambig_math_sweep.ARMS]
+  arms = [name for name, _ in collab_arms_sweep.ARMS]
   group = "queued-resources" if queued else "tpu-vm"
   for arm in arms:
     name = f"abl-{arm}"
@@ -48,9 +48,10 @@ def test_dry_run_of_a_spot_v5e_256_sweep(queued, capsys):
     assert "jax[tpu]" in install[-2]  # the --command, then the keep-alive --ssh-flag
     command = next(a for a in train if a.startswith("--command="))
     main_argv = shlex.split(command.split("&&", 1)[1].split("2>&1")[0])
-    variant = dict(ppo_ambig_math_sweep.ARMS)[arm]
+    variant = dict(collab_arms_sweep.ARMS)[arm]
     assert main_argv[1:] == [
-        "-m", "collab_rl.main", f"--config=experiments/ppo_ambig_math.py:{variant}",
+        "-m", "collab_rl.main",
+        f"--config=experiments/collab_arms.py:arm={variant},task=ambig_math,seed=0,size=small",
         f"--workdir=gs://bkt/ablation/{arm}", "--distributed",
         "--config.init_from=gs://bkt/ablation/sft_base/checkpoints",
         "--config.batch_size=256", "--config.eval_batch=256"]
@@ -64,9 +65,10 @@ def test_dry_run_of_a_spot_v5e_256_sweep(queued, capsys):
     (["--mesh=many"], MAIN_ARGS, "--mesh='many': give data,fsdp,model"),
     (["--workdir=/tmp/run"], MAIN_ARGS, "--workdir='/tmp/run' must be a gs:// path"),
     (["--name=Abl_1"], MAIN_ARGS, "--name='Abl_1' is not a valid TPU name"),
-    ([], ["--config.mesh_shape=(2,2,1)"], "config.mesh_shape=(2, 2, 1) of experiments/ppo"),
-    ([], ["--config.batch_size=96"], "config.batch_size=96 of experiments/ppo_ambig_math.py"
-                                     ":reward=helpfulness is not a multiple of data x fsdp = 256"),
+    ([], ["--config.mesh_shape=(2,2,1)"], "config.mesh_shape=(2, 2, 1) of experiments/collab"),
+    ([], ["--config.batch_size=96"], "config.batch_size=96 of experiments/collab_arms.py"
+                                     ":arm=ppo_helpfulness,task=ambig_math,seed=0,size=small is "
+                                     "not a multiple of data x fsdp = 256"),
     ([], ["--config.no_such_field=1"], "no field 'no_such_field' in the config"),
     (["--sweep=experiments/lm_synthetic.py"], MAIN_ARGS, "defines no get_sweep"),
 ])
