@@ -103,8 +103,8 @@ def main(argv):
       failed.append(d)
       bar.write(f"FAILED ({rc}): {d}; see {d}/log.txt")
     else:
-      with open(os.path.join(d, "DONE"), "w") as f:
-        f.write(f"{time.perf_counter() - t0:.1f} s\n")
+      with open(os.path.join(d, "DONE"), "w") as done:
+        done.write(f"{time.perf_counter() - t0:.1f} s\n")
   runs = [r for r in evaluate.find_runs(workdir)
           if os.path.exists(os.path.join(r[0], "DONE"))]
   results = evaluate.evaluate_runs(runs, workdir, episodes=f.episodes, turns=4,
