@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 import json
+import os
 from typing import Any, TypeVar
 
 from absl import logging
@@ -129,7 +130,9 @@ class Checkpointer:
                         "save_interval_steps": save_interval_steps}.items():
       if value < 1:
         raise ValueError(f"checkpoint {name}={value} must be >= 1")
-    self.directory = str(directory)
+    directory = str(directory)
+    # Orbax writes absolute paths only; a relative workdir means one below the current directory.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save,
         # The directory appears with the first save: a run that fails while restoring (a

@@ -76,7 +76,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
-  workdir = f.workdir
+  workdir = os.path.abspath(f.workdir)
   jobs = commands(workdir, f.tasks, f.seeds, f.arms, f.size, f.override)
   if f.print_only:
     for _, cmd in jobs:

@@ -201,3 +201,12 @@ def test_check_init_from_step_dir_hint(tmp_path):
   checkpoint.check_init_from(str(tmp_path))
   with pytest.raises(ValueError, match="give its parent"):
     checkpoint.check_init_from(str(tmp_path / "2"))
+
+
+def test_a_relative_directory_is_taken_below_the_current_one(tmp_path, monkeypatch):
+  """Orbax refuses relative paths; a relative workdir (the README's) must still save."""
+  monkeypatch.chdir(tmp_path)
+  with checkpoint.Checkpointer("runs/rel/checkpoints", async_save=False) as ck:
+    ck.save(1, {"w": np.ones((2,), np.float32)})
+    assert ck.directory == str(tmp_path / "runs/rel/checkpoints")
+  assert (tmp_path / "runs/rel/checkpoints/1").is_dir()
