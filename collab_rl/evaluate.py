@@ -268,8 +268,9 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)  # the table, not Orbax narrating every restore
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
   runs = find_runs(f.workdir)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from experiments import collab_arms
 
@@ -77,6 +77,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   workdir = os.path.abspath(f.workdir)
+  logging.set_verbosity(logging.WARNING)  # the table, not Orbax's INFO narration of every read
   jobs = commands(workdir, f.tasks, f.seeds, f.arms, f.size, f.override)
   if f.print_only:
     for _, cmd in jobs:

@@ -44,8 +44,10 @@ def test_ppo_runs_resumes_and_logs(tmp_path):
   out = ppo.train(cfg, str(tmp_path / "run"))
   assert out["how"] == "resumed step 1"
   final = out["final"]
-  for key in ("loss", "kl_ref", "value_loss", "clip_fraction", "eval/score",
-              "eval/ask_answer_macro_f1", "episode/tokens_read", "reward/per_turn"):
+  for key in ("loss", "kl_ref", "value_loss", "clip_fraction", "entropy", "grad_norm",
+              "eval/score", "eval/ask_answer_macro_f1", "eval/reward", "episode/tokens_read",
+              "episode/interactivity", "reward/per_turn", "rstar/total", "rstar/r_ext",
+              "rstar/r_int", "rstar/token_cost", "tokens_per_s"):
     assert np.isfinite(final[key]), key
   assert int(out["state"].step) == 2 * cfg.ppo.epochs
 
@@ -53,7 +55,7 @@ def test_ppo_runs_resumes_and_logs(tmp_path):
 def test_dpo_runs(tmp_path):
   cfg = _tiny(dpo_ambig_math.get_config("runlocal"))
   out = dpo.train(cfg, str(tmp_path / "run"))
-  for key in ("loss", "mr/mean", "pairs/kept_share", "eval/score"):
+  for key in ("loss", "mr/mean", "pairs/kept_share", "eval/score", "tokens_per_s"):
     assert np.isfinite(out["final"][key]), key
   leaves = jax.tree_util.tree_leaves(out["state"].params)
   assert all(np.isfinite(np.asarray(x)).all() for x in leaves)

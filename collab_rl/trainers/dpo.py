@@ -202,8 +202,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     state, m = step(state, batch)
     scalars = rl_setup.host_means({**m, **stats})
     bad_steps = int(scalars.pop("nonfinite"))
+    seconds = time.perf_counter() - t0
     scalars.update({"nonfinite/skipped": bad_steps, "time/collect_s": t_collect,
-                    "time/iteration_s": time.perf_counter() - t0})
+                    "time/iteration_s": seconds,
+                    # chosen and rejected sequences' tokens trained on per second
+                    "tokens_per_s": float(batch["c_valid"].sum() + batch["r_valid"].sum())
+                    / seconds})
     rl_setup.check_finite(config, it, scalars, bad_steps, ckpt)
     if it % config.eval_every == 0 or it == last:
       scalars.update({f"eval/{k}": v for k, v in run.evaluate(state.params).items()})

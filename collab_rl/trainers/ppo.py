@@ -142,6 +142,10 @@ def prepare_batch(config, model, task, policy, rcfg, params, ref_params, key):
                returns=ret_BxT, turn_valid=valid_BxT)
   stats = {f"episode/{k}": v for k, v in scoring.episode_metrics(task, conv, sim).items()}
   stats.update({"reward/per_turn": rewards_BxT.sum(1), "reward/turns": valid_BxT.sum(1)})
+  # R* of the collected conversations and its components, whatever reward drives the update.
+  total, parts = rewards.conversation_reward(task, conv, sim, rcfg)
+  stats.update({"rstar/total": total, **{f"rstar/{k}": v for k, v in parts.items()},
+                "tokens/conversation": valid_BxL.sum(1)})
   return batch, stats
 
 
@@ -214,6 +218,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ms = rl_setup.host_means({k: np.stack([m[k] for m in ms]) for k in ms[0]})
     scalars = {**ms, **rl_setup.host_means(stats), "nonfinite/skipped": bad_steps,
                "time/collect_s": t_collect, "time/iteration_s": time.perf_counter() - t0}
+    # Conversation tokens collected and trained on per second of the whole iteration.
+    scalars["tokens_per_s"] = (scalars["tokens/conversation"] * config.batch_size
+                               / scalars["time/iteration_s"])
     rl_setup.check_finite(config, it, scalars, bad_steps, ckpt)
     if it % config.eval_every == 0 or it == last:
       scalars.update({f"eval/{k}": v for k, v in run.evaluate(state.params).items()})
