@@ -65,18 +65,14 @@ def test_intents(task, n: int):
   return jax.tree_util.tree_map(lambda x: x[:n], intent)
 
 
-def max_len(task, turns: int, reply_tokens: int) -> int:
-  return 4 + len(task.request_template) + turns * (reply_tokens + task.sim.max_user_len + 4)
-
-
 def play(task, policy, params, intent, *, turns: int, reply_tokens: int, batch: int, seed: int):
   """Per-episode metrics of `policy` on `intent` (all episodes), and the first batch's rollout."""
   n = intent.values_BxK.shape[0]
   if n % batch:
     raise ValueError(f"episodes={n} must be a multiple of the evaluation batch {batch}")
+  columns = rollout_lib.conversation_len(task, turns, reply_tokens)
   run = jax.jit(lambda p, i, k: rollout_lib.rollout(
-      policy, task, p, k, batch, num_turns=turns, max_len=max_len(task, turns, reply_tokens),
-      intent=i))
+      policy, task, p, k, batch, num_turns=turns, max_len=columns, intent=i))
   per_episode, first = collections.defaultdict(list), None
   for start in range(0, n, batch):
     part = jax.tree_util.tree_map(lambda x: x[start:start + batch], intent)

@@ -50,12 +50,6 @@ def conversation_reward(task, conv: conv_lib.Conversation, sim, cfg: RewardConfi
   return total, {"r_ext": r_ext, "token_cost": cost, "r_int": r_int, "tokens_read": tokens}
 
 
-def _tile(tree, times: int):
-  """Each row `times` times consecutively; scalars (e.g. a KV cache's shared index) as they are."""
-  return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.repeat(x, times, axis=0),
-                                tree)
-
-
 def _where_rows(mask_B, new, old):
   return jax.tree_util.tree_map(
       lambda n, o: jnp.where(mask_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
@@ -87,7 +81,7 @@ def multiturn_aware_reward(policy, simulator, params, conv, sim, policy_state, r
   from it. With G candidates per turn, pass the B x G candidate rows as the batch.
   """
   b, s = conv.batch, cfg.samples
-  conv, sim, pstate, reply_BxN, reply_len_B = _tile(
+  conv, sim, pstate, reply_BxN, reply_len_B = rollout_lib.tile_rows(
       (conv, sim, policy_state, reply_BxN, reply_len_B), s)
   k_user, k_future = jax.random.split(key)
   conv, sim = answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, k_user,

@@ -141,6 +141,24 @@ def answer_now_policy(task, key_for_guess: int = 0) -> _Scripted:
 # ------------------------------------------------------------------------------------------------
 
 
+def opening_width(task) -> int:
+  """Columns of the opening `<bos> <user> request <eot>`: what a policy prefills first."""
+  return 2 + len(task.request_template) + 1
+
+
+def conversation_len(task, turns: int, reply_tokens: int) -> int:
+  """Columns of a conversation of `turns` assistant turns, each reply and user answer at its
+  budget (with headers and end-of-turn tokens): the opening, then the turns."""
+  return 4 + len(task.request_template) + turns * (reply_tokens + task.sim.max_user_len + 4)
+
+
+def tile_rows(tree, times: int):
+  """Each row `times` times consecutively ([B] -> [B * times]); scalars (a KV cache's shared
+  write index) stay as they are. How G candidates and S futures share one history."""
+  return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.repeat(x, times, axis=0),
+                                tree)
+
+
 def gather_rows(src_BxL, start_B, width: int):
   """[B, width] windows src[b, start_b : start_b + width] (PAD past the end)."""
   l = src_BxL.shape[1]

@@ -75,22 +75,15 @@ def check_config(config):
   return task, mcfg, mesh, rcfg
 
 
-def history_len(config, task) -> int:
-  per_turn = config.reply_tokens + task.sim.max_user_len + 4
-  return 4 + len(task.request_template) + (config.turns + config.reward.window) * per_turn
-
-
 def play(config, task, policy, rcfg, params, key) -> dict[str, jax.Array]:
   """B conversations, `turns` turns each: {field: [T, B, ...]} plus `valid` [T, B]."""
   b, g = config.batch_size, config.candidates
   k_int, k_turns = jax.random.split(key)
   intent = task.sample_intents(k_int, b)
-  conv, sim = rollout_lib.start(task, intent, history_len(config, task))
-  pstate = policy.init(params, conv, 2 + len(task.request_template) + 1)
+  conv, sim = rollout_lib.start(task, intent, rollout_lib.conversation_len(
+      task, config.turns + config.reward.window, config.reply_tokens))
+  pstate = policy.init(params, conv, rollout_lib.opening_width(task))
   ones = jnp.ones((b,), jnp.int32)
-
-  def tile(tree):
-    return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.repeat(x, g, axis=0), tree)
 
   def pick(tree, rows):
     return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else x[rows], tree)
@@ -100,7 +93,7 @@ def play(config, task, policy, rcfg, params, key) -> dict[str, jax.Array]:
     k_cand, k_mr, k_user = jax.random.split(jax.random.fold_in(k_turns, t), 3)
     active = ~conv.done_B
     conv = conv_lib.append(conv, jnp.full((b, 1), task.assistant_header_id), ones, CONTEXT)
-    conv_g, sim_g, pstate_g = tile((conv, sim, pstate))
+    conv_g, sim_g, pstate_g = rollout_lib.tile_rows((conv, sim, pstate), g)
     reply, _, reply_len, pstate_g = policy(params, conv_g, sim_g, pstate_g, k_cand)
     mr, mr_std, _, _ = rewards.multiturn_aware_reward(policy, task, params, conv_g, sim_g,
                                                       pstate_g, reply, reply_len, k_mr, rcfg)

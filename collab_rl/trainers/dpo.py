@@ -66,17 +66,13 @@ def check_config(config):
 # ------------------------------------------------------------------------------------------------
 
 
-def _tile(tree, g):
-  return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.repeat(x, g, axis=0), tree)
-
-
 def collect_pairs(config, task, policy, rcfg, params, ref_params, model, key):
   """Histories, G candidates, their MR, and the (best, worst) pair of each conversation."""
   b, g = config.batch_size, config.dpo.candidates
   k_int, k_ctx, k_cand, k_mr = jax.random.split(key, 4)
   intent = task.sample_intents(k_int, b)
   conv, sim = rollout_lib.start(task, intent, rl_setup.max_len(config, task))
-  pstate = policy.init(params, conv, 2 + len(task.request_template) + 1)
+  pstate = policy.init(params, conv, rollout_lib.opening_width(task))
   if config.context_turns:
     out = rollout_lib.take_turns(policy, task, params, conv, sim, k_ctx, config.context_turns,
                                  policy_state=pstate)
@@ -84,7 +80,7 @@ def collect_pairs(config, task, policy, rcfg, params, ref_params, model, key):
     pstate = policy.init(params, conv)  # the context, prefilled once more for the candidates
   ones = jnp.ones((b,), jnp.int32)
   conv = conv_lib.append(conv, jnp.full((b, 1), task.assistant_header_id), ones, CONTEXT)
-  conv_g, sim_g, pstate_g = _tile((conv, sim, pstate), g)
+  conv_g, sim_g, pstate_g = rollout_lib.tile_rows((conv, sim, pstate), g)
   reply, _, reply_len, pstate_g = policy(params, conv_g, sim_g, pstate_g, k_cand)
   mr, _, _, _ = rewards.multiturn_aware_reward(policy, task, params, conv_g, sim_g, pstate_g,
                                                reply, reply_len, k_mr, rcfg)
@@ -102,9 +98,7 @@ def collect_pairs(config, task, policy, rcfg, params, ref_params, model, key):
     return full.tokens_BxL, conv_lib.valid_mask(full), cand
 
   batch = _pair_batch(model, ref_params, with_reply(best), with_reply(worst), keep)
-  stats = {"mr/mean": mr_BxG.mean(), "mr/best": mr_BxG.max(1).mean(), "mr/gap": gap.mean(),
-           "pairs/kept_share": keep.mean()}
-  return batch, stats
+  return batch, _pair_stats(mr_BxG, gap, keep, batch)
 
 
 def offline_pairs(config, model, ref_params, rec):
@@ -128,9 +122,15 @@ def offline_pairs(config, model, ref_params, rec):
 
   chosen, rejected = seq(best), seq(worst)
   keep = gap > config.dpo.min_gap
-  return _pair_batch(model, ref_params, chosen, rejected, keep), {
-      "mr/mean": mr_BxG.mean(), "mr/best": mr_BxG.max(1).mean(), "mr/gap": gap.mean(),
-      "pairs/kept_share": keep.mean()}
+  batch = _pair_batch(model, ref_params, chosen, rejected, keep)
+  return batch, _pair_stats(mr_BxG, gap, keep, batch)
+
+
+def _pair_stats(mr_BxG, gap_B, keep_B, batch) -> dict[str, jax.Array]:
+  return {"mr/mean": mr_BxG.mean(), "mr/best": mr_BxG.max(1).mean(), "mr/gap": gap_B.mean(),
+          "pairs/kept_share": keep_B.mean(),
+          # chosen and rejected tokens the update trains on, counted on device
+          "tokens/trained": batch["c_valid"].sum() + batch["r_valid"].sum()}
 
 
 def _pair_batch(model, ref_params, chosen, rejected, keep):
@@ -205,9 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     seconds = time.perf_counter() - t0
     scalars.update({"nonfinite/skipped": bad_steps, "time/collect_s": t_collect,
                     "time/iteration_s": seconds,
-                    # chosen and rejected sequences' tokens trained on per second
-                    "tokens_per_s": float(batch["c_valid"].sum() + batch["r_valid"].sum())
-                    / seconds})
+                    "tokens_per_s": scalars["tokens/trained"] / seconds})
     rl_setup.check_finite(config, it, scalars, bad_steps, ckpt)
     if it % config.eval_every == 0 or it == last:
       scalars.update({f"eval/{k}": v for k, v in run.evaluate(state.params).items()})

@@ -76,7 +76,7 @@ def collect(config, model, task, policy, rcfg, params, key):
   intent = task.sample_intents(k_int, b // group)
   intent = jax.tree_util.tree_map(lambda x: jnp.repeat(x, group, axis=0), intent)
   conv, sim = rollout_lib.start(task, intent, rl_setup.max_len(config, task))
-  pstate = policy.init(params, conv, 2 + len(task.request_template) + 1)
+  pstate = policy.init(params, conv, rollout_lib.opening_width(task))
   ones = jnp.ones((b,), jnp.int32)
   kind = config.reward.kind
 

@@ -74,8 +74,8 @@ def check_common(config):
 
 def max_len(config, task) -> int:
   """Columns of a conversation: the opening, then every turn (and MR's window) at its budget."""
-  per_turn = config.reply_tokens + task.sim.max_user_len + 4
-  return 4 + len(task.request_template) + (config.turns + config.reward.window) * per_turn
+  return rollout_lib.conversation_len(task, config.turns + config.reward.window,
+                                      config.reply_tokens)
 
 
 def make_policy(config, model, task, temperature=None) -> rollout_lib.LMPolicy:

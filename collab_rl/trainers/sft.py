@@ -230,7 +230,7 @@ def build(config, mesh, task) -> Built:
 def episode_len(config, task) -> int:
   """Tokens of the longest conversation: the opening, then every turn at its budget (header,
   the longest well-formed reply with `<eot>`, header, the user's budget with `<eot>`)."""
-  opening = 2 + len(task.request_template) + 1
+  opening = rollout_lib.opening_width(task)
   return opening + config.num_turns * (1 + task.answer_len + 1 + 1 + task.sim.max_user_len + 1)
 
 

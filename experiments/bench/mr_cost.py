@@ -79,7 +79,6 @@ def _append_header(task, conv):
 def main(argv):
   del argv
   import jax
-  import jax.numpy as jnp
   import torch
   import transformers
 
@@ -125,7 +124,7 @@ def main(argv):
   # The batching headroom: the same turn for 8x the rows (what S = 8 futures are). On hardware
   # far from its compute bound this costs well under 8x; where it costs ~8x, MR's S = 8 cannot
   # cost less than ~8x S = 1 whatever the implementation, since the futures' work is 8x.
-  tiled = jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.repeat(x, 8, axis=0), inputs)
+  tiled = rollout_lib.tile_rows(inputs, 8)
   turn8_sec = common.median_seconds(lambda: turn_fn(jax.random.key(2), *tiled), _REPEATS.value,
                                     jax.block_until_ready)
   print(f"one turn: {turn_sec * 1e3:.1f} ms at B={b}, {turn8_sec * 1e3:.1f} ms at B={8 * b} "
