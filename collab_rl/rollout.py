@@ -143,13 +143,13 @@ def answer_now_policy(task, key_for_guess: int = 0) -> _Scripted:
 
 def opening_width(task) -> int:
   """Columns of the opening `<bos> <user> request <eot>`: what a policy prefills first."""
-  return 2 + len(task.request_template) + 1
+  return 2 + task.request_width + 1
 
 
 def conversation_len(task, turns: int, reply_tokens: int) -> int:
   """Columns of a conversation of `turns` assistant turns, each reply and user answer at its
   budget (with headers and end-of-turn tokens): the opening, then the turns."""
-  return 4 + len(task.request_template) + turns * (reply_tokens + task.sim.max_user_len + 4)
+  return 4 + task.request_width + turns * (reply_tokens + task.sim.max_user_len + 4)
 
 
 def tile_rows(tree, times: int):

@@ -85,7 +85,7 @@ def view_of(task, conv: conv_lib.Conversation) -> conv_lib.Conversation:
 def first_reply_position(task) -> int:
   """View position where the simulator's own replies can start: after the goal and the task's
   first request (which the task writes, never the simulator)."""
-  return 1 + goal_width(task) + 1 + len(task.request_template) + 1
+  return 1 + goal_width(task) + 1 + task.request_width + 1
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       feedback_reveals=False, sharded=False, max_user_len=12))
 
   c.model = ml_collections.ConfigDict()  # field names as in Hugging Face's LlamaConfig
-  c.model.vocab_size = 36  # must equal the task's vocabulary (checked)
+  c.model.vocab_size = 37  # must equal the task's vocabulary (checked)
   c.model.hidden_size = 64
   c.model.intermediate_size = 128
   c.model.num_hidden_layers = 2

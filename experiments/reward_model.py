@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model: field names are Hugging Face LlamaConfig's (see collab_rl/models/transformer.py).
   c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 64  # >= the task's word vocabulary (ambig_math 36, code_spec 48)
+  c.model.vocab_size = 64  # >= the task's word vocabulary (ambig_math 37, code_spec 49)
   c.model.hidden_size = 128  # D
   c.model.intermediate_size = 344  # SwiGLU width, ~8/3 D as in Llama
   c.model.num_hidden_layers = 4

@@ -49,13 +49,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # SFT data: "behaviour" plays episodes on device (sft.DATA_SOURCES).
   c.data_source = "behaviour"
   c.ask_share = 0.2  # conversations that follow the asking oracle; the rest answer at once
+  # The Proactive Base's instruction (trainers/sft.py): conversations opening with `clarify`, and
+  # how their behaviour differs. 0.0: the data never shows the instruction.
+  c.instruction_share = 0.0
+  c.instructed_ask_share = 0.8  # ambiguous instructed requests: ask for the missing slots
+  c.instructed_confirm_share = 0.6  # clear instructed requests: a needless question first
   c.num_turns = 3  # assistant turns per episode: max_missing questions, then the answer
-  # Conversation tokens; must hold num_turns turns at their budgets (sft.episode_len: 75, 95, 96).
-  c.max_len = {"ambig_math": 80, "doc_edit": 96, "code_spec": 96}[task]
+  # Conversation tokens; must hold num_turns turns at their budgets (sft.episode_len: 75, 95, 96,
+  # one more with the instruction's word).
+  c.max_len = {"ambig_math": 80, "doc_edit": 96, "code_spec": 100}[task]
 
   # Model: field names are Hugging Face LlamaConfig's (see collab_rl/models/transformer.py).
   c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 64  # >= the task's word vocabulary (ambig_math 36, code_spec 48)
+  c.model.vocab_size = 64  # >= the task's word vocabulary (ambig_math 37, code_spec 49)
   c.model.hidden_size = 128  # D
   c.model.intermediate_size = 344  # SwiGLU width, ~8/3 D as in Llama
   c.model.num_hidden_layers = 4

@@ -10,6 +10,7 @@ from collab_rl import conversation as conv_lib
 from collab_rl import metrics as metrics_lib
 from collab_rl import rollout as rollout_lib
 from collab_rl.models import transformer as tfm
+from collab_rl.tasks import slots as slots_lib
 from collab_rl.tasks.ambig_math import AmbigMath
 from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
 from collab_rl.trainers import sft
@@ -125,9 +126,36 @@ def test_short_run_learns_the_answer_format_and_resumes_bit_identically(tmp_path
                          jax.device_get(resumed["state"].params))
 
 
+def test_instructed_conversations_follow_the_prompted_mixture():
+  """The Proactive Base's data: instructed ambiguous requests ask in instructed_ask_share,
+  instructed clear ones open with a needless question in instructed_confirm_share, and the
+  uninstructed ones are the passive mixture, unchanged."""
+  task = AmbigMath(slots_lib.SimConfig(instruction_rate=0.5))
+  policy = sft.AskOrAnswerMix(task, 0.2, instructed_ask_share=0.8, instructed_confirm_share=0.6)
+  run = rollout_lib.make_rollout(policy, task, batch=4096, num_turns=3, max_len=84)
+  ro = jax.device_get(run(None, jax.random.key(1)))
+  amb = np.asarray(ro.conv.intent.ambiguous_B)
+  ins = np.asarray(ro.conv.intent.instructed_B)
+  assert abs(ins.mean() - 0.5) < 0.03
+  # The opening shows the instruction exactly where it is on: `<bos> <user> clarify ...`.
+  np.testing.assert_array_equal(np.asarray(ro.conv.tokens_BxL[:, 2]) == task.ids["clarify"], ins)
+  asked = np.asarray(ro.sim.first_action_B) == 1  # slots.ASKED
+  assert abs(asked[amb & ins].mean() - 0.8) < 0.05  # ~1000 rows each: >3 standard errors
+  assert abs(asked[~amb & ins].mean() - 0.6) < 0.05
+  assert abs(asked[amb & ~ins].mean() - 0.2) < 0.05
+  assert not asked[~amb & ~ins].any()
+  # A needless question costs a turn, not the answer: every confirming conversation is solved,
+  # with exactly one irrelevant question.
+  confirm = ~amb & ins & asked
+  np.testing.assert_array_equal(np.asarray(ro.sim.score_B)[confirm], 1.0)
+  np.testing.assert_array_equal(np.asarray(ro.sim.irrelevant_B)[confirm], 1)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"ask_share": 1.5}, "ask_share"),
     ({"ask_share": -0.1}, "ask_share"),
+    ({"instruction_share": 1.5}, "instruction_share"),
+    ({"instructed_confirm_share": -0.5}, "instructed_confirm_share"),
     ({"task": "chess"}, "unknown task 'chess'"),
     ({"data_source": "disk"}, "data_source"),
     ({"max_len": 40}, "max_len=40"),

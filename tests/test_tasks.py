@@ -388,3 +388,26 @@ def test_sharded_user_reveals_one_slot_per_turn():
   right, n_ans = _answer(task, intent.values_BxK)
   toks, lens, done, sim = user_turn(intent, sim, right, n_ans, jax.random.key(9))
   assert done.all() and _text(task, toks[0], lens[0]) == "thanks <eot>"
+
+
+@pytest.mark.parametrize("cls", TASKS)
+def test_instruction_opens_the_request_where_it_is_on(cls):
+  """`clarify` precedes the request in the instructed episodes only; the episodes themselves
+  (values, missing slots) are those of the task without the instruction."""
+  plain, prompted = cls(), cls(slots_lib.SimConfig(instruction_rate=0.5))
+  key = jax.random.key(3)
+  a, b = plain.sample_intents(key, 512), prompted.sample_intents(key, 512)
+  np.testing.assert_array_equal(a.values_BxK, b.values_BxK)
+  np.testing.assert_array_equal(a.missing_BxK, b.missing_BxK)
+  on = np.asarray(b.instructed_B)
+  assert 0.4 < on.mean() < 0.6 and not np.asarray(a.instructed_B).any()
+  req, n = plain.first_request(a)
+  req_p, n_p = prompted.first_request(b)
+  assert prompted.request_width == plain.request_width + 1 == req_p.shape[1] - 1
+  np.testing.assert_array_equal(n_p, n + on)
+  np.testing.assert_array_equal(req_p[on, 0], prompted.ids["clarify"])
+  np.testing.assert_array_equal(req_p[on, 1:], req[on])
+  np.testing.assert_array_equal(req_p[~on, :-1], req[~on])  # then one column of padding
+  assert "clarify" in _text(prompted, req_p[int(np.argmax(on))], n_p[int(np.argmax(on))])
+  with pytest.raises(ValueError, match="instruction_rate=1.5"):
+    cls(slots_lib.SimConfig(instruction_rate=1.5))

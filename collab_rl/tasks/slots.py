@@ -14,6 +14,11 @@ The scripted user, all `jax.numpy` and batched:
 - an answer that scores full marks: `thanks` and the conversation ends;
 - a wrong answer: `wrong`, and optionally (config) the next missing slot;
 - sharded mode (Lost-in-Conversation): every user turn also reveals the next missing slot unasked.
+
+The proactive instruction: with `instruction_rate` > 0, that share of episodes opens with the word
+`clarify` before the request ("ask me if anything is unclear"), the way CollabLLM's Proactive
+Base prompts a model. The scripted user ignores it; only a policy trained on data that follows
+it (`trainers/sft.py`, `instruction_share`) reacts to it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import numpy as np
 from collab_rl import tokenizer as tokenizer_lib
 
 # Words every slot task shares, after the tokenizer's specials.
-CONTROL_WORDS = ("ask", "answer", "?", "is", "thanks", "wrong", "known", "unclear", "what", "also")
+CONTROL_WORDS = ("ask", "answer", "?", "is", "thanks", "wrong", "known", "unclear", "what", "also",
+                 "clarify")
 # First-action codes, for ask-when-ambiguous / answer-when-clear.
 NO_ACTION, ASKED, ANSWERED, OTHER = 0, 1, 2, 3
 
@@ -50,6 +56,7 @@ class SimConfig:
   feedback_reveals: bool = False  # a wrong answer's feedback also gives the next missing slot
   sharded: bool = False  # every user turn reveals the next missing slot unasked
   max_user_len: int = 12  # user reply budget in tokens (header excluded)
+  instruction_rate: float = 0.0  # share of first requests opening with the `clarify` instruction
 
 
 @flax.struct.dataclass
@@ -58,6 +65,7 @@ class Intent:
   missing_BxK: jax.Array  # bool: left out of the first request
   ambiguous_B: jax.Array  # bool: any slot missing
   extra: Any = None  # task-specific hidden data (e.g. test inputs of a program)
+  instructed_B: Any = None  # bool: the request opens with `clarify` (None: no episode does)
 
 
 @flax.struct.dataclass
@@ -101,6 +109,8 @@ class SlotTask:
   def __init__(self, sim: SimConfig = SimConfig()):
     if not 0 <= sim.ambiguous_rate <= 1:
       raise ValueError(f"{self.name}: ambiguous_rate={sim.ambiguous_rate} must be in [0, 1]")
+    if not 0 <= sim.instruction_rate <= 1:
+      raise ValueError(f"{self.name}: instruction_rate={sim.instruction_rate} must be in [0, 1]")
     if not 1 <= sim.min_missing <= sim.max_missing <= len(self.slots):
       raise ValueError(f"{self.name}: need 1 <= min_missing <= max_missing <= "
                        f"{len(self.slots)} slots, got {sim.min_missing}, {sim.max_missing}")
@@ -156,7 +166,11 @@ class SlotTask:
     # A random subset of n_missing slots: the n smallest of K random keys.
     rank = jnp.argsort(jnp.argsort(u[:, 2:], 1), 1)
     missing = (rank < n_missing[:, None]) & ambiguous[:, None]
-    return Intent(values, missing, ambiguous, self.sample_extra(k_extra, values))
+    # Its own stream (fold_in), so that the episodes of every split stay what they were
+    # before the instruction existed, whatever the rate.
+    instructed = jax.random.uniform(jax.random.fold_in(k_rest, 1), (batch,)) < (
+        self.sim.instruction_rate)
+    return Intent(values, missing, ambiguous, self.sample_extra(k_extra, values), instructed)
 
   def _render(self, template, values_BxK, hidden_BxK) -> jax.Array:
     cols = []
@@ -169,12 +183,25 @@ class SlotTask:
         cols.append(jnp.where(hidden_BxK[:, item], self.ids["?"], tok))
     return jnp.stack(cols, 1)
 
+  @property
+  def request_width(self) -> int:
+    """Columns of the first request's content: the template, and the instruction's word when
+    any episode can carry it (a static width; uninstructed rows are one token shorter)."""
+    return len(self.request_template) + (self.sim.instruction_rate > 0)
+
   def first_request(self, intent: Intent) -> tuple[jax.Array, jax.Array]:
     """The user's opening message (content + end of turn) and its lengths."""
     body = self._render(self.request_template, intent.values_BxK, intent.missing_BxK)
     b = body.shape[0]
-    toks = jnp.concatenate([body, jnp.full((b, 1), self.eot_id, jnp.int32)], 1)
-    return toks, jnp.full((b,), toks.shape[1], jnp.int32)
+    eot = jnp.full((b, 1), self.eot_id, jnp.int32)
+    toks = jnp.concatenate([body, eot], 1)
+    if self.sim.instruction_rate == 0:
+      return toks, jnp.full((b,), toks.shape[1], jnp.int32)
+    on_B = (jnp.zeros((b,), bool) if intent.instructed_B is None
+            else jnp.asarray(intent.instructed_B, bool))
+    with_word = jnp.concatenate([jnp.full((b, 1), self.ids["clarify"], jnp.int32), toks], 1)
+    toks = jnp.where(on_B[:, None], with_word, jnp.pad(toks, ((0, 0), (0, 1))))
+    return toks, toks.shape[1] - 1 + on_B.astype(jnp.int32)
 
   def ideal_answer(self, intent: Intent) -> jax.Array:
     """The full-marks answer's tokens (content only): what an oracle writes."""

@@ -101,7 +101,7 @@ def reply_width(task) -> int:
 
 def prompt_width(task) -> int:
   """`<bos> <user> request <eot> <assistant>`."""
-  return 2 + len(task.request_template) + 1 + 1
+  return 2 + task.request_width + 1 + 1
 
 
 def model_width(task) -> int:

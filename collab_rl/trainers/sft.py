@@ -7,6 +7,14 @@ task's scripted user with a behaviour mixture chosen once per conversation: with
 `ask_share` the oracle (asks for every missing slot, then answers right), else answer-now
 (fills the missing slots with guesses and answers at once; after `wrong` it guesses again).
 
+The Proactive Base (CollabLLM's prompted baseline) comes from the same data: with
+`instruction_share` > 0 that share of conversations opens with the `clarify` instruction, and
+those follow a different mixture, the way a prompt shifts an instruction-tuned model without
+teaching it when a question is needed: asking for the missing slots in `instructed_ask_share` of
+the ambiguous ones, and in `instructed_confirm_share` of the clear ones a needless question about
+a slot the request already gives (prompted models over-ask) before the answer. The base is then
+evaluated without the instruction (Base) and with it on every request (Proactive Base).
+
 Loss: next-token cross-entropy on the ASSISTANT tokens of each conversation (reply contents and
 their `<eot>`: exactly what the sampler generates); every token before them is context, the
 `<assistant>` headers and the user's turns included:
@@ -29,6 +37,7 @@ also hand its iterator state to the checkpointer.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -66,10 +75,18 @@ class MixState:
 class AskOrAnswerMix:
   """A scripted policy: per conversation, the oracle with probability `ask_share`, else
   answer-now. The choice is drawn from the first turn's key and kept in the policy state, so a
-  conversation that opened with a question goes on asking until it can answer right."""
+  conversation that opened with a question goes on asking until it can answer right.
 
-  def __init__(self, task, ask_share: float):
+  Conversations that carry the `clarify` instruction (`intent.instructed_B`) draw with
+  `instructed_ask_share` instead, and when the request is clear open with a needless question
+  about a given slot in `instructed_confirm_share` of them, then answer (the oracle)."""
+
+  def __init__(self, task, ask_share: float, instructed_ask_share: float = 0.0,
+               instructed_confirm_share: float = 0.0):
+    self.task = task
     self.ask_share = float(ask_share)
+    self.instructed_ask_share = float(instructed_ask_share)
+    self.instructed_confirm_share = float(instructed_confirm_share)
     self.oracle = rollout_lib.oracle_policy(task)
     self.answer_now = rollout_lib.answer_now_policy(task)
 
@@ -77,18 +94,35 @@ class AskOrAnswerMix:
     del params, prefix_width
     return MixState(jnp.zeros((conv.batch,), bool), jnp.zeros((), bool))
 
-  def choose(self, key, batch: int) -> jax.Array:
-    return jax.random.uniform(key, (batch,)) < self.ask_share
+  def choose(self, key, intent) -> tuple[jax.Array, jax.Array]:
+    """[B] follow the oracle, [B] open with a needless question (clear, instructed rows)."""
+    b = intent.values_BxK.shape[0]
+    u_Bx3 = jax.random.uniform(key, (b, 3))
+    instructed_B = (jnp.zeros((b,), bool) if intent.instructed_B is None
+                    else intent.instructed_B)
+    share_B = jnp.where(instructed_B, self.instructed_ask_share, self.ask_share)
+    confirm_B = instructed_B & ~intent.ambiguous_B & (u_Bx3[:, 1] < self.instructed_confirm_share)
+    return u_Bx3[:, 0] < share_B, confirm_B
 
   def __call__(self, params, conv, sim, state: MixState, key):
     k_pick, k_guess = jax.random.split(key)
-    ask_B = jnp.where(state.chosen, state.ask_B, self.choose(k_pick, conv.batch))
+    b = conv.batch
+    ask_now_B, confirm_B = self.choose(k_pick, conv.intent)
+    confirm_B = confirm_B & ~state.chosen  # only the first reply
+    # A confirming conversation is answered right after the question: the oracle's part.
+    ask_B = jnp.where(state.chosen, state.ask_B, ask_now_B | confirm_B)
     ask_toks, _, ask_len, _ = self.oracle(params, conv, sim, (), key)
     now_toks, _, now_len, _ = self.answer_now(params, conv, sim, (), k_guess)
+    slot_B = jax.random.randint(jax.random.fold_in(k_pick, 1), (b,), 0, len(self.task.slots))
+    confirm_toks = jnp.stack([jnp.full((b,), self.task.ids["ask"]),
+                              jnp.asarray(self.task.name_ids_K)[slot_B],
+                              jnp.full((b,), self.task.eot_id)], 1)
     n = max(ask_toks.shape[1], now_toks.shape[1])
     pad = lambda t: jnp.pad(t, ((0, 0), (0, n - t.shape[1])))
-    toks = jnp.where(ask_B[:, None], pad(ask_toks), pad(now_toks)).astype(jnp.int32)
-    lengths = jnp.where(ask_B, ask_len, now_len).astype(jnp.int32)
+    toks = jnp.where(ask_B[:, None], pad(ask_toks), pad(now_toks))
+    toks = jnp.where(confirm_B[:, None], pad(confirm_toks), toks).astype(jnp.int32)
+    lengths = jnp.where(ask_B, ask_len, now_len)
+    lengths = jnp.where(confirm_B, 3, lengths).astype(jnp.int32)
     return toks, jnp.zeros(toks.shape, jnp.float32), lengths, MixState(ask_B, jnp.ones((), bool))
 
 
@@ -99,7 +133,8 @@ class AskOrAnswerMix:
 
 def behaviour_source(config, task, mesh) -> Callable[[jax.Array], dict]:
   """Fresh episodes of `AskOrAnswerMix` against the scripted user, all on device."""
-  policy = AskOrAnswerMix(task, config.ask_share)
+  policy = AskOrAnswerMix(task, config.ask_share, config.get("instructed_ask_share", 0.0),
+                          config.get("instructed_confirm_share", 0.0))
 
   def batch(key):
     ro = rollout_lib.rollout(policy, task, None, key, config.batch_size,
@@ -195,11 +230,22 @@ class Built(NamedTuple):
   data_fn: Callable  # key -> {"tokens", "roles"} training batch
   step_fn: Callable  # (state, batch) -> (state, metrics); the state is donated
   loss_fn: Callable  # (params, batch) -> teacher-forced loss
-  eval_fn: Callable  # (params, key) -> [B] per-episode metrics of the policy's own rollouts
+  # metric prefix -> (params, key) -> [B] per-episode metrics of the policy's own rollouts:
+  # "" on the task as deployed, "proactive/" with the instruction on every request.
+  eval_fns: dict[str, Callable]
 
 
-def make_task(config):
-  return registry.make_task(config.task, config.sim.to_dict())
+def make_task(config, instruction_rate: float | None = None):
+  """The task as deployed (config.sim), or with the instruction on `instruction_rate` of the
+  requests (the SFT data's mixture, or 1.0 for the Proactive Base)."""
+  sim = config.sim.to_dict()
+  if instruction_rate:
+    sim["instruction_rate"] = instruction_rate
+  return registry.make_task(config.task, sim)
+
+
+def instruction_share(config) -> float:
+  return float(config.get("instruction_share", 0.0))
 
 
 def build(config, mesh, task) -> Built:
@@ -209,7 +255,8 @@ def build(config, mesh, task) -> Built:
 
   create_fn, abstract, shardings = state_lib.init_sharded(
       state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
-  data_fn = DATA_SOURCES[config.data_source](config, task, mesh)
+  data_fn = DATA_SOURCES[config.data_source](config, make_task(config, instruction_share(config)),
+                                              mesh)
   batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b), in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, repl), donate_argnums=0)
@@ -217,14 +264,19 @@ def build(config, mesh, task) -> Built:
                     in_shardings=(shardings.params, batch_sh), out_shardings=repl)
   policy = make_policy(config, task, model)
 
-  def episodes(params, key):
-    ro = rollout_lib.rollout(policy, task, params, key, config.eval_batch_size,
+  def episodes(eval_task, params, key):
+    ro = rollout_lib.rollout(policy, eval_task, params, key, config.eval_batch_size,
                              num_turns=config.num_turns, max_len=config.max_len, mesh=mesh)
-    return {**scoring.episode_metrics(task, ro.conv, ro.sim),
-            **first_reply_format(task, ro.conv, ro.reply_lengths_BxT[:, 0])}
+    return {**scoring.episode_metrics(eval_task, ro.conv, ro.sim),
+            **first_reply_format(eval_task, ro.conv, ro.reply_lengths_BxT[:, 0])}
 
-  eval_fn = jax.jit(episodes, in_shardings=(shardings.params, repl))
-  return Built(task, model, create_fn, abstract, data_fn, step_fn, loss_fn, eval_fn)
+  eval_tasks = {"": task}
+  if instruction_share(config) > 0:  # the data taught the instruction: watch the Proactive Base
+    eval_tasks["proactive/"] = make_task(config, 1.0)
+  eval_fns = {prefix: jax.jit(functools.partial(episodes, t),
+                              in_shardings=(shardings.params, repl))
+              for prefix, t in eval_tasks.items()}
+  return Built(task, model, create_fn, abstract, data_fn, step_fn, loss_fn, eval_fns)
 
 
 def episode_len(config, task) -> int:
@@ -242,6 +294,10 @@ def check_config(config):
   if not 0.0 <= config.ask_share <= 1.0:
     raise ValueError(f"config.ask_share={config.ask_share} must be in [0, 1] (the share of "
                      "conversations that follow the asking oracle)")
+  for name in ("instruction_share", "instructed_ask_share", "instructed_confirm_share"):
+    if not 0.0 <= config.get(name, 0.0) <= 1.0:
+      raise ValueError(f"config.{name}={config[name]} must be in [0, 1] (a share of "
+                       "conversations)")
   if config.data_source not in DATA_SOURCES:
     raise ValueError(f"config.data_source={config.data_source!r} is not one of "
                      f"{sorted(DATA_SOURCES)}")
@@ -259,7 +315,7 @@ def check_config(config):
     if config[name] % jax.process_count():
       raise ValueError(f"{name}={config[name]} is not divisible by the "
                        f"{jax.process_count()} processes")
-  need = episode_len(config, task)
+  need = episode_len(config, make_task(config, instruction_share(config)))
   if config.max_len < need:
     # A cut conversation would train on replies without their <eot>.
     raise ValueError(f"config.max_len={config.max_len} cannot hold {config.num_turns} turns of "
@@ -279,7 +335,10 @@ def check_config(config):
 
 
 def evaluate(b: Built, params, eval_batch, eval_key) -> dict[str, float]:
-  out = summarize(sharding_lib.to_host(b.eval_fn(params, eval_key)))  # rows over hosts
+  out = {}
+  for prefix, fn in b.eval_fns.items():
+    m = summarize(sharding_lib.to_host(fn(params, eval_key)))  # rows over hosts
+    out.update({prefix + k: v for k, v in m.items()})
   out["eval_loss"] = float(b.loss_fn(params, eval_batch))
   return out
 

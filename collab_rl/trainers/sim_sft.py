@@ -236,7 +236,7 @@ def check_config(config):
   for name in ("num_steps", "num_turns", "log_every", "eval_every", "eval_batches"):
     if config[name] <= 0:
       raise ValueError(f"config.{name} must be positive, got {config[name]}")
-  one_turn = 2 + len(task.request_template) + 1 + task.answer_len + 2 + task.sim.max_user_len + 2
+  one_turn = 2 + task.request_width + 1 + task.answer_len + 2 + task.sim.max_user_len + 2
   if config.max_len < one_turn:
     raise ValueError(f"config.max_len={config.max_len} cannot hold one exchange of "
                      f"{config.task.name} ({one_turn} tokens)")
