@@ -9,7 +9,9 @@
 `experiments/headline.py` runs them all in order and gathers the table. Arms (RL arms start from
 the shared SFT base with `init_from`, and keep it as their frozen KL reference):
 
-  sft_base         the passive base: answers at once, asks in `ask_share` of its SFT data
+  sft_base         the passive base: answers at once, asks in `ask_share` of its SFT data; with
+                   the `clarify` instruction on every request it is the Proactive Base (an
+                   evaluation of the same checkpoint, no run of its own)
   ppo_helpfulness  PPO, next-turn reward: the scripted helpfulness judge
   ppo_ext          PPO, next-turn reward: the task metric of the reply (w = 0)
   ppo_ext_int      PPO, next-turn reward: R* of the conversation so far (w = 0)
@@ -35,7 +37,7 @@ _PPO_REWARD = {"ppo_helpfulness": ("helpfulness", 0), "ppo_ext": ("next_turn_ext
                "ppo_ext_int": ("next_turn_ext_int", 0), "ppo_mr_w1": ("mr", 1),
                "ppo_mr_w2": ("mr", 2), "ppo_mr_w3": ("mr", 3)}
 # Words of each task's vocabulary (tasks/registry.py); the model's vocabulary is exactly this.
-VOCAB = {"ambig_math": 36, "doc_edit": 42, "code_spec": 48}
+VOCAB = {"ambig_math": 37, "doc_edit": 43, "code_spec": 49}
 SIZES = {"small": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2),
          "full": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4)}
 
@@ -65,6 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Enough asking in the data to learn to use the user's answers, still too little for the
     # greedy base to ask (measured: ask-when-ambiguous 0.0 at every evaluation).
     c.ask_share = 0.35
+    # A third of the data carries the `clarify` instruction, so the same base is also the
+    # Proactive Base when evaluated with the instruction (evaluate.py's proactive_base row).
+    c.instruction_share = 0.3
     c.num_steps = 1200 if small else 3000
     c.eval_every = c.checkpoint.every_steps = 400 if small else 500
   elif arm.startswith("ppo_"):
