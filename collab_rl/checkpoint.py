@@ -122,6 +122,14 @@ def _with_params(tree: State, params: PyTree) -> State:
 class Checkpointer:
   """One run's checkpoints: saves every `save_interval_steps`, keeps the last `max_to_keep`."""
 
+  @classmethod
+  def for_run(cls, workdir: str, ckpt_config, interval_field: str = "every_steps"):
+    """`<workdir>/checkpoints` with a trainer's `config.checkpoint` settings (`max_to_keep`,
+    `async_save`, and the save interval read from `interval_field`)."""
+    return cls(os.path.join(str(workdir), "checkpoints"), max_to_keep=ckpt_config.max_to_keep,
+               save_interval_steps=ckpt_config[interval_field],
+               async_save=ckpt_config.async_save)
+
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
                async_save: bool = True):
     # Checked here, before anything compiles: 0 would fail at the first save (interval) or keep
@@ -242,6 +250,18 @@ def check_init_from(path: str | None) -> None:
           f"directory of an earlier run, holding numbered step directories).{hint}")
   finally:
     manager.close()
+
+
+def read_config(path: str, step: int | None = None) -> dict:
+  """The config saved with another run's checkpoint (latest step if None), read-only."""
+  check_init_from(path)
+  manager = _read_only_manager(path)
+  try:
+    step = manager.latest_step() if step is None else int(step)
+    restored = manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))
+  finally:
+    manager.close()
+  return restored[_CONFIG]
 
 
 def _restore_params_and_step(path: str, abstract_params: PyTree,

@@ -1,6 +1,6 @@
 """Evaluation of trained policies against the scripted user, with intervals, plots and samples.
 
-  python -m collab_rl.evaluate --workdir runs/ [--episodes 512 --turns 4 --sharded]
+  python -m collab_rl.evaluate --workdir runs/ [--episodes 512 --turns 4 --modes reactive,sharded]
 
 Finds every run under `--workdir` (a directory holding `checkpoints/`; the sweep's layout
 `<task>/seed<k>/<arm>` names the arm and seed), restores its latest params and config, and plays
@@ -18,6 +18,16 @@ greedy policy for `--turns` assistant turns. Writes into `--out` (default: the w
 Intervals: over episodes, mean +- 1.96 standard errors (a bootstrap of 1000 resamples for the
 macro F1, which is not a mean); over seeds, the t interval of the seed means (t_{0.975, n-1}).
 Scripted reference policies (`--baselines oracle,answer_now`) get rows of their own.
+
+Rows beyond one per run:
+- `proactive_base`: every `sft_base` checkpoint once more, with the `clarify` instruction on
+  every first request (`instruction_rate=1.0`): CollabLLM's prompted Proactive Base.
+- `--modes reactive,sharded`: the reactive user only answers questions (`sim.sharded=False`, every
+  row); the sharded one also reveals the next missing slot every turn (Lost-in-Conversation).
+  Sharded rows (`<arm>@sharded`) are played for `SHARDED_ARMS` only, where the comparison
+  means something: the base, its proactive prompt, the Mediator-Assistant and the MR arm.
+A mediator run (`trainer: mediator`) is played as the Mediator-Assistant: its mediator in front of
+the assistant its config names (`assistant_from`).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import numpy as np
 
 from collab_rl import checkpoint as ckpt_lib
 from collab_rl import conversation as conv_lib
+from collab_rl import mediator as mediator_lib
 from collab_rl import metrics as metrics_lib
 from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
@@ -52,6 +63,10 @@ COLUMNS = {"score": "task score", "tokens_read_k": "tokens (k)", "interactivity"
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262}
 _RUN = re.compile(r"(?:(?P<task>[^/]+)/)?seed(?P<seed>\d+)/(?P<arm>[^/]+)$")
+MODES = ("reactive", "sharded")
+SHARDED_ARMS = ("sft_base", "proactive_base", "mediator", "ppo_mr_w2")
+# Rows played from another arm's checkpoint with simulator overrides: row -> (arm, overrides).
+DERIVED_ROWS = {"proactive_base": ("sft_base", {"instruction_rate": 1.0})}
 
 # ------------------------------------------------------------------------------------------------
 # Playing the test episodes.
@@ -83,22 +98,30 @@ def play(task, policy, params, intent, *, turns: int, reply_tokens: int, batch: 
   return {k: np.concatenate(v) for k, v in per_episode.items()}, first
 
 
-def load_policy(run_dir: str, turns: int, sharded: bool | None):
-  """(task, LM policy, params, reply budget, config) of a run's latest checkpoint."""
-  ck = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"))
-  try:
-    config = ck.restore_config()
-  finally:
-    ck.close()
-  sim = dict(config["sim"])
-  if sharded is not None:
-    sim["sharded"] = sharded
-  task = registry.make_task(config["task"], sim)
+def _restore_model(checkpoints: str, config: dict):
+  """(model, params) of the run checkpointed in `checkpoints`, built from its saved config."""
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(config["model"]))
   abstract = jax.eval_shape(lambda: transformer.init_params(model, jax.random.key(0)))
-  params = ckpt_lib.restore_params(os.path.join(run_dir, "checkpoints"), abstract)
+  return model, ckpt_lib.restore_params(checkpoints, abstract)
+
+
+def load_policy(run_dir: str, turns: int, sim: dict | None = None):
+  """(task, policy, params, reply budget, config) of a run's latest checkpoint, its simulator
+  fields overridden by `sim` (e.g. {"sharded": True}). A mediator run gives the
+  Mediator-Assistant, with params {"mediator", "assistant"}."""
+  checkpoints = os.path.join(run_dir, "checkpoints")
+  config = ckpt_lib.read_config(checkpoints)
+  task = registry.make_task(config["task"], {**config["sim"], **(sim or {})})
+  model, params = _restore_model(checkpoints, config)
   reply = task.answer_len + 3
   sc = sampling.SamplingConfig(max_new_tokens=reply, greedy=True, stop_tokens=(task.eot_id,))
+  if config.get("trainer") == "mediator":
+    if not config.get("assistant_from"):
+      raise ValueError(f"{run_dir}: a mediator run whose config names no assistant_from")
+    a_model, a_params = _restore_model(config["assistant_from"],
+                                       ckpt_lib.read_config(config["assistant_from"]))
+    policy = mediator_lib.MediatorAssistant(task, model, a_model, sc)
+    return task, policy, {"mediator": params, "assistant": a_params}, reply, config
   policy = rollout_lib.lm_policy(model, sc, chunk_width=task.sim.max_user_len + 4,
                                  max_turns=turns)
   return task, policy, params, reply, config
@@ -226,26 +249,47 @@ def reward_curve(run_dir: str) -> list[tuple[int, float]]:
           if "eval/reward" in r]
 
 
+def rows_of(arm: str, modes: Iterable[str]) -> list[tuple[str, dict]]:
+  """(row label, simulator overrides) of every row one run of `arm` gives in `modes`."""
+  unknown = sorted(set(modes) - set(MODES))
+  if unknown:
+    raise ValueError(f"unknown evaluation modes {unknown}; known: {MODES}")
+  names = [(arm, {})] + [(row, sim) for row, (src, sim) in DERIVED_ROWS.items() if src == arm]
+  out = []
+  for mode in modes:
+    for name, sim in names:
+      if mode == "reactive":
+        out.append((name, {**sim, "sharded": False}))
+      elif name in SHARDED_ARMS:
+        out.append((f"{name}@{mode}", {**sim, "sharded": True}))
+  return out
+
+
 def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: int, turns: int,
-                  batch: int, sharded: bool | None = None, baselines: Iterable[str] = (),
+                  batch: int, modes: Iterable[str] = ("reactive",), baselines: Iterable[str] = (),
                   samples: int = 3) -> dict[str, Any]:
+  runs, modes = list(runs), tuple(modes)
   per_arm: dict[str, list] = collections.defaultdict(list)
   curves: dict[str, list] = {}
   tasks_seen: dict[str, Any] = {}
   os.makedirs(os.path.join(out, "samples"), exist_ok=True)
   rng = np.random.default_rng(0)
-  for run_dir, arm, seed in metrics_lib.progress(list(runs), desc="evaluate"):
-    task, policy, params, reply, config = load_policy(run_dir, turns, sharded)
-    tasks_seen.setdefault(task.name, (task, reply))
+  jobs = [(run_dir, arm, seed, row, sim) for run_dir, arm, seed in runs
+          for row, sim in rows_of(arm, modes)]
+  for run_dir, arm, seed, row, sim in metrics_lib.progress(jobs, desc="evaluate"):
+    task, policy, params, reply, config = load_policy(run_dir, turns, sim)
+    if row == arm:
+      tasks_seen.setdefault(task.name, (task, reply))
     m, first = play(task, policy, params, test_intents(task, episodes), turns=turns,
                     reply_tokens=reply, batch=batch, seed=seed)
-    key = f"{task.name}:{arm}"
+    key = f"{task.name}:{row}"
     per_arm[key].append(summary(m, rng))
-    curves.setdefault(key, reward_curve(run_dir))
+    if row == arm:  # training curves belong to the run, not to each way of playing it
+      curves.setdefault(key, reward_curve(run_dir))
     if seed == min(s for _, a, s in runs if a == arm):
       text = conv_lib.decode(first.conv, task.tokenizer, range(min(samples, batch)))
-      with open(os.path.join(out, "samples", f"{task.name}_{arm}.txt"), "w") as f:
-        f.write(f"# {arm} (seed {seed}, {run_dir})\n\n" + "\n\n".join(text) + "\n")
+      with open(os.path.join(out, "samples", f"{task.name}_{row}.txt"), "w") as f:
+        f.write(f"# {row} (seed {seed}, {run_dir})\n\n" + "\n\n".join(text) + "\n")
   for name in baselines:
     for task, reply in tasks_seen.values():
       policy = {"oracle": rollout_lib.oracle_policy,
@@ -254,7 +298,7 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
                   reply_tokens=reply, batch=batch, seed=0)
       per_arm[f"{task.name}:{name}"].append(summary(m, rng))
   results = {k: {"per_seed": v, "over_seeds": over_seeds(v)} for k, v in per_arm.items()}
-  settings = {"episodes": episodes, "turns": turns, "sharded": sharded, "split": "test"}
+  settings = {"episodes": episodes, "turns": turns, "modes": list(modes), "split": "test"}
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"settings": settings, "results": results}, f, indent=1)
   with open(os.path.join(out, "results.md"), "w") as f:
@@ -274,7 +318,7 @@ def main(argv):
     raise SystemExit(f"error: no run with a finished checkpoint under {f.workdir}")
   out = f.out or f.workdir
   results = evaluate_runs(runs, out, episodes=f.episodes, turns=f.turns, batch=f.batch,
-                          sharded=True if f.sharded else None,
+                          modes=[m for m in f.modes.split(",") if m],
                           baselines=[b for b in f.baselines.split(",") if b])
   print(table(results))
   print(f"wrote {out}/results.json, results.md, plots/ and samples/")
@@ -287,7 +331,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("episodes", 512, "Test episodes per run.")
   flags.DEFINE_integer("turns", 4, "Assistant turns per conversation.")
   flags.DEFINE_integer("batch", 256, "Episodes per jitted rollout.")
-  flags.DEFINE_bool("sharded", False, "Simulator in sharded mode (one piece revealed per turn).")
+  flags.DEFINE_string("modes", "reactive", "Simulator modes, from reactive,sharded (sharded: "
+                      "one missing piece revealed per turn; played for SHARDED_ARMS only).")
   flags.DEFINE_string("baselines", "oracle,answer_now", "Scripted reference policies to add.")
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -21,6 +21,7 @@ TRAINERS = {
     "sft": "collab_rl.trainers.sft",
     "reward_model": "collab_rl.trainers.reward_model",
     "sim_sft": "collab_rl.trainers.sim_sft",
+    "mediator": "collab_rl.trainers.mediator",
     # Not a trainer, but a job of the same shape: config in, dataset and metrics out.
     "data_engine": "collab_rl.data.engine",
 }

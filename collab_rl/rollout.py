@@ -34,6 +34,7 @@ class Rollout:
   sim: Any  # the simulator's state at the end (for the slot tasks: slots.SimState)
   logprobs_BxL: jax.Array  # sampling log-prob of every assistant token, 0 elsewhere
   reply_lengths_BxT: jax.Array  # tokens the policy wrote in each of its turns (0: row was done)
+  watched: Any = None  # `watch(conv, sim)` after every turn, stacked [T, ...] (None: no watch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,8 +188,13 @@ def start(task, intent, max_len: int) -> tuple[conv_lib.Conversation, Any]:
 
 
 def take_turns(policy, simulator, params, conv, sim, key, num_turns: int, *,
-               logprobs_BxL=None, policy_state=None, prefix_width=None) -> Rollout:
-  """`num_turns` assistant turns, each answered by the simulator (MR's futures start here too)."""
+               logprobs_BxL=None, policy_state=None, prefix_width=None, watch=None) -> Rollout:
+  """`num_turns` assistant turns, each answered by the simulator (MR's futures start here too).
+
+  `watch(conv, sim) -> pytree`, if given, is read after every turn (the user's answer included):
+  what a caller needs of the intermediate states (e.g. the mediator's cuts) without the scan
+  returning every state.
+  """
   b = conv.batch
   ones = jnp.ones((b,), jnp.int32)
   if logprobs_BxL is None:
@@ -211,17 +217,18 @@ def take_turns(policy, simulator, params, conv, sim, key, num_turns: int, *,
     conv = conv_lib.append(conv, jnp.full((b, 1), simulator.user_header_id), ones, CONTEXT)
     conv = conv_lib.append(conv, user, user_len, USER, new_turn=False)
     conv = conv_lib.mark_done(conv, done & active)
-    return (conv, sim, pstate, logprobs_BxL), reply_len
+    seen = None if watch is None else watch(conv, sim)
+    return (conv, sim, pstate, logprobs_BxL), (reply_len, seen)
 
   if policy_state is None:
     policy_state = policy.init(params, conv, prefix_width)
-  (conv, sim, _, logprobs_BxL), lens_TxB = jax.lax.scan(
+  (conv, sim, _, logprobs_BxL), (lens_TxB, watched) = jax.lax.scan(
       turn, (conv, sim, policy_state, logprobs_BxL), jnp.arange(num_turns))
-  return Rollout(conv, sim, logprobs_BxL, lens_TxB.T)
+  return Rollout(conv, sim, logprobs_BxL, lens_TxB.T, watched)
 
 
 def rollout(policy, task, params, key, batch: int, *, num_turns: int,
-            max_len: int, intent=None, mesh=None) -> Rollout:
+            max_len: int, intent=None, mesh=None, watch=None) -> Rollout:
   """Fresh episodes (or the given intents) played for `num_turns` assistant turns.
 
   With a mesh, every [B, ...] array is split over data x fsdp, so each device plays its rows.
@@ -234,7 +241,7 @@ def rollout(policy, task, params, key, batch: int, *, num_turns: int,
   # The opening is `<bos> <user> request <eot>`: only that many columns need prefilling.
   prefix_width = 2 + int(task.first_request(intent)[0].shape[1])
   return take_turns(policy, task, params, conv, sim, k_turns, num_turns,
-                    prefix_width=prefix_width)
+                    prefix_width=prefix_width, watch=watch)
 
 
 def make_rollout(policy, task, *, batch: int, num_turns: int, max_len: int, mesh=None):

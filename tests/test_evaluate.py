@@ -29,7 +29,8 @@ def test_evaluate_writes_tables_intervals_plots_and_samples(runs, tmp_path):
   assert [(arm, seed) for _, arm, seed in found] == [("sft_base", 0), ("sft_base", 1)]
   results = evaluate.evaluate_runs(found, str(tmp_path), episodes=32, turns=3, batch=16,
                                    baselines=["oracle"])
-  assert set(results) == {"ambig_math:sft_base", "ambig_math:oracle"}
+  # The base once more with the instruction on every request: the Proactive Base.
+  assert set(results) == {"ambig_math:sft_base", "ambig_math:proactive_base", "ambig_math:oracle"}
   oracle = results["ambig_math:oracle"]["over_seeds"]
   assert oracle["score"]["mean"] == 1.0 and oracle["ask_answer_macro_f1"]["mean"] == 1.0
   base = results["ambig_math:sft_base"]
@@ -41,11 +42,12 @@ def test_evaluate_writes_tables_intervals_plots_and_samples(runs, tmp_path):
   on_disk = json.load(open(tmp_path / "results.json"))
   assert on_disk["settings"]["split"] == "test"
   table = open(tmp_path / "results.md").read().splitlines()
-  assert len(table) == 4 and all(line.count("|") == len(evaluate.METRICS) + 4 for line in table)
+  assert len(table) == 5 and all(line.count("|") == len(evaluate.METRICS) + 4 for line in table)
   for name in ("plots/ambig_math_bars.png", "plots/ambig_math_reward_curves.png",
-               "samples/ambig_math_sft_base.txt"):
+               "samples/ambig_math_sft_base.txt", "samples/ambig_math_proactive_base.txt"):
     assert os.path.getsize(tmp_path / name) > 0, name
   assert "<user>" in open(tmp_path / "samples/ambig_math_sft_base.txt").read()
+  assert "<user> clarify calc" in open(tmp_path / "samples/ambig_math_proactive_base.txt").read()
 
 
 def test_same_episodes_for_every_arm():
@@ -67,6 +69,10 @@ def test_headline_plan_runs_the_base_first_and_the_engine_before_offline_dpo():
     headline.commands("/r", ["ambig_math"], ["0"], ["dpo_offline"], "small")
   with pytest.raises(ValueError, match="unknown arms"):
     headline.commands("/r", ["ambig_math"], ["0"], ["ppo_vibes"], "small")
+  mediator = dict(headline.commands("/r", ["ambig_math"], ["0"], ["mediator"], "small"))
+  assert {"--config.init_from=/r/ambig_math/seed0/sft_base/checkpoints",
+          "--config.assistant_from=/r/ambig_math/seed0/sft_base/checkpoints"} <= set(
+              mediator["/r/ambig_math/seed0/mediator"])
 
 
 def test_every_arm_config_builds_for_every_task():

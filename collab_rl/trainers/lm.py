@@ -205,10 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   b = build(config, mesh)
   step_fn, eval_fn = b.step_fn, b.eval_fn
 
-  checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints",
-                                       max_to_keep=config.checkpoint.max_to_keep,
-                                       save_interval_steps=config.checkpoint.every_steps,
-                                       async_save=config.checkpoint.async_save)
+  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
   state, data_state, how = ckpt_lib.restore_or_init(checkpointer, b.abstract, b.create_fn,
                                                     init_from=config.init_from or None)
   logging.info("train state: %s (%d params)", how, transformer.count_params(state.params))

@@ -116,10 +116,7 @@ def build(config, workdir: str, task, mcfg, mesh, rcfg) -> Setup:
   rules = sharding_lib.rules_from_config(config.get("partition_rules"))
   create_fn, abstract, shardings = state_lib.init_sharded(
       state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
-  checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints",
-                                       max_to_keep=config.checkpoint.max_to_keep,
-                                       save_interval_steps=config.checkpoint.every_iterations,
-                                       async_save=config.checkpoint.async_save)
+  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint, "every_iterations")
   state, data_state, how = ckpt_lib.restore_or_init(checkpointer, abstract, create_fn,
                                            init_from=config.init_from or None)
   # The reference is the run's starting policy, rebuilt the same way on every resume (frozen

@@ -353,10 +353,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   mesh, task = check_config(config)
   b = build(config, mesh, task)
-  checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints",
-                                       max_to_keep=config.checkpoint.max_to_keep,
-                                       save_interval_steps=config.checkpoint.every_steps,
-                                       async_save=config.checkpoint.async_save)
+  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
   state, _, how = ckpt_lib.restore_or_init(checkpointer, b.abstract, b.create_fn,
                                            init_from=config.init_from or None)
   logging.info("train state: %s (%d params)", how, transformer.count_params(state.params))
