@@ -17,6 +17,9 @@ the shared SFT base with `init_from`, and keep it as their frozen KL reference):
   ppo_ext_int      PPO, next-turn reward: R* of the conversation so far (w = 0)
   ppo_mr_w1..3     PPO, multiturn-aware reward with window 1, 2, 3
   dpo_online       online DPO on MR-ranked candidates
+  mediator         Mediator-Assistant: a mediator (SFT from the base's weights) rewrites the
+                   conversation into one explicit request that the unchanged base answers;
+                   needs `--config.assistant_from` (the base's checkpoints) too
   data_engine      MR-ranked candidates of the base, written as TFDS (offline DPO's data)
   dpo_offline      offline DPO on the data engine's pairs
 
@@ -27,11 +30,13 @@ CI-scale runs use) or `size=full` (width 128, 4 layers, longer runs).
 
 import ml_collections
 
+from collab_rl import rollout as rollout_lib
 from collab_rl.tasks import registry
-from experiments import data_engine, dpo_ambig_math, ppo_ambig_math, sft_base, variants
+from experiments import (data_engine, dpo_ambig_math, mediator, ppo_ambig_math, sft_base,
+                         variants)
 
 ARMS = ("sft_base", "ppo_helpfulness", "ppo_ext", "ppo_ext_int", "ppo_mr_w1", "ppo_mr_w2",
-        "ppo_mr_w3", "dpo_online", "data_engine", "dpo_offline")
+        "ppo_mr_w3", "dpo_online", "mediator", "data_engine", "dpo_offline")
 TASKS = ("ambig_math", "doc_edit", "code_spec")
 _PPO_REWARD = {"ppo_helpfulness": ("helpfulness", 0), "ppo_ext": ("next_turn_ext", 0),
                "ppo_ext_int": ("next_turn_ext_int", 0), "ppo_mr_w1": ("mr", 1),
@@ -71,6 +76,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Proactive Base when evaluated with the instruction (evaluate.py's proactive_base row).
     c.instruction_share = 0.3
     c.num_steps = 1200 if small else 3000
+    # As many turns as the RL arms play and evaluation scores (4): a base that never saw a
+    # fourth turn writes noise there, and the last answer is the one scored.
+    c.num_turns = 4
+    task_obj = registry.make_task(task, {**base.sim.to_dict(), "instruction_rate": 0.5})
+    c.max_len = rollout_lib.conversation_len(task_obj, c.num_turns, task_obj.answer_len + 1)
     c.eval_every = c.checkpoint.every_steps = 400 if small else 500
   elif arm.startswith("ppo_"):
     kind, window = _PPO_REWARD[arm]
@@ -82,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ppo.gamma = 0.0
     c.num_iterations = 60 if small else 300
     c.eval_every = c.checkpoint.every_iterations = 20 if small else 50
+  elif arm == "mediator":
+    # 300 steps at size=small (experiments/mediator.py has the measured results): 1.5 to 2 min on
+    # 2 CPU cores shared with other jobs, about a third of it compiling and evaluating.
+    c = mediator.get_config(f"task={task}" + (",runlocal" if small else ""))
   elif arm == "data_engine":
     c = data_engine.get_config("runlocal" if small else None)
     c.reward.window = 2

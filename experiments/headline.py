@@ -9,7 +9,8 @@ Order per (task, seed): the SFT base first, then each arm from it (`init_from`),
 before offline DPO (which reads its dataset). Each run is `python -m collab_rl.main` in a child
 process, logging to `<run>/log.txt`, so a failed arm names its log and the others go on; a run
 that finished before (`<run>/DONE`) is not repeated, and an interrupted one resumes from its
-checkpoint. `--print_only` prints the commands (what `launch/` turns into one job per arm on
+checkpoint. `--jobs N` runs N at a time on a many-core host, each child pinned to its own
+share of the CPUs, every run waiting for the ones it needs. `--print_only` prints the commands (what `launch/` turns into one job per arm on
 Cloud TPU) without running them. Finally `collab_rl.evaluate` plays the test episodes with
 every run and writes `results.json`, `results.md`, plots and samples into the workdir.
 """
@@ -50,6 +51,8 @@ def commands(workdir: str, tasks, seeds, arms, size: str,
         if arm != "sft_base":
           argv.append(f"--config.init_from={base}/checkpoints")
           argv += list(overrides) if arm.startswith(("ppo", "dpo")) else []
+        if arm == "mediator":  # the base is also the assistant it rewrites for
+          argv.append(f"--config.assistant_from={base}/checkpoints")
         data = os.path.join(run_dir(workdir, task, seed, "data_engine"), "data")
         if arm == "data_engine":
           argv.append(f"--config.data_dir={data}")
@@ -69,7 +72,88 @@ def define_flags() -> None:
   flags.DEFINE_enum("size", "small", list(collab_arms.SIZES), "Model and run length.")
   flags.DEFINE_integer("episodes", 512, "Test episodes per run in the evaluation.")
   flags.DEFINE_bool("print_only", False, "Print the commands, run nothing.")
+  flags.DEFINE_bool("evaluate", True, "Evaluate every finished run at the end (--noevaluate: "
+                    "train only, e.g. to evaluate per task elsewhere).")
+  flags.DEFINE_integer("jobs", 1, "Runs at a time (each pinned to its share of the CPUs); "
+                       "a run starts once the runs it needs have finished.", lower_bound=1)
   flags.DEFINE_multi_string("override", [], "--config.x=y added to every RL arm.")
+
+
+def needs(run: str) -> list[str]:
+  """Runs that must have finished before `run` starts: the base of its (task, seed), and the
+  data engine for offline DPO."""
+  here, arm = os.path.split(run)
+  if arm == "sft_base":
+    return []
+  return [os.path.join(here, "sft_base")] + (
+      [os.path.join(here, "data_engine")] if arm == "dpo_offline" else [])
+
+
+def cpu_groups(jobs: int) -> list[set[int] | None]:
+  """Disjoint CPU sets, one per parallel job, so that N children (each sizing its XLA thread
+  pool from its affinity) do not all spread over every core. None: no pinning (one job, or a
+  platform without affinity)."""
+  if jobs == 1 or not hasattr(os, "sched_getaffinity"):
+    return [None] * jobs
+  cpus = sorted(os.sched_getaffinity(0))
+  if len(cpus) < jobs:
+    raise ValueError(f"--jobs={jobs} is more than the {len(cpus)} CPUs this process may use")
+  per = len(cpus) // jobs
+  return [set(cpus[i * per:(i + 1) * per]) for i in range(jobs)]
+
+
+def pinned(cmd: list[str], cpus: set[int] | None) -> list[str]:
+  """`cmd` (a Python command) started on `cpus` only: the child sets its own affinity and then
+  becomes the command (no `preexec_fn`, which forks a multithreaded parent unsafely)."""
+  if cpus is None:
+    return cmd
+  boot = ("import os, sys; os.sched_setaffinity(0, %r); "
+          "os.execv(sys.executable, [sys.executable] + sys.argv[1:])" % sorted(cpus))
+  return [cmd[0], "-c", boot, *cmd[1:]]
+
+
+def run_all(jobs: list[tuple[str, list[str]]], parallel: int, bar) -> list[str]:
+  """Runs every job whose `DONE` marker is missing, up to `parallel` at a time, each after the
+  runs it `needs`; a job whose dependency failed is not started. Returns the failed runs."""
+  done = lambda d: os.path.exists(os.path.join(d, "DONE"))
+  pending = [(d, cmd) for d, cmd in jobs if not done(d)]
+  bar.update(len(jobs) - len(pending))
+  free, running, failed = cpu_groups(parallel), {}, []
+  while pending or running:
+    for d, cmd in list(pending):
+      if not free:
+        break
+      if any(n in failed for n in needs(d)):
+        failed.append(d)
+        pending.remove((d, cmd))
+        bar.write(f"SKIPPED: {d} (a run it needs failed)")
+        bar.update()
+        continue
+      if not all(done(n) for n in needs(d)):
+        continue
+      pending.remove((d, cmd))
+      os.makedirs(d, exist_ok=True)
+      cpus = free.pop()
+      log = open(os.path.join(d, "log.txt"), "w")  # pylint: disable=consider-using-with
+      proc = subprocess.Popen(pinned(cmd, cpus), stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+      running[proc] = (d, time.perf_counter(), log, cpus)
+      bar.set_postfix_str(", ".join(os.path.basename(r[0]) for r in running.values()))
+    if not running:
+      continue  # everything left waits on failed runs: the loop above drops them
+    time.sleep(0.2)
+    for proc in [p for p in running if p.poll() is not None]:
+      d, t0, log, cpus = running.pop(proc)
+      log.close()
+      free.append(cpus)
+      if proc.returncode:
+        failed.append(d)
+        bar.write(f"FAILED ({proc.returncode}): {d}; see {d}/log.txt")
+      else:
+        with open(os.path.join(d, "DONE"), "w") as f:
+          f.write(f"{time.perf_counter() - t0:.1f} s\n")
+      bar.update()
+  return failed
 
 
 def main(argv):
@@ -85,31 +169,18 @@ def main(argv):
     return
   from collab_rl import evaluate, metrics  # pylint: disable=g-import-not-at-top
 
-  failed = []
-  bar = metrics.progress(jobs, desc="headline")
-  for d, cmd in bar:
-    bar.set_postfix_str(os.path.relpath(d, workdir))
-    if os.path.exists(os.path.join(d, "DONE")):
-      continue
-    base_failed = any(f.startswith(os.path.dirname(d)) and f.endswith("sft_base") for f in failed)
-    if base_failed:
-      failed.append(d)
-      continue
-    os.makedirs(d, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(os.path.join(d, "log.txt"), "w") as log:
-      rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT,
-                           env={**os.environ, "PYTHONPATH": os.getcwd()})
-    if rc:
-      failed.append(d)
-      bar.write(f"FAILED ({rc}): {d}; see {d}/log.txt")
-    else:
-      with open(os.path.join(d, "DONE"), "w") as done:
-        done.write(f"{time.perf_counter() - t0:.1f} s\n")
+  bar = metrics.progress(total=len(jobs), desc="headline")
+  failed = run_all(jobs, f.jobs, bar)
+  bar.close()
+  if not f.evaluate:
+    if failed:
+      raise SystemExit(f"{len(failed)} run(s) failed: {failed}")
+    return
   runs = [r for r in evaluate.find_runs(workdir)
           if os.path.exists(os.path.join(r[0], "DONE"))]
   results = evaluate.evaluate_runs(runs, workdir, episodes=f.episodes, turns=4,
-                                   batch=256, baselines=["oracle", "answer_now"])
+                                   batch=256, baselines=["oracle", "answer_now"],
+                                   modes=evaluate.MODES if "mediator" in f.arms else ("reactive",))
   print(evaluate.table(results))
   print(f"results: {workdir}/results.md, plots/ and samples/")
   if failed:
