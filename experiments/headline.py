@@ -169,6 +169,10 @@ def main(argv):
     return
   from collab_rl import evaluate, metrics  # pylint: disable=g-import-not-at-top
 
+  # Arm-major order: every base first, then each arm (in the order --arms lists them) over all
+  # tasks and seeds, so that a sweep cut short has the first-listed arms everywhere.
+  rank = {a: i for i, a in enumerate(["sft_base"] + [a for a in f.arms if a != "sft_base"])}
+  jobs.sort(key=lambda job: rank[os.path.basename(job[0])])
   bar = metrics.progress(total=len(jobs), desc="headline")
   failed = run_all(jobs, f.jobs, bar)
   bar.close()
