@@ -64,6 +64,8 @@ _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          9: 2.262}
 _RUN = re.compile(r"(?:(?P<task>[^/]+)/)?seed(?P<seed>\d+)/(?P<arm>[^/]+)$")
 MODES = ("reactive", "sharded")
+# Scripted reference policies that read the intent (rollout.py): rows of their own.
+BASELINES = {"oracle": rollout_lib.oracle_policy, "answer_now": rollout_lib.answer_now_policy}
 SHARDED_ARMS = ("sft_base", "proactive_base", "mediator", "ppo_mr_w2")
 # Rows played from another arm's checkpoint with simulator overrides: row -> (arm, overrides).
 DERIVED_ROWS = {"proactive_base": ("sft_base", {"instruction_rate": 1.0})}
@@ -186,6 +188,35 @@ def table(results: dict[str, dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def merge(paths: Iterable[str], out: str | None = None) -> dict[str, Any]:
+  """One comparison from several `results.json` (e.g. one evaluation process per seed, run in
+  parallel): every row's per-seed summaries concatenated, the over-seed intervals recomputed.
+  The scripted baselines play the same test episodes everywhere, so only their first copy is
+  kept. Writes `results.json` and `results.md` into `out` if given."""
+  per_seed: dict[str, list] = collections.defaultdict(list)
+  settings = None
+  for path in paths:
+    with open(path) as f:
+      data = json.load(f)
+    if settings is not None and data["settings"]["episodes"] != settings["episodes"]:
+      raise ValueError(f"{path}: {data['settings']['episodes']} episodes per run, the files "
+                       f"before it {settings['episodes']}; they do not make one comparison")
+    settings = settings or data["settings"]
+    for key, r in data["results"].items():
+      if key.split(":", 1)[1] in BASELINES and per_seed.get(key):
+        continue
+      per_seed[key] += r["per_seed"]
+  results = {k: {"per_seed": v, "over_seeds": over_seeds(v)} for k, v in per_seed.items()}
+  if out:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+      json.dump({"settings": {**(settings or {}), "merged_from": list(paths)},
+                 "results": results}, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:
+      f.write(table(results))
+  return results
+
+
 # ------------------------------------------------------------------------------------------------
 # Runs, plots and the CLI body.
 # ------------------------------------------------------------------------------------------------
@@ -292,8 +323,7 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
         f.write(f"# {row} (seed {seed}, {run_dir})\n\n" + "\n\n".join(text) + "\n")
   for name in baselines:
     for task, reply in tasks_seen.values():
-      policy = {"oracle": rollout_lib.oracle_policy,
-                "answer_now": rollout_lib.answer_now_policy}[name](task)
+      policy = BASELINES[name](task)
       m, _ = play(task, policy, None, test_intents(task, episodes), turns=turns,
                   reply_tokens=reply, batch=batch, seed=0)
       per_arm[f"{task.name}:{name}"].append(summary(m, rng))
@@ -313,7 +343,17 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # the table, not Orbax narrating every restore
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
+  if f.merge:
+    if not f.out:
+      raise SystemExit("error: --merge needs --out")
+    print(table(merge(f.merge, f.out)))
+    print(f"wrote {f.out}/results.json and results.md")
+    return
+  if not f.workdir:
+    raise SystemExit("error: --workdir (or --merge) is required")
   runs = find_runs(f.workdir)
+  if f.done_only:  # the sweep's marker of a run that reached its last step
+    runs = [r for r in runs if os.path.exists(os.path.join(r[0], "DONE"))]
   if not runs:
     raise SystemExit(f"error: no run with a finished checkpoint under {f.workdir}")
   out = f.out or f.workdir
@@ -334,5 +374,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("modes", "reactive", "Simulator modes, from reactive,sharded (sharded: "
                       "one missing piece revealed per turn; played for SHARDED_ARMS only).")
   flags.DEFINE_string("baselines", "oracle,answer_now", "Scripted reference policies to add.")
-  flags.mark_flags_as_required(["workdir"])
+  flags.DEFINE_bool("done_only", False, "Only runs the sweep marked finished (`DONE`), not "
+                    "the latest checkpoint of one cut short.")
+  flags.DEFINE_list("merge", [], "results.json files to merge into one comparison in --out "
+                    "(e.g. one evaluation per seed run in parallel); plays nothing.")
   app.run(main)

@@ -136,7 +136,8 @@ def run_all(jobs: list[tuple[str, list[str]]], parallel: int, bar) -> list[str]:
       cpus = free.pop()
       log = open(os.path.join(d, "log.txt"), "w")  # pylint: disable=consider-using-with
       proc = subprocess.Popen(pinned(cmd, cpus), stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  [os.getcwd()] + [p for p in [os.environ.get("PYTHONPATH")] if p])})
       running[proc] = (d, time.perf_counter(), log, cpus)
       bar.set_postfix_str(", ".join(os.path.basename(r[0]) for r in running.values()))
     if not running:

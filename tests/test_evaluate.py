@@ -50,6 +50,36 @@ def test_evaluate_writes_tables_intervals_plots_and_samples(runs, tmp_path):
   assert "<user> clarify calc" in open(tmp_path / "samples/ambig_math_proactive_base.txt").read()
 
 
+def test_merge_joins_per_seed_evaluations(tmp_path):
+  """Per-seed results.json (evaluations run in parallel) merge into the over-seed comparison;
+  the scripted baselines, identical in every file, count once."""
+  def summary(score):
+    return {**{k: {"mean": score, "ci": 0.01} for k in evaluate.METRICS}, "episodes": 8}
+
+  paths = []
+  for seed, score in enumerate((0.5, 0.7, 0.9)):
+    d = tmp_path / f"seed{seed}"
+    d.mkdir()
+    with open(d / "results.json", "w") as f:
+      json.dump({"settings": {"episodes": 8, "turns": 4, "split": "test"}, "results": {
+          "t:ppo_mr_w2": {"per_seed": [summary(score)]},
+          "t:oracle": {"per_seed": [summary(1.0)]}}}, f)
+    paths.append(str(d / "results.json"))
+  merged = evaluate.merge(paths, str(tmp_path / "all"))
+  mr = merged["t:ppo_mr_w2"]["over_seeds"]
+  assert mr["seeds"] == 3 and mr["score"]["mean"] == pytest.approx(0.7)
+  assert mr["score"]["ci"] == pytest.approx(4.303 * 0.2 / np.sqrt(3))  # t(0.975, 2), sd 0.2
+  assert merged["t:oracle"]["over_seeds"]["seeds"] == 1
+  assert "| t | ppo_mr_w2 | 3 | 0.700 ±" in open(tmp_path / "all" / "results.md").read()
+  with open(tmp_path / "seed2" / "results.json") as f:
+    other = json.load(f)
+  other["settings"]["episodes"] = 16
+  with open(tmp_path / "seed2" / "results.json", "w") as f:
+    json.dump(other, f)
+  with pytest.raises(ValueError, match="16 episodes per run"):
+    evaluate.merge(paths)
+
+
 def test_same_episodes_for_every_arm():
   from collab_rl.tasks import registry
   task = registry.make_task("ambig_math")
