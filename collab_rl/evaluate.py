@@ -82,14 +82,35 @@ def test_intents(task, n: int):
   return jax.tree_util.tree_map(lambda x: x[:n], intent)
 
 
-def play(task, policy, params, intent, *, turns: int, reply_tokens: int, batch: int, seed: int):
-  """Per-episode metrics of `policy` on `intent` (all episodes), and the first batch's rollout."""
+# Jitted rollouts by (program key, turns, batch, columns): runs of one model and task config
+# (every seed of an arm, most arms of a sweep) compile once.
+_PROGRAMS: dict[tuple, Any] = {}
+
+
+def program_key(config: dict, sim: dict | None) -> str:
+  """What determines a run's evaluation program: task, simulator, model(s); not the params."""
+  assistant = (ckpt_lib.read_config(config["assistant_from"])["model"]
+               if config.get("trainer") == "mediator" else None)
+  return json.dumps({"task": config["task"], "sim": {**config["sim"], **(sim or {})},
+                     "model": config["model"], "assistant": assistant}, sort_keys=True,
+                    default=str)
+
+
+def play(task, policy, params, intent, *, turns: int, reply_tokens: int, batch: int, seed: int,
+         key: str | None = None):
+  """Per-episode metrics of `policy` on `intent` (all episodes), and the first batch's rollout.
+  With `key` (`program_key`), the compiled rollout is shared with earlier calls of that key."""
   n = intent.values_BxK.shape[0]
   if n % batch:
     raise ValueError(f"episodes={n} must be a multiple of the evaluation batch {batch}")
   columns = rollout_lib.conversation_len(task, turns, reply_tokens)
-  run = jax.jit(lambda p, i, k: rollout_lib.rollout(
-      policy, task, p, k, batch, num_turns=turns, max_len=columns, intent=i))
+  cache_key = None if key is None else (key, turns, batch, columns)
+  run = _PROGRAMS.get(cache_key) if cache_key else None
+  if run is None:
+    run = jax.jit(lambda p, i, k: rollout_lib.rollout(
+        policy, task, p, k, batch, num_turns=turns, max_len=columns, intent=i))
+    if cache_key:
+      _PROGRAMS[cache_key] = run
   per_episode, first = collections.defaultdict(list), None
   for start in range(0, n, batch):
     part = jax.tree_util.tree_map(lambda x: x[start:start + batch], intent)
@@ -312,7 +333,7 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
     if row == arm:
       tasks_seen.setdefault(task.name, (task, reply))
     m, first = play(task, policy, params, test_intents(task, episodes), turns=turns,
-                    reply_tokens=reply, batch=batch, seed=seed)
+                    reply_tokens=reply, batch=batch, seed=seed, key=program_key(config, sim))
     key = f"{task.name}:{row}"
     per_arm[key].append(summary(m, rng))
     if row == arm:  # training curves belong to the run, not to each way of playing it
