@@ -34,6 +34,17 @@ PyTree = Any
 _STATE, _DATA, _CONFIG = "state", "data", "config"
 
 
+class _QuietReadOnly:
+  """Drops Orbax's warning that a manager opened to read is read-only: that is what we asked
+  for, and evaluation opens one per run, burying the progress bar and any real warning."""
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.get_absl_logger().addFilter(_QuietReadOnly())
+
+
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
   # Explicit handlers let a fresh manager read item metadata before any restore call.
   return {
