@@ -134,7 +134,7 @@ RULES_8B = sharding.LLAMA_RULES
 def kv_cache_specs(cache):
   """PartitionSpecs for a KVCache pytree: rows over data x fsdp, kv heads over model."""
   def spec(x):
-    if x.ndim == 4:  # [B, K, S, H]
+    if x.ndim == 4:  # keys [B, K, H, S], values [B, K, S, H]
       return P(sharding.BATCH_AXES, "model", None, None)
     return P(sharding.BATCH_AXES) if x.ndim else P()  # valid/positions [B, S]; index
   return jax.tree_util.tree_map(spec, cache)

@@ -9,6 +9,13 @@ stop), greedy and sampled (temperature 1, no top-k/top-p), batch 1 and 16; new t
 median wall time of `--repeats` calls after a warm-up (compilation excluded). Train step: batch
 16 x 256, AdamW (lr 1e-3), next-token loss, forward + backward + update; tokens/s from the median
 step time.
+
+`--host_devices 2` (the default) splits XLA's CPU into 2 devices and runs the batch-16
+generation and the train step data-parallel over them (`sharding.batch_sharding`): the decode
+step's dots at 8-16 rows run on one thread each (YNNPACK never splits a dot that small over
+threads, as a perfetto trace shows), so one device leaves the second core idle while torch uses
+both. Batch 1 cannot be split and runs on one device. `--host_devices 1` gives the single-device
+figures.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from experiments.bench import common
 _OUT = flags.DEFINE_string("out", "bench_out/vs_transformers.json", "Where the JSON goes.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
 _THREADS = flags.DEFINE_integer("threads", 2, "Threads for torch (XLA uses the machine's cores).")
+_HOST_DEVICES = flags.DEFINE_integer("host_devices", 2, "XLA CPU devices the batch-16 runs are "
+                                     "split over (data parallel); 1: one device.", lower_bound=1)
 
 HF_CONFIG = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
@@ -76,30 +85,43 @@ def bench_collab_rl(folder: str, repeats: int) -> dict:
   import optax
 
   from collab_rl import sampling
+  from collab_rl import sharding as sharding_lib
   from collab_rl import train_state as state_lib
   from collab_rl.models import hf
   from collab_rl.trainers import lm
 
   model, params = hf.load_pretrained(folder)
-  out = {"generation": {}}
+  mesh = sharding_lib.make_mesh((-1, 1, 1)) if len(jax.devices()) > 1 else None
+
+  def place(tree, batched: bool):
+    """On one device, or (batch > 1 and several devices) split over the mesh's data axis."""
+    if mesh is None or not batched:
+      return jax.device_put(tree, jax.devices()[0])
+    return jax.device_put(tree, sharding_lib.batch_sharding(mesh))
+
+  params_1 = place(params, False)
+  params_n = params_1 if mesh is None else jax.device_put(params, sharding_lib.replicated(mesh))
+  out = {"generation": {}, "host_devices": len(jax.devices())}
   for greedy in (True, False):
     sample = sampling.make_sampler(model, sampling.SamplingConfig(
         max_new_tokens=NEW, greedy=greedy, temperature=1.0))
     for batch in (1, 16):
-      prompt = jax.random.randint(jax.random.key(1), (batch, PROMPT), 1, HF_CONFIG["vocab_size"])
-      lengths = jnp.full((batch,), PROMPT)
-      sec = common.median_seconds(lambda: sample(params, prompt, lengths, jax.random.key(2)).tokens_BxN,
-                    repeats, jax.block_until_ready)
+      prompt = place(jax.random.randint(jax.random.key(1), (batch, PROMPT), 1,
+                                        HF_CONFIG["vocab_size"]), batch > 1)
+      lengths = place(jnp.full((batch,), PROMPT), batch > 1)
+      p = params_n if batch > 1 else params_1
+      sec = common.median_seconds(lambda: sample(p, prompt, lengths, jax.random.key(2)).tokens_BxN,
+                                  repeats, jax.block_until_ready)
       name = f"{'greedy' if greedy else 'sampled'}_b{batch}"
       out["generation"][name] = {"seconds": sec, "new_tokens_per_s": batch * NEW / sec}
       print(f"collab_rl {name}: {batch * NEW / sec:,.0f} new tokens/s")
 
   tx = optax.adamw(1e-3)
-  holder = [state_lib.create(params, tx, jax.random.key(3))]
+  holder = [state_lib.create(params_n, tx, jax.random.key(3))]
   step = jax.jit(lambda s, b: lm.train_step(model, tx, s, b), donate_argnums=0)
-  batch = {"tokens": jax.random.randint(jax.random.key(4), (TRAIN_BATCH, TRAIN_LEN + 1), 1,
-                                        HF_CONFIG["vocab_size"]),
-           "length": jnp.full((TRAIN_BATCH,), TRAIN_LEN + 1)}
+  batch = place({"tokens": jax.random.randint(jax.random.key(4), (TRAIN_BATCH, TRAIN_LEN + 1), 1,
+                                              HF_CONFIG["vocab_size"]),
+                 "length": jnp.full((TRAIN_BATCH,), TRAIN_LEN + 1)}, True)
 
   def one():
     holder[0], m = step(holder[0], batch)
@@ -113,6 +135,9 @@ def bench_collab_rl(folder: str, repeats: int) -> dict:
 
 def main(argv):
   del argv
+  # Before JAX initialises its CPU backend.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                             f"device_count={_HOST_DEVICES.value}")
   import jax
   import torch
   import transformers
