@@ -99,8 +99,8 @@ def test_extra_leaves_round_trip_and_failed_build_keeps_old(tmp_path):
   data_dir = str(tmp_path)
   path = builders.prepare(ExtraEpisodes, data_dir, sizes={"train": 8})
   task = ExtraTask()
-  assert set(builders.intent_spec(task)) == {"values", "missing", "ambiguous", "extra.inputs",
-                                             "extra.scale.0", "extra.scale.1"}
+  assert set(builders.intent_spec(task)) == {"values", "missing", "ambiguous", "instructed",
+                                             "extra.inputs", "extra.scale.0", "extra.scale.1"}
   key = jax.random.fold_in(jax.random.key(0), 0)
   expected = jax.tree_util.tree_map(lambda x: x[:8], task.sample_intents(key, builders.CHUNK))
   got = loader.intent_from_batch(task, read_split(data_dir, "extra_task", "train"))

@@ -62,7 +62,8 @@ def _layout(task: slots_lib.SlotTask) -> tuple[dict[str, jax.ShapeDtypeStruct], 
   b = 2
   shapes = jax.eval_shape(lambda: task.sample_intents(jax.random.key(0), b))
   named = [("values", shapes.values_BxK), ("missing", shapes.missing_BxK),
-           ("ambiguous", shapes.ambiguous_B)] + _extra_names(shapes.extra)
+           ("ambiguous", shapes.ambiguous_B), ("instructed", shapes.instructed_B)
+           ] + _extra_names(shapes.extra)
   spec = {}
   for name, s in named:
     numeric = np.issubdtype(s.dtype, np.number) or s.dtype == bool
@@ -83,6 +84,8 @@ def flatten_intent(intent: slots_lib.Intent) -> dict[str, np.ndarray]:
   intent = jax.device_get(intent)
   out = {"values": intent.values_BxK, "missing": intent.missing_BxK,
          "ambiguous": intent.ambiguous_B}
+  if intent.instructed_B is not None:
+    out["instructed"] = intent.instructed_B
   out.update(_extra_names(intent.extra))
   return {k: np.asarray(v) for k, v in out.items()}
 
@@ -90,7 +93,9 @@ def flatten_intent(intent: slots_lib.Intent) -> dict[str, np.ndarray]:
 def intent_from_batch(task: slots_lib.SlotTask, batch: Mapping[str, Any]) -> slots_lib.Intent:
   """A batch of task records (numpy, leading batch axis) -> the task's Intent pytree."""
   spec, treedef = _layout(task)
-  absent = [n for n in spec if n not in batch]
+  # `instructed` (the proactive instruction) is optional: datasets written before it existed
+  # read as uninstructed episodes.
+  absent = [n for n in spec if n not in batch and n != "instructed"]
   if absent:
     raise ValueError(f"task {task.name}: the batch lacks {absent}; was it built for this task?")
 
@@ -103,7 +108,8 @@ def intent_from_batch(task: slots_lib.SlotTask, batch: Mapping[str, Any]) -> slo
 
   extra_names = [n for n in spec if n.startswith("extra")]
   extra = jax.tree_util.tree_unflatten(treedef, [get(n) for n in extra_names])
-  return slots_lib.Intent(get("values"), get("missing"), get("ambiguous"), extra)
+  return slots_lib.Intent(get("values"), get("missing"), get("ambiguous"), extra,
+                          get("instructed") if "instructed" in batch else None)
 
 
 def sample_chunk(task: slots_lib.SlotTask, split: str, chunk: int) -> slots_lib.Intent:
