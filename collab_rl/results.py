@@ -1,0 +1,113 @@
+"""Statistics and tables of evaluation results: per-run intervals over episodes, over-seed t
+intervals, the Markdown table, and merging evaluations run separately (`evaluate.py` plays the
+episodes; this module only counts).
+
+Intervals: over episodes, mean +- 1.96 standard errors (a bootstrap of 1000 resamples for the
+macro F1, which is not a mean); over seeds, the t interval of the seed means (t_{0.975, n-1}).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+from collab_rl.tasks import scoring
+
+METRICS = ("score", "tokens_read_k", "interactivity", "ask_when_ambiguous", "answer_when_clear",
+           "ask_answer_macro_f1", "turns", "tokens_per_solved_k")
+COLUMNS = {"score": "task score", "tokens_read_k": "tokens (k)", "interactivity": "interactivity",
+           "ask_when_ambiguous": "ask when ambiguous", "answer_when_clear": "answer when clear",
+           "ask_answer_macro_f1": "ask/answer F1", "turns": "turns",
+           "tokens_per_solved_k": "tokens/solved (k)"}
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262}
+# Rows of the scripted reference policies: the same test episodes in every evaluation.
+BASELINE_ROWS = ("oracle", "answer_now")
+
+
+def summary(m: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
+  """Each metric's mean and 95% interval over the episodes of one run."""
+  amb = m["ambiguous"].astype(bool)
+  ask, ans = m["asked_first"].astype(bool), m["answered_first"].astype(bool)
+  per_ep = {"score": m["score"], "tokens_read_k": m["tokens_read"] / 1000,
+            "interactivity": m["interactivity"], "turns": m["turns"],
+            "ask_when_ambiguous": ask[amb], "answer_when_clear": ans[~amb]}
+  out = {}
+  for k, x in per_ep.items():
+    x = np.asarray(x, np.float64)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+    out[k] = {"mean": float(x.mean()) if len(x) else float("nan"), "ci": half}
+  f1 = scoring.ask_answer_summary(amb, ask, ans)["ask_answer_macro_f1"]
+  boot = [scoring.ask_answer_summary(amb[i], ask[i], ans[i])["ask_answer_macro_f1"]
+          for i in (rng.integers(0, len(amb), len(amb)) for _ in range(1000))]
+  out["ask_answer_macro_f1"] = {"mean": f1, "ci": float(np.subtract(*np.percentile(
+      boot, [97.5, 2.5])) / 2)}
+  solved = max(int(m["solved"].sum()), 1)
+  out["tokens_per_solved_k"] = {"mean": float(m["tokens_read"].sum() / solved / 1000),
+                                "ci": float("nan")}
+  out["episodes"] = int(len(amb))
+  return out
+
+
+def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+  """Mean of the seed means and its t interval (nan with one seed)."""
+  out = {}
+  for k in METRICS:
+    x = np.array([s[k]["mean"] for s in per_seed], np.float64)
+    n = len(x)
+    half = _T975.get(n - 1, 1.96) * x.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+    out[k] = {"mean": float(x.mean()), "ci": float(half),
+              "per_seed": [float(v) for v in x]}
+  out["seeds"] = len(per_seed)
+  return out
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+  """Markdown, one row per (task, arm): seed mean +- interval over seeds (episodes if 1 seed)."""
+  head = "| task | arm | seeds | " + " | ".join(COLUMNS[k] for k in METRICS) + " |"
+  lines = [head, "|" + " --- |" * (len(METRICS) + 3)]
+  for key in sorted(results):
+    r = results[key]
+    task, arm = key.split(":", 1)
+    cells = []
+    for k in METRICS:
+      mean, ci = r["over_seeds"][k]["mean"], r["over_seeds"][k]["ci"]
+      if r["over_seeds"]["seeds"] == 1:
+        ci = r["per_seed"][0][k]["ci"]
+      cells.append(f"{mean:.3f}" + ("" if math.isnan(ci) else f" ± {ci:.3f}"))
+    lines.append(f"| {task} | {arm} | {r['over_seeds']['seeds']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def merge(paths: Iterable[str], out: str | None = None) -> dict[str, Any]:
+  """One comparison from several `results.json` (e.g. one evaluation process per seed, run in
+  parallel): every row's per-seed summaries concatenated, the over-seed intervals recomputed.
+  The scripted baselines play the same test episodes everywhere, so only their first copy is
+  kept. Writes `results.json` and `results.md` into `out` if given."""
+  per_seed: dict[str, list] = collections.defaultdict(list)
+  settings = None
+  for path in paths:
+    with open(path) as f:
+      data = json.load(f)
+    if settings is not None and data["settings"]["episodes"] != settings["episodes"]:
+      raise ValueError(f"{path}: {data['settings']['episodes']} episodes per run, the files "
+                       f"before it {settings['episodes']}; they do not make one comparison")
+    settings = settings or data["settings"]
+    for key, r in data["results"].items():
+      if key.split(":", 1)[1] in BASELINE_ROWS and per_seed.get(key):
+        continue
+      per_seed[key] += r["per_seed"]
+  results = {k: {"per_seed": v, "over_seeds": over_seeds(v)} for k, v in per_seed.items()}
+  if out:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+      json.dump({"settings": {**(settings or {}), "merged_from": list(paths)},
+                 "results": results}, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:
+      f.write(table(results))
+  return results
