@@ -82,14 +82,16 @@ def sample_inverse_cdf(key, logits_BxV):
 def _choose(logits_BxV, key, cfg: SamplingConfig):
   """Picks one token per row; returns it with its log-prob under the unfiltered policy."""
   if cfg.greedy:
-    # The first index of the row maximum (argmax's tie rule) and its log-prob
-    # -log sum exp(logits - max), from one max and one sum over V: XLA's CPU argmax is a
-    # variadic (value, index) reduce, slower in the decode loop, and log_softmax would write a
-    # [B, V] array to read one entry of each row. Same tokens and log-probs, bit for bit.
+    # argmax, one (value, index) reduce. Not `min(where(logits == max(logits), iota, V - 1))`:
+    # on GPU, XLA may compute the max inside a fusion that recomputes the logits (a softmax
+    # diamond fused with its producer), so no entry need equal it and every row silently picks
+    # token V - 1 (measured: full-size doc_edit evaluations wrote "then then ..."). The log-prob
+    # is log_softmax at the chosen token, from the chosen logit itself, for the same reason.
+    token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
-    iota_BxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxV.shape, 1)
-    token_B = jnp.min(jnp.where(logits_BxV == max_Bx1, iota_BxV, logits_BxV.shape[-1] - 1), -1)
-    return token_B, -jnp.log(jnp.sum(jnp.exp(logits_BxV - max_Bx1), axis=-1))
+    chosen_B = jnp.take_along_axis(logits_BxV, token_B[:, None], axis=-1)[:, 0]
+    return token_B, chosen_B - max_Bx1[:, 0] - jnp.log(
+        jnp.sum(jnp.exp(logits_BxV - max_Bx1), axis=-1))
   scaled_BxV = logits_BxV / cfg.temperature
   logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
   token_B = sample_inverse_cdf(key, filter_logits(scaled_BxV, cfg.top_k, cfg.top_p))

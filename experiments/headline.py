@@ -10,8 +10,12 @@ before offline DPO (which reads its dataset). Each run is `python -m collab_rl.m
 process, logging to `<run>/log.txt`, so a failed arm names its log and the others go on; a run
 that finished before (`<run>/DONE`) is not repeated, and an interrupted one resumes from its
 checkpoint. `--jobs N` runs N at a time on a many-core host, each child pinned to its own
-share of the CPUs, every run waiting for the ones it needs. `--print_only` prints the commands (what `launch/` turns into one job per arm on
-Cloud TPU) without running them. Finally `collab_rl.evaluate` plays the test episodes with
+share of the CPUs, every run waiting for the ones it needs. Children share a persistent JAX
+compilation cache (`--compilation_cache`, by default `<workdir>/jax_cache`): the seeds of one
+(task, arm) compile the same programs, so with `--jobs N` the later seeds wait for the first
+seed's run to finish and then load its programs instead of compiling them again (at size full
+on a GPU, compilation is most of a run's time). `--print_only` prints the commands (what
+`launch/` turns into one job per arm on Cloud TPU) without running them. Finally `collab_rl.evaluate` plays the test episodes with
 every run and writes `results.json`, `results.md`, plots and samples into the workdir.
 """
 
@@ -77,6 +81,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("jobs", 1, "Runs at a time (each pinned to its share of the CPUs); "
                        "a run starts once the runs it needs have finished.", lower_bound=1)
   flags.DEFINE_multi_string("override", [], "--config.x=y added to every RL arm.")
+  flags.DEFINE_string("compilation_cache", "", "Persistent JAX compilation cache the runs share "
+                      "(default <workdir>/jax_cache; 'none': no cache). JAX_COMPILATION_CACHE_DIR "
+                      "in the environment wins.")
 
 
 def needs(run: str) -> list[str]:
@@ -87,6 +94,21 @@ def needs(run: str) -> list[str]:
     return []
   return [os.path.join(here, "sft_base")] + (
       [os.path.join(here, "data_engine")] if arm == "dpo_offline" else [])
+
+
+def warm_first(jobs: list[tuple[str, list[str]]]) -> dict[str, str]:
+  """{run: the run it waits for}: every seed of a (task, arm) after the first waits for the first
+  seed's run to end, so that it loads that run's compiled programs from the shared cache instead
+  of compiling them alongside it. Only an order: the later seeds run even if the first failed."""
+  first, out = {}, {}
+  for d, _ in jobs:
+    seed_dir, arm = os.path.split(d)
+    key = (os.path.dirname(seed_dir), arm)  # (task directory, arm)
+    if key in first:
+      out[d] = first[key]
+    else:
+      first[key] = d
+  return out
 
 
 def cpu_groups(jobs: int) -> list[set[int] | None]:
@@ -112,11 +134,18 @@ def pinned(cmd: list[str], cpus: set[int] | None) -> list[str]:
   return [cmd[0], "-c", boot, *cmd[1:]]
 
 
-def run_all(jobs: list[tuple[str, list[str]]], parallel: int, bar) -> list[str]:
+def run_all(jobs: list[tuple[str, list[str]]], parallel: int, bar, env=None,
+            after: dict[str, str] | None = None) -> list[str]:
   """Runs every job whose `DONE` marker is missing, up to `parallel` at a time, each after the
-  runs it `needs`; a job whose dependency failed is not started. Returns the failed runs."""
+  runs it `needs`; a job whose dependency failed is not started. `after[run]` is a run that must
+  have ended (finished or failed) before `run` starts. Children get `env` (default: this
+  process's) with the working directory on PYTHONPATH. Returns the failed runs."""
   done = lambda d: os.path.exists(os.path.join(d, "DONE"))
   pending = [(d, cmd) for d, cmd in jobs if not done(d)]
+  after = after or {}
+  env = dict(os.environ if env is None else env)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [os.getcwd()] + [p for p in [env.get("PYTHONPATH")] if p])
   bar.update(len(jobs) - len(pending))
   free, running, failed = cpu_groups(parallel), {}, []
   while pending or running:
@@ -131,13 +160,13 @@ def run_all(jobs: list[tuple[str, list[str]]], parallel: int, bar) -> list[str]:
         continue
       if not all(done(n) for n in needs(d)):
         continue
+      if d in after and not (done(after[d]) or after[d] in failed):
+        continue
       pending.remove((d, cmd))
       os.makedirs(d, exist_ok=True)
       cpus = free.pop()
       log = open(os.path.join(d, "log.txt"), "w")  # pylint: disable=consider-using-with
-      proc = subprocess.Popen(pinned(cmd, cpus), stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                  [os.getcwd()] + [p for p in [os.environ.get("PYTHONPATH")] if p])})
+      proc = subprocess.Popen(pinned(cmd, cpus), stdout=log, stderr=subprocess.STDOUT, env=env)
       running[proc] = (d, time.perf_counter(), log, cpus)
       bar.set_postfix_str(", ".join(os.path.basename(r[0]) for r in running.values()))
     if not running:
@@ -174,13 +203,22 @@ def main(argv):
   # tasks and seeds, so that a sweep cut short has the first-listed arms everywhere.
   rank = {a: i for i, a in enumerate(["sft_base"] + [a for a in f.arms if a != "sft_base"])}
   jobs.sort(key=lambda job: rank[os.path.basename(job[0])])
+  env, after = dict(os.environ), {}
+  cache = f.compilation_cache or os.path.join(workdir, "jax_cache")
+  if cache != "none":
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(cache))
+    if f.jobs > 1:
+      after = warm_first(jobs)
   bar = metrics.progress(total=len(jobs), desc="headline")
-  failed = run_all(jobs, f.jobs, bar)
+  failed = run_all(jobs, f.jobs, bar, env=env, after=after)
   bar.close()
   if not f.evaluate:
     if failed:
       raise SystemExit(f"{len(failed)} run(s) failed: {failed}")
     return
+  if cache != "none":  # the evaluation below compiles in this process
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
   runs = [r for r in evaluate.find_runs(workdir)
           if os.path.exists(os.path.join(r[0], "DONE"))]
   results = evaluate.evaluate_runs(runs, workdir, episodes=f.episodes, turns=4,

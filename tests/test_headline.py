@@ -42,3 +42,22 @@ def test_parallel_runs_respect_dependencies_and_skip_after_a_failed_base(tmp_pat
   # Finished runs are not repeated.
   assert headline.run_all(jobs[:4], 2, bar) == []
   assert _t(base, "start") < _t(ppo, "start")
+
+
+def test_later_seeds_wait_for_the_first_seed_of_their_arm_even_when_it_fails(tmp_path):
+  root = str(tmp_path)
+  jobs = [_job(root, "a/seed0", "sft_base"), _job(root, "a/seed1", "sft_base"),
+          _job(root, "a/seed0", "ppo_ext", code="raise SystemExit(1)"),
+          _job(root, "a/seed1", "ppo_ext", code="assert os.environ['COLLAB_RL_MARK'] == 'x'"),
+          _job(root, "b/seed1", "sft_base")]
+  after = headline.warm_first(jobs)
+  s0, s1, e0, e1, b1 = (j[0] for j in jobs)
+  # Per (task, arm): task b's seed 1 is its first seed, so it waits for nothing.
+  assert after == {s1: s0, e1: e0}
+  bar = tqdm.tqdm(total=len(jobs), disable=True)
+  env = dict(os.environ, COLLAB_RL_MARK="x")  # children get this environment
+  failed = headline.run_all(jobs, 2, bar, env=env, after=after)
+  assert failed == [e0]
+  assert _t(s1, "start") >= _t(s0, "end") and _t(e1, "start") >= _t(s1, "end")
+  assert os.path.exists(os.path.join(e1, "DONE"))  # ran although the first seed failed
+  assert _t(b1, "start") < _t(s0, "end")  # another task's base ran beside the first
