@@ -220,10 +220,7 @@ class Checkpointer:
     return restored[_STATE], restored.get(_DATA)
 
   def restore_config(self, step: int | None = None) -> dict:
-    step = self._resolve_step(step)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        **{_CONFIG: ocp.args.JsonRestore()}))
-    return restored[_CONFIG]
+    return _config_at(self._manager, self._resolve_step(step))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -263,16 +260,20 @@ def check_init_from(path: str | None) -> None:
     manager.close()
 
 
+def _config_at(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The config item alone of checkpoint `step` (no arrays are read)."""
+  return manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[
+      _CONFIG]
+
+
 def read_config(path: str, step: int | None = None) -> dict:
   """The config saved with another run's checkpoint (latest step if None), read-only."""
   check_init_from(path)
   manager = _read_only_manager(path)
   try:
-    step = manager.latest_step() if step is None else int(step)
-    restored = manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))
+    return _config_at(manager, manager.latest_step() if step is None else int(step))
   finally:
     manager.close()
-  return restored[_CONFIG]
 
 
 def _restore_params_and_step(path: str, abstract_params: PyTree,

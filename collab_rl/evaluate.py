@@ -26,6 +26,9 @@ Rows beyond one per run:
   row); the sharded one also reveals the next missing slot every turn (Lost-in-Conversation).
   Sharded rows (`<arm>@sharded`) are played for `SHARDED_ARMS` only, where the comparison
   means something: the base, its proactive prompt, the Mediator-Assistant and the MR arm.
+Every run's test score is checked against its own last greedy evaluation (metrics.jsonl): a gap
+over `MAX_GAP` is logged and kept in results.json (`settings.warnings`) and results.md, since it
+means the run was played wrongly (a decoding or restore fault), not that the episodes differ.
 A mediator run (`trainer: mediator`) is played as the Mediator-Assistant: its mediator in front of
 the assistant its config names (`assistant_from`).
 """
@@ -38,6 +41,7 @@ import os
 import re
 from typing import Any, Iterable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,6 +213,34 @@ def reward_curve(run_dir: str) -> list[tuple[int, float]]:
           if "eval/reward" in r]
 
 
+# A run's test score this far from its own last greedy evaluation (held-out episodes of the same
+# task, usually the same number of turns) is a fault in playing it, not sampling noise: it caught
+# GPU greedy decoding writing the last vocabulary word (0.07 here, 0.90 in the run).
+MAX_GAP = 0.25
+
+
+def own_score(run_dir: str) -> float | None:
+  """The task score of the run's own last greedy evaluation in its metrics.jsonl (`eval/score`
+  of the RL trainers, `score` of SFT), or None where it logged none."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  scores = [r.get("eval/score", r.get("score")) for r in metrics_lib.read_jsonl(path)]
+  scores = [float(x) for x in scores if isinstance(x, (int, float)) and np.isfinite(x)]
+  return scores[-1] if scores else None
+
+
+def check_against_run(run_dir: str, score: float) -> str | None:
+  """A warning when `score` (this evaluation's mean test score) is more than MAX_GAP from the
+  run's own last evaluation, else None."""
+  own = own_score(run_dir)
+  if own is None or abs(score - own) <= MAX_GAP:
+    return None
+  return (f"{run_dir}: test score {score:.3f} here, {own:.3f} in the run's own last evaluation; "
+          "a gap this large points at decoding, restoring or different --turns, not at the "
+          "episodes (see its samples)")
+
+
 def rows_of(arm: str, modes: Iterable[str]) -> list[tuple[str, dict]]:
   """(row label, simulator overrides) of every row one run of `arm` gives in `modes`."""
   unknown = sorted(set(modes) - set(MODES))
@@ -234,6 +266,7 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
   tasks_seen: dict[str, Any] = {}
   os.makedirs(os.path.join(out, "samples"), exist_ok=True)
   rng = np.random.default_rng(0)
+  warnings: list[str] = []
   jobs = [(run_dir, arm, seed, row, sim) for run_dir, arm, seed in runs
           for row, sim in rows_of(arm, modes)]
   for run_dir, arm, seed, row, sim in metrics_lib.progress(jobs, desc="evaluate"):
@@ -246,6 +279,11 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
     per_arm[key].append(summary(m, rng))
     if row == arm:  # training curves belong to the run, not to each way of playing it
       curves.setdefault(key, reward_curve(run_dir))
+      if config.get("trainer") != "mediator":  # its own evaluation scores the rewrites alone
+        warning = check_against_run(run_dir, float(np.mean(m["score"])))
+        if warning:
+          logging.warning(warning)
+          warnings.append(warning)
     if seed == min(s for _, a, s in runs if a == arm):
       text = conv_lib.decode(first.conv, task.tokenizer, range(min(samples, batch)))
       with open(os.path.join(out, "samples", f"{task.name}_{row}.txt"), "w") as f:
@@ -257,17 +295,18 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
                   reply_tokens=reply, batch=batch, seed=0)
       per_arm[f"{task.name}:{name}"].append(summary(m, rng))
   results = {k: {"per_seed": v, "over_seeds": over_seeds(v)} for k, v in per_arm.items()}
-  settings = {"episodes": episodes, "turns": turns, "modes": list(modes), "split": "test"}
+  settings = {"episodes": episodes, "turns": turns, "modes": list(modes), "split": "test",
+              "warnings": warnings}
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"settings": settings, "results": results}, f, indent=1)
   with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(table(results))
+    f.write(table(results) + "".join(f"\n> warning: {w}\n" for w in warnings))
   plot(results, curves, out)
   return results
 
 
 def main(argv):
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # the table, not Orbax narrating every restore
   if len(argv) > 1:

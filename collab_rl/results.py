@@ -90,7 +90,7 @@ def merge(paths: Iterable[str], out: str | None = None) -> dict[str, Any]:
   The scripted baselines play the same test episodes everywhere, so only their first copy is
   kept. Writes `results.json` and `results.md` into `out` if given."""
   per_seed: dict[str, list] = collections.defaultdict(list)
-  settings = None
+  settings, warnings = None, []
   for path in paths:
     with open(path) as f:
       data = json.load(f)
@@ -98,6 +98,7 @@ def merge(paths: Iterable[str], out: str | None = None) -> dict[str, Any]:
       raise ValueError(f"{path}: {data['settings']['episodes']} episodes per run, the files "
                        f"before it {settings['episodes']}; they do not make one comparison")
     settings = settings or data["settings"]
+    warnings += data["settings"].get("warnings", [])  # absent in files written before them
     for key, r in data["results"].items():
       if key.split(":", 1)[1] in BASELINE_ROWS and per_seed.get(key):
         continue
@@ -106,8 +107,8 @@ def merge(paths: Iterable[str], out: str | None = None) -> dict[str, Any]:
   if out:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
-      json.dump({"settings": {**(settings or {}), "merged_from": list(paths)},
-                 "results": results}, f, indent=1)
+      json.dump({"settings": {**(settings or {}), "merged_from": list(paths),
+                              "warnings": warnings}, "results": results}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
-      f.write(table(results))
+      f.write(table(results) + "".join(f"\n> warning: {w}\n" for w in warnings))
   return results

@@ -41,6 +41,7 @@ def test_evaluate_writes_tables_intervals_plots_and_samples(runs, tmp_path):
   assert base["per_seed"][0]["episodes"] == 32
   on_disk = json.load(open(tmp_path / "results.json"))
   assert on_disk["settings"]["split"] == "test"
+  assert on_disk["settings"]["warnings"] == []  # as the runs' own evaluations found
   table = open(tmp_path / "results.md").read().splitlines()
   assert len(table) == 5 and all(line.count("|") == len(evaluate.METRICS) + 4 for line in table)
   for name in ("plots/ambig_math_bars.png", "plots/ambig_math_reward_curves.png",
@@ -48,6 +49,23 @@ def test_evaluate_writes_tables_intervals_plots_and_samples(runs, tmp_path):
     assert os.path.getsize(tmp_path / name) > 0, name
   assert "<user>" in open(tmp_path / "samples/ambig_math_sft_base.txt").read()
   assert "<user> clarify calc" in open(tmp_path / "samples/ambig_math_proactive_base.txt").read()
+
+
+def test_a_score_far_from_the_runs_own_evaluation_is_flagged(tmp_path):
+  run = tmp_path / "seed0" / "ppo_ext"
+  run.mkdir(parents=True)
+  assert evaluate.own_score(str(run)) is None and evaluate.check_against_run(str(run), 0.1) is None
+  rows = [{"step": 0, "eval/score": 0.5}, {"step": 10, "loss": 1.0},
+          {"step": 20, "eval/score": 0.9}, {"step": 20, "eval/score": float("nan")}]
+  (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert evaluate.own_score(str(run)) == 0.9  # the last finite one
+  assert evaluate.check_against_run(str(run), 0.8) is None
+  warning = evaluate.check_against_run(str(run), 0.07)
+  assert str(run) in warning and "0.070" in warning and "0.900" in warning
+  sft_run = tmp_path / "seed0" / "sft_base"  # SFT logs its greedy evaluation as `score`
+  sft_run.mkdir()
+  (sft_run / "metrics.jsonl").write_text(json.dumps({"step": 5, "score": 0.6}) + "\n")
+  assert evaluate.own_score(str(sft_run)) == 0.6
 
 
 def test_merge_joins_per_seed_evaluations(tmp_path):
@@ -60,8 +78,12 @@ def test_merge_joins_per_seed_evaluations(tmp_path):
   for seed, score in enumerate((0.5, 0.7, 0.9)):
     d = tmp_path / f"seed{seed}"
     d.mkdir()
+    # Seed 1's evaluation flagged a run; seed 0's file predates warnings (no key).
+    settings = {"episodes": 8, "turns": 4, "split": "test",
+                **({"warnings": ["seed1/ppo_mr_w2: test score"]} if seed == 1 else {}),
+                **({"warnings": []} if seed == 2 else {})}
     with open(d / "results.json", "w") as f:
-      json.dump({"settings": {"episodes": 8, "turns": 4, "split": "test"}, "results": {
+      json.dump({"settings": settings, "results": {
           "t:ppo_mr_w2": {"per_seed": [summary(score)]},
           "t:oracle": {"per_seed": [summary(1.0)]}}}, f)
     paths.append(str(d / "results.json"))
@@ -70,7 +92,10 @@ def test_merge_joins_per_seed_evaluations(tmp_path):
   assert mr["seeds"] == 3 and mr["score"]["mean"] == pytest.approx(0.7)
   assert mr["score"]["ci"] == pytest.approx(4.303 * 0.2 / np.sqrt(3))  # t(0.975, 2), sd 0.2
   assert merged["t:oracle"]["over_seeds"]["seeds"] == 1
-  assert "| t | ppo_mr_w2 | 3 | 0.700 ±" in open(tmp_path / "all" / "results.md").read()
+  md = open(tmp_path / "all" / "results.md").read()
+  assert "| t | ppo_mr_w2 | 3 | 0.700 ±" in md and "> warning: seed1/ppo_mr_w2" in md
+  with open(tmp_path / "all" / "results.json") as f:
+    assert json.load(f)["settings"]["warnings"] == ["seed1/ppo_mr_w2: test score"]
   with open(tmp_path / "seed2" / "results.json") as f:
     other = json.load(f)
   other["settings"]["episodes"] = 16
