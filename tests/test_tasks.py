@@ -94,6 +94,9 @@ def test_oracle_gets_full_marks(cls):
   # Each missing slot asked exactly once, nothing irrelevant.
   np.testing.assert_array_equal(ro.sim.asked_BxK, ro.conv.intent.missing_BxK)
   assert not ro.sim.irrelevant_B.any()
+  # Turns are the assistant's replies: one question per missing slot, then the answer.
+  turns = scoring.episode_metrics(_task(cls), ro.conv, ro.sim)["turns"]
+  np.testing.assert_array_equal(turns, ro.conv.intent.missing_BxK.sum(1) + 1)
 
 
 def _chance_scores(task, intent: slots_lib.Intent, samples: int = 32) -> np.ndarray:

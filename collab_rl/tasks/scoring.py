@@ -1,7 +1,7 @@
 """Per-conversation metrics of the verifiable tasks, and the ask/answer decision summary.
 
 Task score (the metric of the latest answer), tokens read (what the policy wrote, the user's
-reading cost) and typed (what the user wrote), turns, interactivity, and whether the policy's
+reading cost) and typed (what the user wrote), turns (assistant replies), interactivity, and whether the policy's
 first move was a question or an answer. The Abg-CoQA-style summary treats "asked first" as the
 prediction of "the request is ambiguous" and reports both recalls and the macro F1 of the two
 classes (ask, answer).
@@ -23,7 +23,10 @@ def episode_metrics(task, conv: conv_lib.Conversation, sim: slots_lib.SimState) 
       "score": sim.score_B,
       "tokens_read": jnp.sum(conv.roles_BxL == ASSISTANT, 1),
       "tokens_typed": jnp.sum(conv.roles_BxL == USER, 1),
-      "turns": conv.num_turns_B,
+      # Assistant replies (each run of assistant tokens), not `num_turns_B`, which also counts
+      # the opening context and the user's messages.
+      "turns": jnp.sum((conv.roles_BxL == ASSISTANT)
+                       & (jnp.roll(conv.roles_BxL, 1, axis=1) != ASSISTANT), 1),
       "interactivity": task.interactivity(conv.intent, sim),
       "ambiguous": conv.intent.ambiguous_B,
       "asked_first": sim.first_action_B == slots_lib.ASKED,
