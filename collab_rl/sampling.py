@@ -123,12 +123,11 @@ def prefill_and_decode(model: Transformer, cfg: SamplingConfig, params, cache: K
   active_B = jnp.ones((b,), bool) if active_B is None else active_B
   apply = functools.partial(model.apply, {"params": params}, heads=("lm",))
 
-  # Prefill: the whole chunk in one pass, then read each row's logits at its last real token.
+  # Prefill: the whole chunk in one pass, the LM head only at each row's last real token.
   valid_BxW = (jnp.arange(w)[None, :] < chunk_len_B[:, None]) & active_B[:, None]
   out = apply(chunk_BxW, valid_BxL=valid_BxW, positions_BxL=start_pos_B[:, None] + jnp.arange(w),
-              cache=cache)
-  last_i = jnp.clip(chunk_len_B - 1, 0, w - 1)
-  last_BxV = jnp.take_along_axis(out.logits_BxLxV, last_i[:, None, None], axis=1)[:, 0]
+              cache=cache, head_index_B=jnp.clip(chunk_len_B - 1, 0, w - 1))
+  last_BxV = out.logits_BxLxV[:, 0]
   token_B, logp_B = _choose(last_BxV, jax.random.fold_in(key, 0), cfg)
   token_B = jnp.where(active_B, token_B, cfg.pad_id)
   logp_B = jnp.where(active_B, logp_B, 0.0)

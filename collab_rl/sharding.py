@@ -118,6 +118,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate_host_shared(tree, sharding: NamedSharding):
+  """`tree` replicated over `sharding`'s CPU devices, every device reading one host copy.
+
+  `jax.device_put(x, replicated)` gives each XLA CPU host device its own copy, though they
+  share one RAM: with 2 devices a batch-split decode step streams every weight twice through the
+  same caches (measured on the 2-core box: greedy generation at batch 16 ~15% slower). A
+  64-byte-aligned numpy array is taken zero-copy, so each device's shard aliases one buffer.
+  Read-only use: never donate these arrays (every device would write into the same memory).
+  """
+  devices = sorted(sharding.addressable_devices, key=lambda d: d.id)
+  if any(d.platform != "cpu" for d in devices):
+    raise ValueError("replicate_host_shared is for CPU host devices; an accelerator holds its "
+                     f"own copy in its own memory (got {devices[0].platform})")
+
+  def put(x):
+    x = np.asarray(x)
+    buf = np.empty(x.size + 64 // x.itemsize, x.dtype)
+    start = (-buf.ctypes.data % 64) // x.itemsize
+    host = buf[start:start + x.size].reshape(x.shape)
+    host[...] = x
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sharding, [jax.device_put(host, d) for d in devices])
+
+  return jax.tree_util.tree_map(put, tree)
+
+
 def shard_batch(batch: Mapping[str, np.ndarray] | np.ndarray, mesh: Mesh):
   """Host batch -> global arrays split over data x fsdp.
 

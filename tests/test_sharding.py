@@ -76,3 +76,19 @@ def test_shard_batch_global_array():
   assert out["tokens"].shape == (16, 3)
   assert out["tokens"].sharding.shard_shape((16, 3)) == (2, 3)
   np.testing.assert_array_equal(out["length"], batch["length"])
+
+
+def test_replicate_host_shared_aliases_one_buffer_across_cpu_devices():
+  mesh = sharding_lib.make_mesh((-1, 1, 1))
+  tree = {"w": np.arange(24, dtype=np.float32).reshape(4, 6), "b": np.ones((3,), np.int32)}
+  out = sharding_lib.replicate_host_shared(tree, sharding_lib.replicated(mesh))
+  for name, x in out.items():
+    shards = x.addressable_shards
+    assert len(shards) == len(jax.devices()) == 8 and x.sharding == sharding_lib.replicated(mesh)
+    np.testing.assert_array_equal(np.asarray(x), tree[name])
+    pointers = {s.data.unsafe_buffer_pointer() for s in shards}
+    assert len(pointers) == 1, name  # one host copy, read by every device
+    assert next(iter(pointers)) % 64 == 0
+  # Usable as params of a jitted function over the mesh.
+  total = jax.jit(lambda t: t["w"].sum() + t["b"].sum())(out)
+  assert float(total) == float(tree["w"].sum() + 3)

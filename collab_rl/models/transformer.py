@@ -328,11 +328,13 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, *, valid_BxL: jax.Array | None = None,
                positions_BxL: jax.Array | None = None, cache: KVCache | None = None,
-               heads: Sequence[str] | None = None) -> ModelOutput:
+               heads: Sequence[str] | None = None,
+               head_index_B: jax.Array | None = None) -> ModelOutput:
     """Without a cache: causal attention among the valid tokens of each row.
 
     With a cache: the L new tokens are written at slots [cache.index, cache.index + L) and
-    attend to every earlier valid slot (and causally among themselves).
+    attend to every earlier valid slot (and causally among themselves). `head_index_B`: the heads
+    read only this position of each row (outputs get L = 1), e.g. a prefill's last tokens.
     """
     cfg = self.cfg
     b, l = tokens_BxL.shape
@@ -357,35 +359,34 @@ class Transformer(nn.Module):
                      embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
     x_BxLxD = embed(tokens_BxL)
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
-    new_k, new_v = [], []
+    new_kv = []
     for i in range(cfg.num_hidden_layers):
       cache_kv = None if cache is None else (cache.k[i], cache.v[i])
       idx = None if cache is None else cache.index
       x_BxLxD, kv = layer_cls(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, mask_BxLxS,
                                                          cache_kv, idx)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+      new_kv.append(kv)
     hidden_BxLxD = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                            name="norm")(x_BxLxD)
 
     heads = cfg.heads if heads is None else tuple(heads)
+    head_in_BxLxD = hidden_BxLxD if head_index_B is None else jnp.take_along_axis(
+        hidden_BxLxD, head_index_B[:, None, None], axis=1)
     logits = value = reward = None
     if "lm" in cfg.heads and (self.is_initializing() or "lm" in heads):
       if cfg.tie_word_embeddings:
-        logits = embed.attend(hidden_BxLxD)
+        logits = embed.attend(head_in_BxLxD)
       else:
-        logits = _dense(cfg.vocab_size, "lm_head", cfg)(hidden_BxLxD)
+        logits = _dense(cfg.vocab_size, "lm_head", cfg)(head_in_BxLxD)
       logits = logits.astype(jnp.float32)  # log-probs and losses in fp32 even under bf16
     if "value" in cfg.heads and (self.is_initializing() or "value" in heads):
-      value = _dense(1, "value_head", cfg, bias=True)(hidden_BxLxD)[..., 0].astype(jnp.float32)
+      value = _dense(1, "value_head", cfg, bias=True)(head_in_BxLxD)[..., 0].astype(jnp.float32)
     if "reward" in cfg.heads and (self.is_initializing() or "reward" in heads):
-      reward = _dense(1, "reward_head", cfg, bias=True)(hidden_BxLxD)[..., 0].astype(jnp.float32)
+      reward = _dense(1, "reward_head", cfg, bias=True)(head_in_BxLxD)[..., 0].astype(jnp.float32)
 
-    new_cache = None
-    if cache is not None:
-      new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid_BxS=valid_all_BxS,
-                          positions_BxS=pos_all_BxS, index=cache.index + l)
+    new_cache = None if cache is None else KVCache(
+        k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv), valid_BxS=valid_all_BxS,
+        positions_BxS=pos_all_BxS, index=cache.index + l)
     return ModelOutput(logits, value, reward, hidden_BxLxD, new_cache)
 
 

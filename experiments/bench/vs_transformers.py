@@ -15,7 +15,8 @@ generation and the train step data-parallel over them (`sharding.batch_sharding`
 step's dots at 8-16 rows run on one thread each (YNNPACK never splits a dot that small over
 threads, as a perfetto trace shows), so one device leaves the second core idle while torch uses
 both. Batch 1 cannot be split and runs on one device. `--host_devices 1` gives the single-device
-figures.
+figures. The replicated weights of the batch-16 generation are one copy in host memory that
+both devices read (`sharding.replicate_host_shared`), as torch's two threads read one copy.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ def bench_collab_rl(folder: str, repeats: int) -> dict:
 
   params_1 = place(params, False)
   params_n = params_1 if mesh is None else jax.device_put(params, sharding_lib.replicated(mesh))
+  # Generation only reads the weights: the host devices share one copy (the train step donates
+  # its state, so it keeps params_n, one copy per device).
+  params_gen = params_1 if mesh is None else sharding_lib.replicate_host_shared(
+      params, sharding_lib.replicated(mesh))
   out = {"generation": {}, "host_devices": len(jax.devices())}
   for greedy in (True, False):
     sample = sampling.make_sampler(model, sampling.SamplingConfig(
@@ -109,7 +114,7 @@ def bench_collab_rl(folder: str, repeats: int) -> dict:
       prompt = place(jax.random.randint(jax.random.key(1), (batch, PROMPT), 1,
                                         HF_CONFIG["vocab_size"]), batch > 1)
       lengths = place(jnp.full((batch,), PROMPT), batch > 1)
-      p = params_n if batch > 1 else params_1
+      p = params_gen if batch > 1 else params_1
       sec = common.median_seconds(lambda: sample(p, prompt, lengths, jax.random.key(2)).tokens_BxN,
                                   repeats, jax.block_until_ready)
       name = f"{'greedy' if greedy else 'sampled'}_b{batch}"
