@@ -158,7 +158,7 @@ def load_policy(run_dir: str, turns: int, sim: dict | None = None):
 def find_runs(workdir: str) -> list[tuple[str, str, int]]:
   """(run directory, arm, seed) for every run under `workdir` with a finished checkpoint."""
   runs = []
-  for root, dirs, _ in os.walk(workdir):
+  for root, dirs, _ in os.walk(workdir, followlinks=True):  # runs linked into a sweep count
     if "checkpoints" in dirs:
       rel = os.path.relpath(root, workdir)
       m = _RUN.search(rel.replace(os.sep, "/"))

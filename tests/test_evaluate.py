@@ -51,6 +51,14 @@ def test_evaluate_writes_tables_intervals_plots_and_samples(runs, tmp_path):
   assert "<user> clarify calc" in open(tmp_path / "samples/ambig_math_proactive_base.txt").read()
 
 
+def test_runs_linked_into_a_sweep_are_found(runs, tmp_path):
+  seed_dir = tmp_path / "ambig_math" / "seed0"
+  seed_dir.mkdir(parents=True)
+  os.symlink(runs / "ambig_math" / "seed0" / "sft_base", seed_dir / "sft_base")
+  found = evaluate.find_runs(str(tmp_path))
+  assert [(arm, seed) for _, arm, seed in found] == [("sft_base", 0)]
+
+
 def test_a_score_far_from_the_runs_own_evaluation_is_flagged(tmp_path):
   run = tmp_path / "seed0" / "ppo_ext"
   run.mkdir(parents=True)

@@ -1,10 +1,10 @@
 """Per-conversation metrics of the verifiable tasks, and the ask/answer decision summary.
 
 Task score (the metric of the latest answer), tokens read (what the policy wrote, the user's
-reading cost) and typed (what the user wrote), turns (assistant replies), interactivity, and whether the policy's
-first move was a question or an answer. The Abg-CoQA-style summary treats "asked first" as the
-prediction of "the request is ambiguous" and reports both recalls and the macro F1 of the two
-classes (ask, answer).
+reading cost) and typed (what the user wrote), turns (assistant replies), interactivity, and
+whether the policy's first move was a question or an answer. The Abg-CoQA-style summary treats
+"asked first" as the prediction of "the request is ambiguous" and reports both recalls and the
+macro F1 of the two classes (ask, answer).
 """
 
 from __future__ import annotations
