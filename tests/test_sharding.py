@@ -1,5 +1,7 @@
 """Mesh construction, partition rules and batch placement on 8 fake devices."""
 
+import gc
+
 import jax
 import numpy as np
 import pytest
@@ -82,6 +84,7 @@ def test_replicate_host_shared_aliases_one_buffer_across_cpu_devices():
   mesh = sharding_lib.make_mesh((-1, 1, 1))
   tree = {"w": np.arange(24, dtype=np.float32).reshape(4, 6), "b": np.ones((3,), np.int32)}
   out = sharding_lib.replicate_host_shared(tree, sharding_lib.replicated(mesh))
+  gc.collect()  # the aliased host buffers must outlive the function that made them
   for name, x in out.items():
     shards = x.addressable_shards
     assert len(shards) == len(jax.devices()) == 8 and x.sharding == sharding_lib.replicated(mesh)
