@@ -297,10 +297,7 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
   results = {k: {"per_seed": v, "over_seeds": over_seeds(v)} for k, v in per_arm.items()}
   settings = {"episodes": episodes, "turns": turns, "modes": list(modes), "split": "test",
               "warnings": warnings}
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"settings": settings, "results": results}, f, indent=1)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(table(results) + "".join(f"\n> warning: {w}\n" for w in warnings))
+  results_lib.write(out, settings, results)
   plot(results, curves, out)
   return results
 

@@ -106,9 +106,13 @@ def merge(paths: Iterable[str], out: str | None = None) -> dict[str, Any]:
   results = {k: {"per_seed": v, "over_seeds": over_seeds(v)} for k, v in per_seed.items()}
   if out:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-      json.dump({"settings": {**(settings or {}), "merged_from": list(paths),
-                              "warnings": warnings}, "results": results}, f, indent=1)
-    with open(os.path.join(out, "results.md"), "w") as f:
-      f.write(table(results) + "".join(f"\n> warning: {w}\n" for w in warnings))
+    write(out, {**(settings or {}), "merged_from": list(paths), "warnings": warnings}, results)
   return results
+
+
+def write(out: str, settings: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
+  """`results.json` (settings and results) and `results.md` (the table, then any warnings)."""
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"settings": settings, "results": results}, f, indent=1)
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(table(results) + "".join(f"\n> warning: {w}\n" for w in settings["warnings"]))
