@@ -19,11 +19,15 @@ import numpy as np
 from collab_rl.tasks import scoring
 
 METRICS = ("score", "tokens_read_k", "interactivity", "ask_when_ambiguous", "answer_when_clear",
-           "ask_answer_macro_f1", "turns", "tokens_per_solved_k")
+           "ask_answer_macro_f1", "turns", "tokens_per_solved_k", "score_after_ask_1",
+           "score_after_ask_2", "repeats_rejected")
 COLUMNS = {"score": "task score", "tokens_read_k": "tokens (k)", "interactivity": "interactivity",
            "ask_when_ambiguous": "ask when ambiguous", "answer_when_clear": "answer when clear",
            "ask_answer_macro_f1": "ask/answer F1", "turns": "turns",
-           "tokens_per_solved_k": "tokens/solved (k)"}
+           "tokens_per_solved_k": "tokens/solved (k)",
+           "score_after_ask_1": "score after asking (1 missing)",
+           "score_after_ask_2": "score after asking (2 missing)",
+           "repeats_rejected": "repeats a rejected answer"}
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262}
 # Rows of the scripted reference policies: the same test episodes in every evaluation.
@@ -37,6 +41,8 @@ def summary(m: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any
   per_ep = {"score": m["score"], "tokens_read_k": m["tokens_read"] / 1000,
             "interactivity": m["interactivity"], "turns": m["turns"],
             "ask_when_ambiguous": ask[amb], "answer_when_clear": ans[~amb]}
+  if "num_missing" in m:  # per-episode metrics recorded before them lack these
+    per_ep.update({k: v["x"] for k, v in scoring.after_asking(m).items()})
   out = {}
   for k, x in per_ep.items():
     x = np.asarray(x, np.float64)
@@ -57,8 +63,9 @@ def summary(m: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any
 def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
   """Mean of the seed means and its t interval (nan with one seed)."""
   out = {}
-  for k in METRICS:
-    x = np.array([s[k]["mean"] for s in per_seed], np.float64)
+  nan = {"mean": float("nan"), "ci": float("nan")}
+  for k in METRICS:  # a metric that evaluations written before it lack is nan
+    x = np.array([s.get(k, nan)["mean"] for s in per_seed], np.float64)
     n = len(x)
     half = _T975.get(n - 1, 1.96) * x.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
     out[k] = {"mean": float(x.mean()), "ci": float(half),
@@ -78,7 +85,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     for k in METRICS:
       mean, ci = r["over_seeds"][k]["mean"], r["over_seeds"][k]["ci"]
       if r["over_seeds"]["seeds"] == 1:
-        ci = r["per_seed"][0][k]["ci"]
+        ci = r["per_seed"][0].get(k, {"ci": float("nan")})["ci"]
       cells.append(f"{mean:.3f}" + ("" if math.isnan(ci) else f" ± {ci:.3f}"))
     lines.append(f"| {task} | {arm} | {r['over_seeds']['seeds']} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
@@ -100,7 +107,7 @@ def merge(paths: Iterable[str], out: str | None = None) -> dict[str, Any]:
     settings = settings or data["settings"]
     warnings += data["settings"].get("warnings", [])  # absent in files written before them
     for key, r in data["results"].items():
-      if key.split(":", 1)[1] in BASELINE_ROWS and per_seed.get(key):
+      if key.split(":", 1)[1].split("@")[0] in BASELINE_ROWS and per_seed.get(key):
         continue
       per_seed[key] += r["per_seed"]
   results = {k: {"per_seed": v, "over_seeds": over_seeds(v)} for k, v in per_seed.items()}

@@ -125,10 +125,17 @@ def oracle_policy(task) -> _Scripted:
 
 
 def answer_now_policy(task, key_for_guess: int = 0) -> _Scripted:
-  """Never asks: fills each slot it has not been told with a guess and answers at once."""
+  """Never asks: fills each slot it has not been told with a guess and answers at once. After
+  `wrong` it does not say the rejected answer again: each slot it still guesses moves on to the
+  value after its last guess (a systematic search, which a policy can learn from the
+  conversation alone; a fresh random guess would repeat the rejected one by chance, and a
+  greedy policy that imitates it repeats it every time)."""
   def policy(conv, sim, key):
     b = conv.batch
     guess_BxK = task.sample_values(jax.random.fold_in(key, key_for_guess), b)
+    last_BxK = sim.answer_BxK  # the latest answer's values, -1 where none was valid
+    next_BxK = (last_BxK + 1) % jnp.asarray(task.num_values_K)[None, :]
+    guess_BxK = jnp.where(last_BxK >= 0, next_BxK, guess_BxK)
     values = jnp.where(sim.known_BxK, conv.intent.values_BxK, guess_BxK)
     no_hole = jnp.zeros_like(sim.known_BxK)
     body = task._render(task.answer_template, values, no_hole)

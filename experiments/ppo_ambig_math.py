@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = "ambig_math"  # collab_rl/tasks/registry.py
   c.sim = ml_collections.ConfigDict(dict(  # the scripted user (tasks/slots.py SimConfig)
       ambiguous_rate=0.5, min_missing=1, max_missing=2, noise_vague=0.0, noise_wrong=0.0,
-      feedback_reveals=False, sharded=False, max_user_len=12))
+      feedback_reveals=False, sharded=False, max_user_len=12, mixture=""))
 
   c.model = ml_collections.ConfigDict()  # field names as in Hugging Face's LlamaConfig
   c.model.vocab_size = 37  # must equal the task's vocabulary (checked)

@@ -45,6 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sim.feedback_reveals = False  # a wrong answer's feedback also gives a missing slot
   c.sim.sharded = False  # every user turn reveals the next missing slot unasked
   c.sim.max_user_len = 12  # user reply budget (tokens, without <eot>)
+  # Users drawn per episode (collab_rl/tasks/users.py, e.g. "reactive:3,sharded"); "": the user
+  # the fields above describe.
+  c.sim.mixture = ""
 
   # SFT data: "behaviour" plays episodes on device (sft.DATA_SOURCES).
   c.data_source = "behaviour"
@@ -54,6 +57,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.instruction_share = 0.0
   c.instructed_ask_share = 0.8  # ambiguous instructed requests: ask for the missing slots
   c.instructed_confirm_share = 0.6  # clear instructed requests: a needless question first
+  # Conversations that would answer at once but follow the oracle with its questions as context
+  # (not trained): answers after a question without more asking (trainers/sft.py).
+  c.context_ask_share = 0.0
+  # Users the SFT data is played against (a users.py mixture); "": the training user (sim).
+  c.data_users = ""
   c.num_turns = 3  # assistant turns per episode: max_missing questions, then the answer
   # Conversation tokens; must hold num_turns turns at their budgets (sft.episode_len: 75, 95, 96,
   # one more with the instruction's word).

@@ -34,6 +34,9 @@ def episode_metrics(task, conv: conv_lib.Conversation, sim: slots_lib.SimState) 
       "irrelevant_questions": sim.irrelevant_B,
       "solved": conv.done_B,
       "overflow": conv.overflow_B,
+      "num_missing": jnp.sum(conv.intent.missing_BxK, 1),
+      # Answers that repeat one the user has already rejected (`wrong`).
+      "repeats_rejected": sim.repeats_B,
   }
 
 
@@ -58,6 +61,23 @@ def ask_answer_summary(ambiguous, asked_first, answered_first=None) -> dict[str,
   }
 
 
+def after_asking(m: dict) -> dict[str, dict]:
+  """What a policy does with what it asked for: the task score of the ambiguous conversations
+  that opened with a question, split by how many pieces the request left out
+  (`score_after_ask_<n>`, [n] per-episode scores), and the share of conversations in which an
+  answer repeated one the user had rejected (`repeats_rejected`). Values are the per-episode
+  arrays under "x"; "mean" is their mean (nan where no conversation qualifies)."""
+  amb, asked = np.asarray(m["ambiguous"], bool), np.asarray(m["asked_first"], bool)
+  n_missing = np.asarray(m["num_missing"])
+  out = {}
+  for n in (1, 2):
+    x = np.asarray(m["score"], np.float64)[amb & asked & (n_missing == n)]
+    out[f"score_after_ask_{n}"] = {"x": x, "mean": float(x.mean()) if len(x) else float("nan")}
+  x = (np.asarray(m["repeats_rejected"]) > 0).astype(np.float64)
+  out["repeats_rejected"] = {"x": x, "mean": float(x.mean()) if len(x) else float("nan")}
+  return out
+
+
 def summarize(metrics: dict) -> dict[str, float]:
   """Batch means (tokens in thousands, as the paper reports them) plus the decision summary."""
   m = {k: np.asarray(v) for k, v in metrics.items()}
@@ -71,5 +91,6 @@ def summarize(metrics: dict) -> dict[str, float]:
       "turns": float(m["turns"].mean()),
       "interactivity": float(m["interactivity"].mean()),
   }
+  out.update({k: v["mean"] for k, v in after_asking(m).items()})
   out.update(ask_answer_summary(amb, m["asked_first"], m["answered_first"]))
   return out

@@ -32,12 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from collab_rl import tokenizer as tokenizer_lib
+from collab_rl.tasks import users as users_lib
 
 # Words every slot task shares, after the tokenizer's specials.
 CONTROL_WORDS = ("ask", "answer", "?", "is", "thanks", "wrong", "known", "unclear", "what", "also",
                  "clarify")
 # First-action codes, for ask-when-ambiguous / answer-when-clear.
 NO_ACTION, ASKED, ANSWERED, OTHER = 0, 1, 2, 3
+# Rejected answers remembered per conversation, for counting repeats (more than the 4 turns the
+# experiments play: every earlier rejection is remembered).
+REJECTED_MEMORY = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,9 @@ class SimConfig:
   sharded: bool = False  # every user turn reveals the next missing slot unasked
   max_user_len: int = 12  # user reply budget in tokens (header excluded)
   instruction_rate: float = 0.0  # share of first requests opening with the `clarify` instruction
+  # Users drawn per episode (`users.py`: "reactive:2,sharded,noisy"); "": every episode is the
+  # user the fields above describe. The mixture's users override those fields.
+  mixture: str = ""
 
 
 @flax.struct.dataclass
@@ -66,6 +73,7 @@ class Intent:
   ambiguous_B: jax.Array  # bool: any slot missing
   extra: Any = None  # task-specific hidden data (e.g. test inputs of a program)
   instructed_B: Any = None  # bool: the request opens with `clarify` (None: no episode does)
+  user: Any = None  # users.UserParams: this episode's user, drawn from a mixture (None: the task's)
 
 
 @flax.struct.dataclass
@@ -78,6 +86,10 @@ class SimState:
   score_B: jax.Array  # float32 the task metric of the latest answer
   first_action_B: jax.Array  # int32 NO_ACTION / ASKED / ANSWERED / OTHER
   asked_before_answer_B: jax.Array  # int32 relevant questions before the first answer
+  # The last REJECTED answers (ring buffer, -1: empty) and how many answers repeated one of them:
+  # a policy that learned nothing from `wrong` says the same thing again.
+  rejected_BxRxK: jax.Array  # int32
+  repeats_B: jax.Array  # int32
 
 
 def pack(segments: Sequence[tuple[jax.Array, jax.Array]], width: int) -> tuple[jax.Array,
@@ -115,6 +127,8 @@ class SlotTask:
       raise ValueError(f"{self.name}: need 1 <= min_missing <= max_missing <= "
                        f"{len(self.slots)} slots, got {sim.min_missing}, {sim.max_missing}")
     self.sim = sim
+    self.mixture = (users_lib.Mixture(sim.mixture, dataclasses.asdict(sim), len(self.slots))
+                    if sim.mixture else None)
     words = list(CONTROL_WORDS) + list(self.extra_words)
     for s in self.slots:
       words += [s.name, *s.values]
@@ -160,9 +174,13 @@ class SlotTask:
     # One draw for the ambiguity flag, the number missing and their choice: each random call
     # adds its own hash to the compiled program, and rollouts compile this for every config.
     u = jax.random.uniform(k_rest, (batch, k + 2))
-    ambiguous = u[:, 0] < self.sim.ambiguous_rate
-    span = self.sim.max_missing - self.sim.min_missing + 1
-    n_missing = self.sim.min_missing + jnp.minimum(jnp.floor(u[:, 1] * span), span - 1)
+    user, rate, lo, hi = None, self.sim.ambiguous_rate, self.sim.min_missing, self.sim.max_missing
+    if self.mixture is not None:  # its own stream: the draws above stay what they were
+      user, per_row = self.mixture.draw(jax.random.fold_in(k_rest, 2), batch)
+      rate, lo, hi = per_row["ambiguous_rate"], per_row["min_missing"], per_row["max_missing"]
+    ambiguous = u[:, 0] < rate
+    span = hi - lo + 1
+    n_missing = lo + jnp.minimum(jnp.floor(u[:, 1] * span), span - 1)
     # A random subset of n_missing slots: the n smallest of K random keys.
     rank = jnp.argsort(jnp.argsort(u[:, 2:], 1), 1)
     missing = (rank < n_missing[:, None]) & ambiguous[:, None]
@@ -170,7 +188,8 @@ class SlotTask:
     # before the instruction existed, whatever the rate.
     instructed = jax.random.uniform(jax.random.fold_in(k_rest, 1), (batch,)) < (
         self.sim.instruction_rate)
-    return Intent(values, missing, ambiguous, self.sample_extra(k_extra, values), instructed)
+    return Intent(values, missing, ambiguous, self.sample_extra(k_extra, values), instructed,
+                  user)
 
   def _render(self, template, values_BxK, hidden_BxK) -> jax.Array:
     cols = []
@@ -245,7 +264,9 @@ class SlotTask:
                     answer_BxK=jnp.full((b, k), -1, jnp.int32),
                     score_B=jnp.zeros((b,), jnp.float32),
                     first_action_B=jnp.zeros((b,), jnp.int32),
-                    asked_before_answer_B=jnp.zeros((b,), jnp.int32))
+                    asked_before_answer_B=jnp.zeros((b,), jnp.int32),
+                    rejected_BxRxK=jnp.full((b, REJECTED_MEMORY, k), -1, jnp.int32),
+                    repeats_B=jnp.zeros((b,), jnp.int32))
 
   def _reveal(self, intent: Intent, slot_B: jax.Array, value_B: jax.Array, on_B: jax.Array):
     """`<slot> is <value>` (3 tokens) where on_B, else nothing."""
@@ -263,6 +284,12 @@ class SlotTask:
     done, new state). M = max_user_len + 1."""
     b, k = intent.values_BxK.shape
     cfg = self.sim
+    # This episode's user: the mixture's draw per row, else the task's settings.
+    user = intent.user
+    noise_vague = cfg.noise_vague if user is None else user.noise_vague_B
+    noise_wrong = cfg.noise_wrong if user is None else user.noise_wrong_B
+    feedback_reveals = cfg.feedback_reveals if user is None else user.feedback_reveals_B
+    sharded = cfg.sharded if user is None else user.sharded_B
     first_B, second_B = reply_BxN[:, 0], reply_BxN[:, 1]
     is_ask = first_B == self.ids["ask"]
     is_answer = first_B == self.ids["answer"]
@@ -275,8 +302,8 @@ class SlotTask:
     irrelevant = is_ask & ~new_info
     k_noise, k_wrong = jax.random.split(key)
     u = jax.random.uniform(k_noise, (b,))
-    vague = new_info & (u < cfg.noise_vague)
-    wrong = new_info & ~vague & (u < cfg.noise_vague + cfg.noise_wrong)
+    vague = new_info & (u < noise_vague)
+    wrong = new_info & ~vague & (u < noise_vague + noise_wrong)
     true_val = jnp.take_along_axis(intent.values_BxK, jnp.clip(slot_B, 0)[:, None], 1)[:, 0]
     n_vals = jnp.asarray(self.num_values_K)[jnp.clip(slot_B, 0)]
     shift = 1 + jax.random.randint(k_wrong, (b,), 0, jnp.maximum(n_vals - 1, 1))
@@ -289,13 +316,18 @@ class SlotTask:
     score = self.metric(intent, parsed)
     solved = is_answer & (score >= 1.0 - 1e-6)
     failed = is_answer & ~solved
+    valid = jnp.all(parsed >= 0, 1)
+    repeat = is_answer & valid & jnp.any(jnp.all(sim.rejected_BxRxK == parsed[:, None, :], 2), 1)
+    slot_R = jax.nn.one_hot(sim.answers_B % REJECTED_MEMORY, REJECTED_MEMORY, dtype=bool)
+    remember = (failed & valid)[:, None, None] & slot_R[:, :, None]
+    rejected = jnp.where(remember, parsed[:, None, :], sim.rejected_BxRxK)
 
     # The next missing slot nobody has told yet: feedback and sharded reveals use it.
     pending = ~known
     nxt_B = jnp.argmax(pending, 1)
     has_next = jnp.any(pending, 1)
-    reveal_fb = failed & has_next & cfg.feedback_reveals
-    reveal_shard = has_next & ~solved & cfg.sharded & ~reveal_fb
+    reveal_fb = failed & has_next & feedback_reveals
+    reveal_shard = has_next & ~solved & sharded & ~reveal_fb
     nxt_val = jnp.take_along_axis(intent.values_BxK, nxt_B[:, None], 1)[:, 0]
     known = known | (jax.nn.one_hot(nxt_B, k, dtype=bool) & (reveal_fb | reveal_shard)[:, None])
 
@@ -325,7 +357,8 @@ class SlotTask:
         score_B=jnp.where(is_answer, score, sim.score_B),
         first_action_B=jnp.where(sim.first_action_B == NO_ACTION, first, sim.first_action_B),
         asked_before_answer_B=sim.asked_before_answer_B
-        + (new_info & (sim.answers_B == 0)).astype(jnp.int32))
+        + (new_info & (sim.answers_B == 0)).astype(jnp.int32),
+        rejected_BxRxK=rejected, repeats_B=sim.repeats_B + repeat.astype(jnp.int32))
     return toks, body_len + 1, solved, new
 
   # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,14 @@ task's scripted user with a behaviour mixture chosen once per conversation: with
 `ask_share` the oracle (asks for every missing slot, then answers right), else answer-now
 (fills the missing slots with guesses and answers at once; after `wrong` it guesses again).
 
+What to do with an answer is taught apart from whether to ask: with `context_ask_share` > 0, that
+share of the conversations that would answer at once follow the oracle instead, but their
+questions are context (not in the loss), as if the user had volunteered them. The base then sees
+many more answers after a question, in every shape (1 and 2 missing), without learning to ask
+more often: the ask decision is trained on the `ask_share` conversations only. `data_users` (a
+`users.py` mixture, e.g. "reactive:3,sharded") plays the data against more than the training
+user, so that answers after an unasked revelation are in it too.
+
 The Proactive Base (CollabLLM's prompted baseline) comes from the same data: with
 `instruction_share` > 0 that share of conversations opens with the `clarify` instruction, and
 those follow a different mixture, the way a prompt shifts an instruction-tuned model without
@@ -37,6 +45,7 @@ also hand its iterator state to the checkpointer.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any, Callable, NamedTuple
@@ -58,7 +67,7 @@ from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry
 from collab_rl.tasks import scoring
-from collab_rl.tokenizer import ASSISTANT, PAD
+from collab_rl.tokenizer import ASSISTANT, CONTEXT, PAD
 from collab_rl.trainers import lm
 
 # ------------------------------------------------------------------------------------------------
@@ -82,32 +91,50 @@ class AskOrAnswerMix:
   about a given slot in `instructed_confirm_share` of them, then answer (the oracle)."""
 
   def __init__(self, task, ask_share: float, instructed_ask_share: float = 0.0,
-               instructed_confirm_share: float = 0.0):
+               instructed_confirm_share: float = 0.0, context_ask_share: float = 0.0):
     self.task = task
     self.ask_share = float(ask_share)
     self.instructed_ask_share = float(instructed_ask_share)
     self.instructed_confirm_share = float(instructed_confirm_share)
+    self.context_ask_share = float(context_ask_share)
     self.oracle = rollout_lib.oracle_policy(task)
     self.answer_now = rollout_lib.answer_now_policy(task)
+    self.plan = None  # planned(): the behaviour of every row, drawn before the rollout
 
   def init(self, params, conv, prefix_width=None) -> MixState:
     del params, prefix_width
     return MixState(jnp.zeros((conv.batch,), bool), jnp.zeros((), bool))
 
-  def choose(self, key, intent) -> tuple[jax.Array, jax.Array]:
-    """[B] follow the oracle, [B] open with a needless question (clear, instructed rows)."""
+  def choose(self, key, intent) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[B] follow the oracle, [B] open with a needless question (clear, instructed rows), [B]
+    the oracle's questions are context (rows that would otherwise answer at once)."""
     b = intent.values_BxK.shape[0]
     u_Bx3 = jax.random.uniform(key, (b, 3))
     instructed_B = (jnp.zeros((b,), bool) if intent.instructed_B is None
                     else intent.instructed_B)
     share_B = jnp.where(instructed_B, self.instructed_ask_share, self.ask_share)
     confirm_B = instructed_B & ~intent.ambiguous_B & (u_Bx3[:, 1] < self.instructed_confirm_share)
-    return u_Bx3[:, 0] < share_B, confirm_B
+    # Context rows are drawn from every ambiguous row alike, asking or not, so that the first
+    # replies the loss sees still ask in `share_B` of them: the base stays as passive as before.
+    # Their own stream: the draws above stay what they were without them.
+    u_ctx_B = jax.random.uniform(jax.random.fold_in(key, 2), (b,))
+    context_B = intent.ambiguous_B & ~confirm_B & (u_ctx_B < self.context_ask_share)
+    return u_Bx3[:, 0] < share_B, confirm_B, context_B
+
+  def planned(self, plan: tuple[jax.Array, jax.Array, jax.Array]) -> "AskOrAnswerMix":
+    """This mixture with every row's behaviour fixed (`choose`'s output), so that the caller
+    knows which rows' questions are context."""
+    out = AskOrAnswerMix(self.task, self.ask_share, self.instructed_ask_share,
+                         self.instructed_confirm_share, self.context_ask_share)
+    out.plan = plan
+    return out
 
   def __call__(self, params, conv, sim, state: MixState, key):
     k_pick, k_guess = jax.random.split(key)
     b = conv.batch
-    ask_now_B, confirm_B = self.choose(k_pick, conv.intent)
+    ask_now_B, confirm_B, context_B = (self.choose(k_pick, conv.intent) if self.plan is None
+                                       else self.plan)
+    ask_now_B = ask_now_B | context_B
     confirm_B = confirm_B & ~state.chosen  # only the first reply
     # A confirming conversation is answered right after the question: the oracle's part.
     ask_B = jnp.where(state.chosen, state.ask_B, ask_now_B | confirm_B)
@@ -126,22 +153,47 @@ class AskOrAnswerMix:
     return toks, jnp.zeros(toks.shape, jnp.float32), lengths, MixState(ask_B, jnp.ones((), bool))
 
 
+def question_mask(task, tokens_BxL, roles_BxL) -> jax.Array:
+  """[B, L] the assistant tokens of replies that open with `ask` (the word, slot and `<eot>`)."""
+  asst_BxL = roles_BxL == ASSISTANT
+  start_BxL = asst_BxL & ~jnp.pad(asst_BxL[:, :-1], ((0, 0), (1, 0)))
+  reply_BxL = jnp.cumsum(start_BxL, 1)  # which reply a token belongs to
+  ask_id_BxL = jax.lax.cummax(jnp.where(start_BxL & (tokens_BxL == task.ids["ask"]), reply_BxL,
+                                        0), axis=1)
+  return asst_BxL & (ask_id_BxL == reply_BxL)
+
+
 # ------------------------------------------------------------------------------------------------
 # Data sources: `(config, task, mesh) -> (key -> {"tokens": [B, L], "roles": [B, L]})`.
 # ------------------------------------------------------------------------------------------------
 
 
 def behaviour_source(config, task, mesh) -> Callable[[jax.Array], dict]:
-  """Fresh episodes of `AskOrAnswerMix` against the scripted user, all on device."""
+  """Fresh episodes of `AskOrAnswerMix` against the scripted user, all on device; the questions
+  of the rows whose questions are context (`context_ask_share`) get the CONTEXT role."""
   policy = AskOrAnswerMix(task, config.ask_share, config.get("instructed_ask_share", 0.0),
-                          config.get("instructed_confirm_share", 0.0))
+                          config.get("instructed_confirm_share", 0.0),
+                          config.get("context_ask_share", 0.0))
 
   def batch(key):
-    ro = rollout_lib.rollout(policy, task, None, key, config.batch_size,
-                             num_turns=config.num_turns, max_len=config.max_len, mesh=mesh)
-    return {"tokens": ro.conv.tokens_BxL, "roles": ro.conv.roles_BxL}
+    ro, roles_BxL = behaviour_rollout(policy, task, config, key, mesh)
+    return {"tokens": ro.conv.tokens_BxL, "roles": roles_BxL}
 
   return jax.jit(batch, out_shardings=sharding_lib.batch_sharding(mesh))
+
+
+def behaviour_rollout(policy: AskOrAnswerMix, task, config, key, mesh=None):
+  """One batch of the behaviour data: the rollout, and the roles the loss reads (the questions
+  of context rows turned to CONTEXT)."""
+  k_int, k_plan, k_play = jax.random.split(key, 3)
+  intent = task.sample_intents(k_int, config.batch_size)
+  plan = policy.choose(k_plan, intent)
+  ro = rollout_lib.rollout(policy.planned(plan), task, None, k_play, config.batch_size,
+                           num_turns=config.num_turns, max_len=config.max_len, intent=intent,
+                           mesh=mesh)
+  tokens_BxL, roles_BxL = ro.conv.tokens_BxL, ro.conv.roles_BxL
+  context_BxL = plan[2][:, None] & question_mask(task, tokens_BxL, roles_BxL)
+  return ro, jnp.where(context_BxL, CONTEXT, roles_BxL)
 
 
 DATA_SOURCES = {"behaviour": behaviour_source}
@@ -244,6 +296,16 @@ def make_task(config, instruction_rate: float | None = None):
   return registry.make_task(config.task, sim)
 
 
+def data_task(config):
+  """The task the SFT data is played on: the instruction on `instruction_share` of the requests,
+  and the users of `data_users` (a users.py mixture; "": the training user)."""
+  task = make_task(config, instruction_share(config))
+  if not config.get("data_users", ""):
+    return task
+  return registry.make_task(config.task, {**dataclasses.asdict(task.sim),
+                                          "mixture": config.data_users})
+
+
 def instruction_share(config) -> float:
   return float(config.get("instruction_share", 0.0))
 
@@ -255,8 +317,7 @@ def build(config, mesh, task) -> Built:
 
   create_fn, abstract, shardings = state_lib.init_sharded(
       state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
-  data_fn = DATA_SOURCES[config.data_source](config, make_task(config, instruction_share(config)),
-                                              mesh)
+  data_fn = DATA_SOURCES[config.data_source](config, data_task(config), mesh)
   batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b), in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, repl), donate_argnums=0)
@@ -294,7 +355,8 @@ def check_config(config):
   if not 0.0 <= config.ask_share <= 1.0:
     raise ValueError(f"config.ask_share={config.ask_share} must be in [0, 1] (the share of "
                      "conversations that follow the asking oracle)")
-  for name in ("instruction_share", "instructed_ask_share", "instructed_confirm_share"):
+  for name in ("instruction_share", "instructed_ask_share", "instructed_confirm_share",
+               "context_ask_share"):
     if not 0.0 <= config.get(name, 0.0) <= 1.0:
       raise ValueError(f"config.{name}={config[name]} must be in [0, 1] (a share of "
                        "conversations)")
@@ -302,6 +364,10 @@ def check_config(config):
     raise ValueError(f"config.data_source={config.data_source!r} is not one of "
                      f"{sorted(DATA_SOURCES)}")
   task = make_task(config)  # unknown task or simulator fields fail here
+  try:
+    data_task(config)
+  except ValueError as e:
+    raise ValueError(f"config.data_users={config.get('data_users')!r}: {e}") from None
   if mcfg.vocab_size < task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
                      f"{config.task} vocabulary ({task.vocab_size} words)")
