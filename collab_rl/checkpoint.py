@@ -56,6 +56,8 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
 
 def _read_only_manager(path: str) -> ocp.CheckpointManager:
   """Another run's checkpoints, opened to read its params only (no saves, no deletions)."""
+  # Orbax restores absolute paths only; a relative one is taken from the working directory.
+  path = path if "://" in path else os.path.abspath(path)
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   # PyTreeCheckpointHandler (same on-disk format as Standard) for its `partial_restore`.
   handlers = {**_handlers(), _STATE: ocp.PyTreeCheckpointHandler()}

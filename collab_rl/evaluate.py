@@ -1,14 +1,16 @@
 """Evaluation of trained policies against the scripted user, with intervals, plots and samples.
 
-  python -m collab_rl.evaluate --workdir runs/ [--episodes 512 --turns 4 --modes reactive,sharded]
+  python -m collab_rl.evaluate --workdir runs/ [--episodes 512 --turns 4 --users reactive,sharded]
 
 Finds every run under `--workdir` (a directory holding `checkpoints/`; the sweep's layout
-`<task>/seed<k>/<arm>` names the arm and seed), restores its latest params and config, and plays
-the task's **test** episodes (`data.builders`: the same episodes for every arm and seed) with the
-greedy policy for `--turns` assistant turns. Writes into `--out` (default: the workdir):
+`<task>/seed<k>/<arm>` names the arm and seed; a sweep point's directory `<arm>@w_int=0.1` is the
+row `<arm>[w_int=0.1]`), restores its latest params and config, and plays the task's **test**
+episodes (`data.builders`: the same episodes for every arm and seed) with the greedy policy for
+`--turns` assistant turns. Writes into `--out` (default: the workdir):
 
   results.json   per arm and task: every metric's mean with a 95% interval over episodes (per
-                 seed) and over seeds, and the per-seed means
+                 seed) and over seeds, and the per-seed means; each seed's summary also has
+                 `score_ambiguous`, the task score on ambiguous requests alone
   results.md     the comparison table: the paper's columns (task score, tokens read in
                  thousands, interactivity) plus ask-when-ambiguous, answer-when-clear, their
                  macro F1, turns and tokens per solved task
@@ -22,10 +24,13 @@ Scripted reference policies (`--baselines oracle,answer_now`) get rows of their 
 Rows beyond one per run:
 - `proactive_base`: every `sft_base` checkpoint once more, with the `clarify` instruction on
   every first request (`instruction_rate=1.0`): CollabLLM's prompted Proactive Base.
-- `--modes reactive,sharded`: the reactive user only answers questions (`sim.sharded=False`, every
-  row); the sharded one also reveals the next missing slot every turn (Lost-in-Conversation).
-  Sharded rows (`<arm>@sharded`) are played for `SHARDED_ARMS` only, where the comparison
-  means something: the base, its proactive prompt, the Mediator-Assistant and the MR arm.
+- `--users reactive,sharded,noisy,missing3,amb0.2,fresh` (`eval_users.py`; `--modes` is its old
+  name): every row against each user the policy may never have met, labelled `<row>@<user>`
+  (the reactive user, `sim.sharded=False`, gives the unlabelled rows). The sharded one also
+  reveals the next missing slot every turn (Lost-in-Conversation); its rows are played for
+  `SHARDED_ARMS` only, where the comparison means something: the base, its proactive prompt,
+  the Mediator-Assistant and the MR arm. Every other user plays every row. `--user_overrides
+  name:field=value;...` defines an ad-hoc user. The scripted baselines meet the reactive user only.
 Every run's test score is checked against its own last greedy evaluation (metrics.jsonl): a gap
 over `MAX_GAP` is logged and kept in results.json (`settings.warnings`) and results.md, since it
 means the run was played wrongly (a decoding or restore fault), not that the episodes differ.
@@ -36,6 +41,7 @@ the assistant its config names (`assistant_from`).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -43,23 +49,22 @@ from typing import Any, Iterable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from collab_rl import checkpoint as ckpt_lib
 from collab_rl import conversation as conv_lib
+from collab_rl import eval_users
 from collab_rl import mediator as mediator_lib
 from collab_rl import results as results_lib
 from collab_rl import metrics as metrics_lib
 from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
-from collab_rl.data import builders
 from collab_rl.models import transformer
 from collab_rl.tasks import registry, scoring
 
 _RUN = re.compile(r"(?:(?P<task>[^/]+)/)?seed(?P<seed>\d+)/(?P<arm>[^/]+)$")
-MODES = ("reactive", "sharded")
+MODES = ("reactive", "sharded")  # the users of the mediator comparison (headline.py)
 # Scripted reference policies that read the intent (rollout.py): rows of their own, named as in
 # results.BASELINE_ROWS.
 BASELINES = {"oracle": rollout_lib.oracle_policy, "answer_now": rollout_lib.answer_now_policy}
@@ -77,9 +82,7 @@ DERIVED_ROWS = {"proactive_base": ("sft_base", {"instruction_rate": 1.0})}
 
 def test_intents(task, n: int):
   """The first n episodes of the task's test split (the builders' definition of the split)."""
-  chunks = [builders.sample_chunk(task, "test", c) for c in range(-(-n // builders.CHUNK))]
-  intent = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *chunks)
-  return jax.tree_util.tree_map(lambda x: x[:n], intent)
+  return eval_users.intents(task, n, "test")
 
 
 # Jitted rollouts by (program key, turns, batch, columns): runs of one model and task config
@@ -131,8 +134,9 @@ def _restore_model(checkpoints: str, config: dict):
 def load_policy(run_dir: str, turns: int, sim: dict | None = None):
   """(task, policy, params, reply budget, config) of a run's latest checkpoint, its simulator
   fields overridden by `sim` (e.g. {"sharded": True}). A mediator run gives the
-  Mediator-Assistant, with params {"mediator", "assistant"}."""
-  checkpoints = os.path.join(run_dir, "checkpoints")
+  Mediator-Assistant, with params {"mediator", "assistant"}. Relative paths are taken from the
+  working directory (Orbax restores absolute paths only)."""
+  checkpoints = os.path.join(os.path.abspath(run_dir), "checkpoints")
   config = ckpt_lib.read_config(checkpoints)
   task = registry.make_task(config["task"], {**config["sim"], **(sim or {})})
   model, params = _restore_model(checkpoints, config)
@@ -155,14 +159,23 @@ def load_policy(run_dir: str, turns: int, sim: dict | None = None):
 # ------------------------------------------------------------------------------------------------
 
 
+def arm_label(name: str) -> str:
+  """The row of a run directory: a sweep point `ppo_ext_int@w_int=0.1` is `ppo_ext_int[w_int=0.1]`,
+  since `@` in a row names the user it was played against."""
+  arm, *tags = name.split("@")
+  return arm + "".join(f"[{t}]" for t in tags)
+
+
 def find_runs(workdir: str) -> list[tuple[str, str, int]]:
-  """(run directory, arm, seed) for every run under `workdir` with a finished checkpoint."""
-  runs = []
+  """(absolute run directory, arm, seed) for every run under `workdir` with a finished
+  checkpoint."""
+  workdir, runs = os.path.abspath(workdir), []
   for root, dirs, _ in os.walk(workdir, followlinks=True):  # runs linked into a sweep count
     if "checkpoints" in dirs:
       rel = os.path.relpath(root, workdir)
       m = _RUN.search(rel.replace(os.sep, "/"))
       arm, seed = (m.group("arm"), int(m.group("seed"))) if m else (rel, 0)
+      arm = arm_label(arm)
       ck = ckpt_lib.Checkpointer(os.path.join(root, "checkpoints"))
       if ck.latest_step() is not None:
         runs.append((root, arm, seed))
@@ -241,42 +254,56 @@ def check_against_run(run_dir: str, score: float) -> str | None:
           "episodes (see its samples)")
 
 
-def rows_of(arm: str, modes: Iterable[str]) -> list[tuple[str, dict]]:
-  """(row label, simulator overrides) of every row one run of `arm` gives in `modes`."""
-  unknown = sorted(set(modes) - set(MODES))
-  if unknown:
-    raise ValueError(f"unknown evaluation modes {unknown}; known: {MODES}")
+def rows_of(arm: str, users: Iterable[str | eval_users.User]
+            ) -> list[tuple[str, eval_users.User]]:
+  """(row label, user with the row's own overrides) of every row one run of `arm` gives against
+  `users` (names or `eval_users.User`s): `<row>` for the reactive user, else `<row>@<user>`."""
   names = [(arm, {})] + [(row, sim) for row, (src, sim) in DERIVED_ROWS.items() if src == arm]
   out = []
-  for mode in modes:
+  for user in eval_users.resolve(users):
     for name, sim in names:
-      if mode == "reactive":
-        out.append((name, {**sim, "sharded": False}))
-      elif name in SHARDED_ARMS:
-        out.append((f"{name}@{mode}", {**sim, "sharded": True}))
+      if user.name == "sharded" and name.split("[")[0] not in SHARDED_ARMS:
+        continue  # a sweep point `ppo_mr_w2[w_int=0.1]` is played as its arm
+      label = name if user.name == "reactive" else f"{name}@{user.name}"
+      out.append((label, dataclasses.replace(user, sim={**sim, **user.sim})))
   return out
 
 
+def _with_ambiguous_score(s: dict[str, Any], m: dict[str, np.ndarray]) -> dict[str, Any]:
+  """`summary` plus the task score on ambiguous requests alone: for a base that never asks, the
+  value of guessing, which the interactivity-weight sweep sets against w_int."""
+  x = np.asarray(m["score"], np.float64)[np.asarray(m["ambiguous"], bool)]
+  half = 1.96 * x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan")
+  s.setdefault("score_ambiguous", {"mean": float(x.mean()) if len(x) else float("nan"),
+                                   "ci": float(half)})
+  return s
+
+
 def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: int, turns: int,
-                  batch: int, modes: Iterable[str] = ("reactive",), baselines: Iterable[str] = (),
-                  samples: int = 3) -> dict[str, Any]:
-  runs, modes = list(runs), tuple(modes)
+                  batch: int, users: Iterable[str | eval_users.User] = ("reactive",),
+                  baselines: Iterable[str] = (), samples: int = 3) -> dict[str, Any]:
+  runs, users = list(runs), eval_users.resolve(users)
   per_arm: dict[str, list] = collections.defaultdict(list)
   curves: dict[str, list] = {}
   tasks_seen: dict[str, Any] = {}
   os.makedirs(os.path.join(out, "samples"), exist_ok=True)
   rng = np.random.default_rng(0)
   warnings: list[str] = []
-  jobs = [(run_dir, arm, seed, row, sim) for run_dir, arm, seed in runs
-          for row, sim in rows_of(arm, modes)]
-  for run_dir, arm, seed, row, sim in metrics_lib.progress(jobs, desc="evaluate"):
+  # Read first: a user's overrides depend on the run's task (its slots) and simulator, and a
+  # user that does not fit a run fails before anything is played.
+  configs = {d: ckpt_lib.read_config(os.path.join(os.path.abspath(d), "checkpoints"))
+             for d, _, _ in runs}
+  jobs = [(run_dir, arm, seed, row, user, eval_users.sim_for(user, configs[run_dir]))
+          for run_dir, arm, seed in runs for row, user in rows_of(arm, users)]
+  for run_dir, arm, seed, row, user, sim in metrics_lib.progress(jobs, desc="evaluate"):
     task, policy, params, reply, config = load_policy(run_dir, turns, sim)
     if row == arm:
       tasks_seen.setdefault(task.name, (task, reply))
-    m, first = play(task, policy, params, test_intents(task, episodes), turns=turns,
-                    reply_tokens=reply, batch=batch, seed=seed, key=program_key(config, sim))
+    m, first = play(task, policy, params, eval_users.intents(task, episodes, user.source),
+                    turns=turns, reply_tokens=reply, batch=batch, seed=seed,
+                    key=program_key(config, sim))
     key = f"{task.name}:{row}"
-    per_arm[key].append(summary(m, rng))
+    per_arm[key].append(_with_ambiguous_score(summary(m, rng), m))
     if row == arm:  # training curves belong to the run, not to each way of playing it
       curves.setdefault(key, reward_curve(run_dir))
       if config.get("trainer") != "mediator":  # its own evaluation scores the rewrites alone
@@ -293,10 +320,10 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
       policy = BASELINES[name](task)
       m, _ = play(task, policy, None, test_intents(task, episodes), turns=turns,
                   reply_tokens=reply, batch=batch, seed=0)
-      per_arm[f"{task.name}:{name}"].append(summary(m, rng))
+      per_arm[f"{task.name}:{name}"].append(_with_ambiguous_score(summary(m, rng), m))
   results = {k: {"per_seed": v, "over_seeds": over_seeds(v)} for k, v in per_arm.items()}
-  settings = {"episodes": episodes, "turns": turns, "modes": list(modes), "split": "test",
-              "warnings": warnings}
+  settings = {"episodes": episodes, "turns": turns, "split": "test", "warnings": warnings,
+              "users": {u.name: {"sim": dict(u.sim), "source": u.source} for u in users}}
   results_lib.write(out, settings, results)
   plot(results, curves, out)
   return results
@@ -322,9 +349,15 @@ def main(argv):
   if not runs:
     raise SystemExit(f"error: no run with a finished checkpoint under {f.workdir}")
   out = f.out or f.workdir
+  if f["modes"].present and f["users"].present:
+    raise SystemExit("error: --modes is the old name of --users: give one of them")
+  names = f.modes if f["modes"].present else f.users
+  try:
+    users = eval_users.resolve([u for u in names.split(",") if u], f.user_overrides)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
   results = evaluate_runs(runs, out, episodes=f.episodes, turns=f.turns, batch=f.batch,
-                          modes=[m for m in f.modes.split(",") if m],
-                          baselines=[b for b in f.baselines.split(",") if b])
+                          users=users, baselines=[b for b in f.baselines.split(",") if b])
   print(table(results))
   print(f"wrote {out}/results.json, results.md, plots/ and samples/")
 
@@ -336,8 +369,13 @@ if __name__ == "__main__":
   flags.DEFINE_integer("episodes", 512, "Test episodes per run.")
   flags.DEFINE_integer("turns", 4, "Assistant turns per conversation.")
   flags.DEFINE_integer("batch", 256, "Episodes per jitted rollout.")
-  flags.DEFINE_string("modes", "reactive", "Simulator modes, from reactive,sharded (sharded: "
-                      "one missing piece revealed per turn; played for SHARDED_ARMS only).")
+  flags.DEFINE_string("users", "reactive", "Users to play, e.g. reactive,sharded,noisy,"
+                      "missing3,amb0.2,fresh (eval_users.py; sharded: one missing piece "
+                      "revealed per turn, played for SHARDED_ARMS only).")
+  flags.DEFINE_string("modes", "reactive", "Old name of --users.")
+  flags.DEFINE_multi_string("user_overrides", [], "An ad-hoc user, name:field=value;field=value "
+                            "(SimConfig fields; source=fresh for fresh episodes), played as "
+                            "<arm>@name (repeat the flag for more).")
   flags.DEFINE_string("baselines", "oracle,answer_now", "Scripted reference policies to add.")
   flags.DEFINE_bool("done_only", False, "Only runs the sweep marked finished (`DONE`), not "
                     "the latest checkpoint of one cut short.")

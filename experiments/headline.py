@@ -4,6 +4,8 @@
   python -m experiments.headline --workdir runs/all --tasks ambig_math,doc_edit,code_spec \
       --seeds 0,1,2 --arms sft_base,ppo_helpfulness,ppo_ext,ppo_ext_int,ppo_mr_w1,ppo_mr_w2,\
 ppo_mr_w3,dpo_online,data_engine,dpo_offline
+  python -m experiments.headline --workdir runs/all --tasks ambig_math,doc_edit --seeds 0,1,2 \
+      --arms sft_base,ppo_ext_int,ppo_mr_w2 --sweep w_int=0,0.1,0.25,0.5,1.0
 
 Order per (task, seed): the SFT base first, then each arm from it (`init_from`), the data engine
 before offline DPO (which reads its dataset). Each run is `python -m collab_rl.main` in a child
@@ -17,7 +19,11 @@ seed's run to finish and then load its programs instead of compiling them again 
 on a GPU, compilation is most of a run's time). `--print_only` prints the commands (what
 `launch/` turns into one job per arm on Cloud TPU) without running them. Finally
 `collab_rl.evaluate` plays the test episodes with every run and writes `results.json`,
-`results.md`, plots and samples into the workdir.
+`results.md`, plots and samples into the workdir (`--users` plays them against other users too).
+
+`--sweep field=v1,v2,...` (`headline_sweep.py`) runs every RL arm once per value, in
+`<task>/seed<k>/<arm>@field=<v>` with `--config.<field>=<v>`, all from the (task, seed)'s one
+base, and plots each task's sweep into `plots/<task>_<field>_sweep.png`.
 """
 
 from __future__ import annotations
@@ -29,41 +35,47 @@ import time
 
 from absl import app, flags, logging
 
-from experiments import collab_arms
+from experiments import collab_arms, headline_sweep
+
 
 def run_dir(workdir: str, task: str, seed: str, arm: str) -> str:
   return os.path.join(workdir, task, f"seed{seed}", arm)
 
 
-def commands(workdir: str, tasks, seeds, arms, size: str,
-             overrides=()) -> list[tuple[str, list[str]]]:
-  """(run directory, argv) per run, in the order they must run."""
+def commands(workdir: str, tasks, seeds, arms, size: str, overrides=(),
+             sweep: headline_sweep.Sweep | None = None) -> list[tuple[str, list[str]]]:
+  """(run directory, argv) per run, in the order they must run; with `sweep`, every arm it
+  sweeps once per value (`<arm>@<field>=<value>`), the value's override after `overrides`."""
   unknown = sorted(set(arms) - set(collab_arms.ARMS))
   if unknown:
     raise ValueError(f"unknown arms {unknown}; known: {collab_arms.ARMS}")
   if "dpo_offline" in arms and "data_engine" not in arms:
     raise ValueError("dpo_offline reads the data engine's dataset: add data_engine to --arms")
   order = ["sft_base"] + [a for a in collab_arms.ARMS if a != "sft_base" and a in arms]
+  if sweep and tasks:
+    headline_sweep.check(sweep, order, lambda arm: collab_arms.get_config(
+        f"arm={arm},task={tasks[0]},size={size}"))
   out = []
-  for task in tasks:
-    for seed in seeds:
-      base = run_dir(workdir, task, seed, "sft_base")
-      for arm in order:
-        d = run_dir(workdir, task, seed, arm)
-        argv = [sys.executable, "-m", "collab_rl.main", "--workdir", d,
-                f"--config=experiments/collab_arms.py:arm={arm},task={task},seed={seed},"
-                f"size={size}"]
-        if arm != "sft_base":
-          argv.append(f"--config.init_from={base}/checkpoints")
-          argv += list(overrides) if arm.startswith(("ppo", "dpo")) else []
-        if arm == "mediator":  # the base is also the assistant it rewrites for
-          argv.append(f"--config.assistant_from={base}/checkpoints")
-        data = os.path.join(run_dir(workdir, task, seed, "data_engine"), "data")
-        if arm == "data_engine":
-          argv.append(f"--config.data_dir={data}")
-        if arm == "dpo_offline":
-          argv.append(f"--config.dpo.data_dir={data}")
-        out.append((d, argv))
+  for task, seed, arm in ((t, s, a) for t in tasks for s in seeds for a in order):
+    base = run_dir(workdir, task, seed, "sft_base")
+    points = ([(f"{arm}@{sweep.tag(v)}", [sweep.override(v)]) for v in sweep.values]
+              if sweep and headline_sweep.swept(arm) else [(arm, [])])
+    for name, point in points:
+      d = run_dir(workdir, task, seed, name)
+      argv = [sys.executable, "-m", "collab_rl.main", "--workdir", d,
+              f"--config=experiments/collab_arms.py:arm={arm},task={task},seed={seed},"
+              f"size={size}"]
+      if arm != "sft_base":
+        argv.append(f"--config.init_from={base}/checkpoints")
+        argv += list(overrides) if arm.startswith(("ppo", "dpo")) else []
+      if arm == "mediator":  # the base is also the assistant it rewrites for
+        argv.append(f"--config.assistant_from={base}/checkpoints")
+      data = os.path.join(run_dir(workdir, task, seed, "data_engine"), "data")
+      if arm == "data_engine":
+        argv.append(f"--config.data_dir={data}")
+      if arm == "dpo_offline":
+        argv.append(f"--config.dpo.data_dir={data}")
+      out.append((d, argv + point))
   return out
 
 
@@ -82,6 +94,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("jobs", 1, "Runs at a time (each pinned to its share of the CPUs); "
                        "a run starts once the runs it needs have finished.", lower_bound=1)
   flags.DEFINE_multi_string("override", [], "--config.x=y added to every RL arm.")
+  flags.DEFINE_string("sweep", "", "field=v1,v2,...: every RL arm once per value, e.g. "
+                      "w_int=0,0.1,0.25,0.5,1.0 (experiments/headline_sweep.py).")
+  flags.DEFINE_string("users", "", "Users the evaluation plays (collab_rl/eval_users.py), e.g. "
+                      "reactive,noisy,missing3,amb0.2,fresh; default: reactive, and sharded too "
+                      "when --arms has the mediator.")
   flags.DEFINE_string("compilation_cache", "", "Persistent JAX compilation cache the runs share "
                       "(default <workdir>/jax_cache; 'none': no cache). JAX_COMPILATION_CACHE_DIR "
                       "in the environment wins.")
@@ -91,6 +108,7 @@ def needs(run: str) -> list[str]:
   """Runs that must have finished before `run` starts: the base of its (task, seed), and the
   data engine for offline DPO."""
   here, arm = os.path.split(run)
+  arm = arm.split("@")[0]  # a sweep point needs what its arm needs
   if arm == "sft_base":
     return []
   return [os.path.join(here, "sft_base")] + (
@@ -193,17 +211,23 @@ def main(argv):
   f = flags.FLAGS
   workdir = os.path.abspath(f.workdir)
   logging.set_verbosity(logging.WARNING)  # the table, not Orbax's INFO narration of every read
-  jobs = commands(workdir, f.tasks, f.seeds, f.arms, f.size, f.override)
+  sweep = headline_sweep.parse(f.sweep)
+  jobs = commands(workdir, f.tasks, f.seeds, f.arms, f.size, f.override, sweep)
   if f.print_only:
     for _, cmd in jobs:
       print(" ".join(cmd))
     return
-  from collab_rl import evaluate, metrics  # pylint: disable=g-import-not-at-top
+  from collab_rl import eval_users, evaluate, metrics  # pylint: disable=g-import-not-at-top
+
+  # Checked before hours of training, not after.
+  users = eval_users.resolve([u for u in f.users.split(",") if u] if f.users else
+                             evaluate.MODES if "mediator" in f.arms else ("reactive",))
 
   # Arm-major order: every base first, then each arm (in the order --arms lists them) over all
-  # tasks and seeds, so that a sweep cut short has the first-listed arms everywhere.
+  # tasks and seeds, so that a sweep cut short has the first-listed arms everywhere (and a
+  # swept arm its points in the order --sweep lists them: the sort is stable).
   rank = {a: i for i, a in enumerate(["sft_base"] + [a for a in f.arms if a != "sft_base"])}
-  jobs.sort(key=lambda job: rank[os.path.basename(job[0])])
+  jobs.sort(key=lambda job: rank[os.path.basename(job[0]).split("@")[0]])
   env, after = dict(os.environ), {}
   cache = f.compilation_cache or os.path.join(workdir, "jax_cache")
   if cache != "none":
@@ -223,10 +247,12 @@ def main(argv):
   runs = [r for r in evaluate.find_runs(workdir)
           if os.path.exists(os.path.join(r[0], "DONE"))]
   results = evaluate.evaluate_runs(runs, workdir, episodes=f.episodes, turns=4,
-                                   batch=256, baselines=["oracle", "answer_now"],
-                                   modes=evaluate.MODES if "mediator" in f.arms else ("reactive",))
+                                   batch=256, baselines=["oracle", "answer_now"], users=users)
   print(evaluate.table(results))
   print(f"results: {workdir}/results.md, plots/ and samples/")
+  if sweep:
+    for path in headline_sweep.write(results, sweep.name, workdir):
+      print(f"sweep: {path}")
   if failed:
     raise SystemExit(f"{len(failed)} run(s) failed: {failed}")
 

@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from collab_rl import evaluate
+from collab_rl import checkpoint as ckpt_lib
+from collab_rl import eval_users, evaluate
+from collab_rl.tasks import registry
 from collab_rl.trainers import sft
 from experiments import collab_arms, headline
 
@@ -37,7 +39,8 @@ def test_evaluate_writes_tables_intervals_plots_and_samples(runs, tmp_path):
   assert base["over_seeds"]["seeds"] == 2 and len(base["per_seed"]) == 2
   for metric in evaluate.METRICS:
     seed_means = [s[metric]["mean"] for s in base["per_seed"]]
-    assert base["over_seeds"][metric]["mean"] == pytest.approx(np.mean(seed_means))
+    # nan_ok: a base that never asks has no score after asking.
+    assert base["over_seeds"][metric]["mean"] == pytest.approx(np.mean(seed_means), nan_ok=True)
   assert base["per_seed"][0]["episodes"] == 32
   on_disk = json.load(open(tmp_path / "results.json"))
   assert on_disk["settings"]["split"] == "test"
@@ -55,8 +58,79 @@ def test_runs_linked_into_a_sweep_are_found(runs, tmp_path):
   seed_dir = tmp_path / "ambig_math" / "seed0"
   seed_dir.mkdir(parents=True)
   os.symlink(runs / "ambig_math" / "seed0" / "sft_base", seed_dir / "sft_base")
+  # A sweep point's directory names its row with the swept value, not a user (`@`).
+  os.symlink(runs / "ambig_math" / "seed0" / "sft_base", seed_dir / "ppo_mr_w2@w_int=0.1")
   found = evaluate.find_runs(str(tmp_path))
-  assert [(arm, seed) for _, arm, seed in found] == [("sft_base", 0)]
+  assert [(arm, seed) for _, arm, seed in found] == [("ppo_mr_w2[w_int=0.1]", 0),
+                                                      ("sft_base", 0)]
+  assert [r for r, _ in evaluate.rows_of("ppo_mr_w2[w_int=0.1]", ["reactive", "sharded"])] == [
+      "ppo_mr_w2[w_int=0.1]", "ppo_mr_w2[w_int=0.1]@sharded"]  # played as its arm
+
+
+def test_relative_run_directories(runs, monkeypatch):
+  monkeypatch.chdir(runs)
+  task, _, params, _, config = evaluate.load_policy("ambig_math/seed0/sft_base", 2)
+  assert task.name == config["task"] == "ambig_math" and params
+  assert ckpt_lib.read_config("ambig_math/seed1/sft_base/checkpoints")["seed"] == 1
+  found = evaluate.find_runs(".")
+  assert [d for d, _, _ in found] == [str(runs / "ambig_math" / f"seed{s}" / "sft_base")
+                                      for s in (0, 1)]
+
+
+def test_users_other_than_the_training_one(runs, tmp_path):
+  """Every row against the users asked for, each on episodes its own settings sampled."""
+  # Two users, each a compile per row: the ad-hoc one covers noise and the fresh episodes.
+  users = eval_users.resolve(["missing3"], ["hard:noise_wrong=0.5;source=fresh"])
+  run = [r for r in evaluate.find_runs(str(runs)) if r[2] == 0]
+  results = evaluate.evaluate_runs(run, str(tmp_path), episodes=16, turns=2, batch=16,
+                                   users=users)
+  assert set(results) == {f"ambig_math:{row}@{user}" for row in ("sft_base", "proactive_base")
+                          for user in ("missing3", "hard")}
+  per_seed = results["ambig_math:sft_base@missing3"]["per_seed"][0]
+  assert per_seed["episodes"] == 16 and 0 <= per_seed["score_ambiguous"]["mean"] <= 1
+  settings = json.load(open(tmp_path / "results.json"))["settings"]
+  assert settings["users"]["hard"] == {"sim": {"noise_wrong": 0.5}, "source": "fresh"}
+  assert "| ambig_math | sft_base@missing3 | 1 |" in open(tmp_path / "results.md").read()
+  assert "<user>" in open(tmp_path / "samples" / "ambig_math_proactive_base@hard.txt").read()
+
+
+def test_user_definitions_and_their_episodes():
+  config = {"task": "ambig_math", "sim": collab_arms.get_config("arm=sft_base").sim.to_dict()}
+  assert eval_users.named("amb0.2").sim == {"ambiguous_rate": 0.2}
+  assert eval_users.sim_for(eval_users.named("missing7"), config) == {
+      "min_missing": 5, "max_missing": 5}  # clipped to ambig_math's 5 slots
+  assert eval_users.sim_for(eval_users.named("fresh"), config) == {}  # the training user
+  mixed = {**config, "sim": {**config["sim"], "mixture": "reactive,noisy"}}
+  assert eval_users.sim_for(eval_users.named("sharded"), mixed) == {"sharded": True,
+                                                                     "mixture": ""}
+  with pytest.raises(ValueError, match="min_missing <= max_missing"):
+    eval_users.sim_for(eval_users.parse_custom("few:min_missing=3"), config)
+  with pytest.raises(ValueError, match="unknown field 'noise'.*noise_wrong"):
+    eval_users.parse_custom("x:noise=0.3")
+  with pytest.raises(ValueError, match="sharded='maybe' is not a bool"):
+    eval_users.parse_custom("x:sharded=maybe")
+  with pytest.raises(ValueError, match="is a named user already"):
+    eval_users.parse_custom("noisy:noise_wrong=0.3")
+  with pytest.raises(ValueError, match="expected name:field=value"):
+    eval_users.parse_custom("noise_wrong=0.3")
+  with pytest.raises(ValueError, match="--users: unknown user 'lost'.*fresh"):
+    eval_users.resolve(["lost"])
+  # A user's episodes: the test split's keys sampled with its settings.
+  n, base = 64, registry.make_task("ambig_math")
+  test = eval_users.intents(base, n)
+  for name in ("amb0.8", "missing3"):
+    task = registry.make_task("ambig_math", eval_users.named(name).sim)
+    other = eval_users.intents(task, n)
+    np.testing.assert_array_equal(other.values_BxK, test.values_BxK)
+    if name == "amb0.8":
+      assert other.ambiguous_B.sum() > test.ambiguous_B.sum()
+      assert np.all(other.ambiguous_B[test.ambiguous_B])  # the same uniforms, a higher rate
+    else:
+      np.testing.assert_array_equal(other.ambiguous_B, test.ambiguous_B)
+      assert np.all(other.missing_BxK.sum(1)[other.ambiguous_B] == 3)
+  fresh = eval_users.intents(base, n, "fresh")
+  assert not np.array_equal(fresh.values_BxK, test.values_BxK)
+  np.testing.assert_array_equal(fresh.values_BxK, eval_users.intents(base, n, "fresh").values_BxK)
 
 
 def test_a_score_far_from_the_runs_own_evaluation_is_flagged(tmp_path):
@@ -114,7 +188,6 @@ def test_merge_joins_per_seed_evaluations(tmp_path):
 
 
 def test_same_episodes_for_every_arm():
-  from collab_rl.tasks import registry
   task = registry.make_task("ambig_math")
   a, b = evaluate.test_intents(task, 40), evaluate.test_intents(task, 40)
   np.testing.assert_array_equal(a.values_BxK, b.values_BxK)

@@ -1,11 +1,16 @@
-"""The headline sweep's scheduler: parallel runs wait for what they need, failures propagate."""
+"""The headline sweep's scheduler: parallel runs wait for what they need, failures propagate;
+the interactivity-weight sweep's commands and plot."""
 
+import json
 import os
+import subprocess
 import sys
 
+import numpy as np
+import pytest
 import tqdm
 
-from experiments import headline
+from experiments import headline, headline_sweep
 
 
 def _job(root, task_seed, arm, code="pass"):
@@ -61,3 +66,71 @@ def test_later_seeds_wait_for_the_first_seed_of_their_arm_even_when_it_fails(tmp
   assert _t(s1, "start") >= _t(s0, "end") and _t(e1, "start") >= _t(s1, "end")
   assert os.path.exists(os.path.join(e1, "DONE"))  # ran although the first seed failed
   assert _t(b1, "start") < _t(s0, "end")  # another task's base ran beside the first
+
+
+def test_sweep_runs_every_rl_arm_per_value_from_one_base():
+  sweep = headline_sweep.parse("w_int=0,0.25,1.0")
+  assert sweep == headline_sweep.Sweep("w_int", "reward.w_int", ("0", "0.25", "1.0"))
+  jobs = headline.commands("/r", ["ambig_math", "doc_edit"], ["0", "1"],
+                           ["sft_base", "ppo_ext_int", "ppo_mr_w2", "mediator"], "small",
+                           overrides=["--config.reward.w_int=0.7"], sweep=sweep)
+  dirs = [d for d, _ in jobs]
+  points = [f"{arm}@w_int={v}" for arm in ("ppo_ext_int", "ppo_mr_w2") for v in sweep.values]
+  assert dirs[:8] == [f"/r/ambig_math/seed0/{n}" for n in ["sft_base", *points, "mediator"]]
+  assert len(dirs) == 4 * 8 and len(set(dirs)) == len(dirs)
+  argv = dict(jobs)["/r/doc_edit/seed1/ppo_mr_w2@w_int=0.25"]
+  assert "--config=experiments/collab_arms.py:arm=ppo_mr_w2,task=doc_edit,seed=1,size=small" in argv
+  assert "--config.init_from=/r/doc_edit/seed1/sft_base/checkpoints" in argv
+  assert argv[-1] == "--config.reward.w_int=0.25"  # after --override, so the sweep's value wins
+  assert not any("w_int" in a for a in dict(jobs)["/r/doc_edit/seed1/mediator"])
+  assert headline.needs("/r/doc_edit/seed1/ppo_mr_w2@w_int=0.25") == [
+      "/r/doc_edit/seed1/sft_base"]
+  with pytest.raises(ValueError, match="none of --arms"):
+    headline.commands("/r", ["ambig_math"], ["0"], ["sft_base", "mediator"], "small",
+                      sweep=sweep)
+  with pytest.raises(ValueError, match="'reward.w_intt' is not in arm ppo_ext_int"):
+    headline.commands("/r", ["ambig_math"], ["0"], ["ppo_ext_int"], "small",
+                      sweep=headline_sweep.parse("reward.w_intt=0,1"))
+  for bad in ("w_int", "w_int=0,0", "w_int=0,a/b", "=1"):
+    with pytest.raises(ValueError, match="--sweep"):
+      headline_sweep.parse(bad)
+
+
+def test_print_only_shows_the_sweep_commands():
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.headline", "--print_only", "--workdir", "/r",
+       "--arms", "sft_base,ppo_ext_int", "--sweep", "w_int=0,0.1"],
+      capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__)))).stdout.splitlines()
+  assert len(out) == 3
+  assert out[1].endswith("--config.reward.w_int=0") and "ppo_ext_int@w_int=0 " in out[1]
+  assert out[2].endswith("--config.reward.w_int=0.1")
+
+
+def _row(score, ask, seeds=3, guess=None):
+  stat = lambda v: {"mean": v, "ci": 0.05 if seeds > 1 else float("nan")}
+  per_seed = [{"score_ambiguous": {"mean": g, "ci": 0.1}} for g in (guess or [])]
+  return {"over_seeds": {"score": stat(score), "ask_when_ambiguous": stat(ask), "seeds": seeds},
+          "per_seed": per_seed}
+
+
+def test_sweep_plot_from_a_results_dict(tmp_path):
+  results = {"t:sft_base": _row(0.6, 0.0, guess=[0.3, 0.4]),
+             "t:ppo_ext_int[w_int=0.5]": _row(0.8, 1.0),
+             "t:ppo_ext_int[w_int=0]": _row(0.6, 0.0),
+             "t:ppo_ext_int[w_int=0.1]": _row(0.6, 0.0, seeds=1),
+             "t:ppo_ext_int[w_int=0.1]@noisy": _row(0.1, 0.1),  # another user: not a point
+             "t:ppo_mr_w2[w_int=0]": _row(0.85, 1.0),
+             "t:ppo_ext_int": _row(0.8, 1.0),  # no sweep value: not a point
+             "u:ppo_mr_w2[w_int=1.0]": _row(0.9, 1.0)}
+  pts = headline_sweep.points(results, "w_int")
+  assert set(pts) == {"t", "u"} and set(pts["t"]["arms"]) == {"ppo_ext_int", "ppo_mr_w2"}
+  assert pts["t"]["arms"]["ppo_ext_int"]["ask_when_ambiguous"][0] == [0.0, 0.0, 0.05]
+  assert [x for x, _, _ in pts["t"]["arms"]["ppo_ext_int"]["score"]] == [0.0, 0.1, 0.5]
+  assert pts["t"]["guess"] == pytest.approx(0.35) and np.isnan(pts["u"]["guess"])
+  paths = headline_sweep.write(results, "w_int", str(tmp_path))
+  assert paths == [str(tmp_path / "plots" / f"{t}_w_int_sweep.png") for t in ("t", "u")]
+  assert all(os.path.getsize(p) > 0 for p in paths)
+  with open(tmp_path / "w_int_sweep.json") as f:
+    assert json.load(f)["t"]["guess_per_seed"] == [0.3, 0.4]
+  assert headline_sweep.points(results, "w_ext") == {}

@@ -262,16 +262,17 @@ def test_evaluate_plays_a_mediator_run_in_both_modes(run, tmp_path):
     np.testing.assert_array_equal(got, want)
   # Sharded only: the reactive row is the same code with another simulator (one compile less).
   results = evaluate.evaluate_runs([(run_dir, "mediator", 0)], str(tmp_path), episodes=16,
-                                   turns=2, batch=16, modes=["sharded"])
+                                   turns=2, batch=16, users=["sharded"])
   assert set(results) == {"ambig_math:mediator@sharded"}
   assert os.path.getsize(tmp_path / "samples" / "ambig_math_mediator@sharded.txt") > 0
 
 
 def test_evaluation_rows_per_arm_and_mode():
-  assert evaluate.rows_of("ppo_ext", evaluate.MODES) == [("ppo_ext", {"sharded": False})]
+  sims = lambda rows: [(r, dict(u.sim)) for r, u in rows]
+  assert sims(evaluate.rows_of("ppo_ext", evaluate.MODES)) == [("ppo_ext", {"sharded": False})]
   assert [r for r, _ in evaluate.rows_of("sft_base", evaluate.MODES)] == [
       "sft_base", "proactive_base", "sft_base@sharded", "proactive_base@sharded"]
-  assert dict(evaluate.rows_of("sft_base", ["sharded"]))["proactive_base@sharded"] == {
+  assert dict(sims(evaluate.rows_of("sft_base", ["sharded"])))["proactive_base@sharded"] == {
       "instruction_rate": 1.0, "sharded": True}
-  with pytest.raises(ValueError, match="unknown evaluation modes"):
+  with pytest.raises(ValueError, match="unknown user 'lost'"):
     evaluate.rows_of("sft_base", ["lost"])
