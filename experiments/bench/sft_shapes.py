@@ -2,7 +2,6 @@
 
   python -m experiments.bench.sft_shapes --task ambig_math \
       --base runs/headline/ambig_math/seed0/sft_base --out bench_out/sft_shapes.json
-      --out bench_out/sft_shapes.json
 
 Three tables, per conversation shape:
 - `data`: the share of each shape in the SFT data of the base's config (its `behaviour`
