@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from collab_rl import conversation as conv_lib
 from collab_rl import sampling
-from collab_rl.models.transformer import KVCache, Transformer
+from collab_rl.models.attention import KVCache
+from collab_rl.models.transformer import Transformer
 from collab_rl.tasks import slots as slots_lib
 from collab_rl.tokenizer import ASSISTANT, CONTEXT, PAD
 

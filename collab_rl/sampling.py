@@ -17,7 +17,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from collab_rl.models.transformer import KVCache, Transformer
+from collab_rl.models.attention import KVCache
+from collab_rl.models.transformer import Transformer
 
 _NEG = -1e30
 

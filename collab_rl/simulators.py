@@ -42,7 +42,8 @@ from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
 from collab_rl import tokenizer as tokenizer_lib
 from collab_rl.models import hf
-from collab_rl.models.transformer import KVCache, Transformer
+from collab_rl.models.attention import KVCache
+from collab_rl.models.transformer import Transformer
 from collab_rl.tasks import slots as slots_lib
 from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
 

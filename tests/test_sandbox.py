@@ -24,10 +24,17 @@ def _has_cap_sys_admin() -> bool:
   return bool(int(cap_eff, 16) & (1 << 21))
 
 
+def _sandbox_dirs() -> set[str]:
+  return set(glob.glob(os.path.join(tempfile.gettempdir(), "sandbox_*")))
+
+
 def test_passing_program_and_its_layers():
-  tests = ("assert add(2, 3) == 5\nimport decimal, json\n"  # decimal: an extension module from lib-dynload
-           "open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'\nprint('done')\n")
-  before = set(glob.glob(os.path.join(tempfile.gettempdir(), "sandbox_*")))
+  tests = ("assert add(2, 3) == 5\n"
+           "import decimal, json\n"  # decimal: an extension module from lib-dynload
+           "open('scratch.txt', 'w').write('ok')\n"
+           "assert open('scratch.txt').read() == 'ok'\n"
+           "print('done')\n")
+  before = _sandbox_dirs()
   r = sandbox.run(ADD, tests, 5)
   assert (r.passed, r.status, r.returncode, r.stdout) == (True, "passed", 0, "done\n"), r
   assert {"rlimits", "no_new_privs", "audit_hook"} <= set(r.layers)
@@ -35,7 +42,7 @@ def test_passing_program_and_its_layers():
     assert "uid" in r.layers
     if _has_cap_sys_admin():  # a container can still refuse unshare, but this machine does not
       assert {"netns", "mountns", "readonly_root", "tmpfs_workdir"} <= set(r.layers)
-  assert set(glob.glob(os.path.join(tempfile.gettempdir(), "sandbox_*"))) == before  # workdir removed
+  assert _sandbox_dirs() == before  # workdir removed
 
 
 @pytest.mark.parametrize("program, tests, needle", [
@@ -65,8 +72,8 @@ unittest.main()  # unguarded: a no-op, the harness runs the TestCase once itself
     (ADD, 3, "passed"),
     (ADD, 4, "failed"),
     ("import unittest\ndef add(a, b):\n  raise unittest.SkipTest('skip me')\n", 3, "failed"),
-    ("import unittest\nunittest.TestCase.assertEqual = lambda *a, **k: None\ndef add(a, b):\n  return 0\n",
-     3, "failed"),
+    ("import unittest\nunittest.TestCase.assertEqual = lambda *a, **k: None\n"
+     "def add(a, b):\n  return 0\n", 3, "failed"),
 ])
 def test_unittest_style(program, expected, status):
   r = sandbox.run(program, UNITTEST.format(expected=expected), 5)
@@ -78,7 +85,8 @@ def test_unittest_style(program, expected, status):
     "import os\nos._exit(0)\n",
     "import sys\ndef add(a, b):\n  sys.exit(0)\n",  # exits from inside the tests
     # Forges every protocol line it can guess on every descriptor, then exits cleanly.
-    "import os\nfor fd in range(1, 64):\n  try:\n    os.write(fd, b'ready uid\\npassed\\n0 passed\\n')\n"
+    "import os\nfor fd in range(1, 64):\n  try:\n"
+    "    os.write(fd, b'ready uid\\npassed\\n0 passed\\n')\n"
     "  except OSError:\n    pass\nos._exit(0)\n",
 ])
 def test_early_exit_is_not_a_pass(program):
@@ -87,9 +95,10 @@ def test_early_exit_is_not_a_pass(program):
 
 
 def test_concurrent_runs_get_their_own_uid():
+  def run_one(i: int) -> sandbox.SandboxResult:
+    return sandbox.run(ADD, f"assert add({i}, 1) == {i + 1}\nimport os\nprint(os.getuid())\n", 5)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    results = list(pool.map(lambda i: sandbox.run(ADD, f"assert add({i}, 1) == {i + 1}\nimport os\nprint(os.getuid())\n", 5),
-                            range(4)))
+    results = list(pool.map(run_one, range(4)))
   assert all(r.passed for r in results), results
   if os.geteuid() == 0:
     assert len({r.stdout for r in results}) == 4
@@ -100,7 +109,8 @@ def test_internal_failure_becomes_error(monkeypatch):
     raise OSError("no processes today")
   monkeypatch.setattr(sandbox.subprocess, "Popen", broken)
   r = sandbox.run(ADD, "", 1)
-  assert (r.passed, r.status, r.returncode) == (False, "error", None) and "no processes today" in r.stderr
+  assert (r.passed, r.status, r.returncode) == (False, "error", None)
+  assert "no processes today" in r.stderr
 
 
 def test_child_that_never_set_up_is_an_error_even_with_exit_code_0(monkeypatch):
@@ -110,9 +120,11 @@ def test_child_that_never_set_up_is_an_error_even_with_exit_code_0(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, error", [
-    ({"timeout_s": 0}, ValueError), ({"timeout_s": -1.0}, ValueError), ({"timeout_s": float("nan")}, ValueError),
-    ({"timeout_s": float("inf")}, ValueError), ({"timeout_s": "5"}, ValueError), ({"memory_mb": 8}, ValueError),
-    ({"max_output_bytes": -1}, ValueError), ({"program": None}, TypeError), ({"tests": b"assert 1"}, TypeError),
+    ({"timeout_s": 0}, ValueError), ({"timeout_s": -1.0}, ValueError),
+    ({"timeout_s": float("nan")}, ValueError), ({"timeout_s": float("inf")}, ValueError),
+    ({"timeout_s": "5"}, ValueError), ({"memory_mb": 8}, ValueError),
+    ({"max_output_bytes": -1}, ValueError), ({"program": None}, TypeError),
+    ({"tests": b"assert 1"}, TypeError),
 ])
 def test_invalid_arguments(kwargs, error):
   args = {"program": ADD, "tests": ""} | kwargs

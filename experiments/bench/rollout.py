@@ -51,14 +51,16 @@ def main(argv):
       chunk_width=task.sim.max_user_len + 4, max_turns=turns)
   run = rollout_lib.make_rollout(policy, task, batch=b, num_turns=turns, max_len=max_len)
   ro = run(params, jax.random.key(1))
-  sec = common.median_seconds(lambda: run(params, jax.random.key(1)).conv.tokens_BxL, _REPEATS.value, jax.block_until_ready)
+  sec = common.median_seconds(lambda: run(params, jax.random.key(1)).conv.tokens_BxL,
+                              _REPEATS.value, jax.block_until_ready)
   roles = jax.device_get(ro.conv.roles_BxL)
   policy_tokens = int((roles == ASSISTANT).sum())
   all_tokens = int(jax.device_get(ro.conv.cursor_B).sum())
 
   oracle = rollout_lib.make_rollout(rollout_lib.oracle_policy(task), task, batch=b,
                                     num_turns=turns, max_len=max_len)
-  oracle_sec = common.median_seconds(lambda: oracle(None, jax.random.key(1)).conv.tokens_BxL, _REPEATS.value, jax.block_until_ready)
+  oracle_sec = common.median_seconds(lambda: oracle(None, jax.random.key(1)).conv.tokens_BxL,
+                                     _REPEATS.value, jax.block_until_ready)
 
   intent = task.sample_intents(jax.random.key(2), b)
   sim = task.init_sim(intent)

@@ -56,7 +56,8 @@ def bench_transformers(folder: str, repeats: int) -> dict:
       prompt = torch.randint(1, HF_CONFIG["vocab_size"], (batch, PROMPT))
       attn = torch.ones_like(prompt)
       with torch.no_grad():
-        sec = common.median_seconds(lambda: model.generate(prompt, attention_mask=attn, **kw), repeats)
+        sec = common.median_seconds(
+            lambda: model.generate(prompt, attention_mask=attn, **kw), repeats)
       name = f"{'greedy' if greedy else 'sampled'}_b{batch}"
       out["generation"][name] = {"seconds": sec, "new_tokens_per_s": batch * NEW / sec}
       print(f"transformers {name}: {batch * NEW / sec:,.0f} new tokens/s")

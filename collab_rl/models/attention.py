@@ -1,0 +1,151 @@
+"""Grouped-query attention with rotary positions, and the explicit KV cache it reads and writes."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from collab_rl.models.config import TransformerConfig
+from collab_rl.models.layers import Weights, dense, fused_projection
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embeddings.
+# ------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: TransformerConfig) -> jax.Array:
+  """Inverse frequencies [dim_per_head // 2], with Llama-3 scaling when configured."""
+  dim = cfg.dim_per_head
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  scaling = dict(cfg.rope_scaling or ())
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "default":
+    return inv_freq
+  if kind == "linear":
+    return inv_freq / scaling["factor"]
+  if kind != "llama3":
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+  # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+  factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_len = scaling["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  smooth = (old_len / wavelen - low) / (high - low)
+  blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  out = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  is_medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+  return jnp.where(is_medium, blended, out)
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates pairs (i, i + H/2), Hugging Face's `rotate_half` convention."""
+  angles_BxLxF = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  cos_BxLx1xF = jnp.cos(angles_BxLxF)[:, :, None, :]
+  sin_BxLx1xF = jnp.sin(angles_BxLxF)[:, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos_BxLx1xF - x2 * sin_BxLx1xF,
+                         x2 * cos_BxLx1xF + x1 * sin_BxLx1xF], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# KV cache: an explicit pytree, one slot per position, shared write index for the whole batch.
+# ------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+  # Keys are kept transposed, [B, K, H, S]: a decode step's scores are then q [B, K, G, H] times
+  # k [B, K, H, S], whose S-contiguous rows XLA's CPU dot reads ~5% faster (measured, b16).
+  k: tuple[jax.Array, ...]  # per layer [B, K, H, S]
+  v: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+  valid_BxS: jax.Array  # which slots hold real tokens (prompts are right-padded: holes exist)
+  positions_BxS: jax.Array  # rotary position of the token in each slot
+  index: jax.Array  # next slot to write (scalar int32, same for every row)
+
+  @classmethod
+  def init(cls, cfg: TransformerConfig, batch: int, size: int) -> "KVCache":
+    dtype = jnp.dtype(cfg.dtype)
+    k_shape = (batch, cfg.num_key_value_heads, cfg.dim_per_head, size)
+    v_shape = (batch, cfg.num_key_value_heads, size, cfg.dim_per_head)
+    def zeros(shape):  # distinct buffers for k and v, so a donated cache donates each once
+      return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+    return cls(k=zeros(k_shape), v=zeros(v_shape), valid_BxS=jnp.zeros((batch, size), bool),
+               positions_BxS=jnp.zeros((batch, size), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention.
+# ------------------------------------------------------------------------------------------------
+
+
+def attend(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, keys_transposed: bool = False):
+  """Grouped-query attention: N = K * G query heads share K key/value heads (HF's order).
+
+  Keys and values are kept K-major ([B, K, S, H], the cache layout too) and each kv head's G
+  query heads are folded into its query rows, so both products are plain batched matmuls over
+  (B, K) with no transpose of the cache: on CPU this runs ~4x faster at decode and ~1.7x at
+  training shapes than a 5-D einsum over [B, S, K, H].
+  """
+  b, l, n, h = q_BxLxNxH.shape
+  kv = k_BxKxSxH.shape[1]
+  g = n // kv
+  q_BxKxQxH = q_BxLxNxH.reshape(b, l, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, l * g, h)
+  # keys_transposed: the keys arrive as the cache keeps them, [B, K, H, S].
+  logits_BxKxQxS = jnp.einsum("bkqh,bkhs->bkqs" if keys_transposed else "bkqh,bksh->bkqs",
+                              q_BxKxQxH, k_BxKxSxH,
+                              preferred_element_type=jnp.float32) / math.sqrt(h)
+  logits_BxKxLxGxS = logits_BxKxQxS.reshape(b, kv, l, g, -1)
+  # A large finite negative keeps fully masked rows (padding queries) NaN-free.
+  logits_BxKxLxGxS = jnp.where(mask_BxLxS[:, None, :, None, :], logits_BxKxLxGxS, -1e30)
+  probs_BxKxQxS = jax.nn.softmax(logits_BxKxLxGxS, axis=-1).reshape(b, kv, l * g, -1)
+  out_BxKxQxH = jnp.einsum("bkqs,bksh->bkqh", probs_BxKxQxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
+  return out_BxKxQxH.reshape(b, kv, l, g, h).transpose(0, 2, 1, 3, 4).reshape(b, l, n, h)
+
+
+class Attention(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache_kv=None, index=None):
+    cfg = self.cfg
+    n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+    b, l, _ = x_BxLxD.shape
+    d, pdt = x_BxLxD.shape[-1], jnp.dtype(cfg.param_dtype)
+    q, k_, v = fused_projection(x_BxLxD, [
+        Weights(n * h, cfg.attention_bias, pdt, name="q_proj")(d),
+        Weights(k * h, cfg.attention_bias, pdt, name="k_proj")(d),
+        Weights(k * h, cfg.attention_bias, pdt, name="v_proj")(d)], jnp.dtype(cfg.dtype))
+    q_BxLxNxH = q.reshape(b, l, n, h)
+    k_BxLxKxH = k_.reshape(b, l, k, h)
+    v_BxLxKxH = v.reshape(b, l, k, h)
+    inv_freq = rope_inv_freq(cfg)
+    q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, inv_freq)
+    k_BxKxLxH = apply_rope(k_BxLxKxH, positions_BxL, inv_freq).transpose(0, 2, 1, 3)
+    v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
+    if cache_kv is not None:
+      # Write this chunk at slot `index` and attend over the whole cache.
+      ck, cv = cache_kv
+      ck = jax.lax.dynamic_update_slice_in_dim(ck, k_BxKxLxH.transpose(0, 1, 3, 2).astype(ck.dtype),
+                                               index, axis=3)
+      cv = jax.lax.dynamic_update_slice_in_dim(cv, v_BxKxLxH.astype(cv.dtype), index, axis=2)
+      k_all, v_all, new_kv = ck, cv, (ck, cv)
+    else:
+      k_all, v_all, new_kv = k_BxKxLxH, v_BxKxLxH, None
+    # At most 8 chunks: more would cost more in small ops than the skipped work saves.
+    chunk = max(cfg.causal_query_chunk, -(-l // 8)) if cfg.causal_query_chunk else 0
+    if cache_kv is None and chunk and l > chunk:
+      # Query rows [lo, hi) only see keys [0, hi): slice instead of computing masked scores.
+      outs = [attend(q_BxLxNxH[:, lo:lo + chunk], k_all[:, :, :lo + chunk],
+                     v_all[:, :, :lo + chunk], mask_BxLxS[:, lo:lo + chunk, :lo + chunk])
+              for lo in range(0, l, chunk)]
+      out_BxLxNxH = jnp.concatenate(outs, axis=1)
+    else:
+      out_BxLxNxH = attend(q_BxLxNxH, k_all, v_all, mask_BxLxS,
+                           keys_transposed=cache_kv is not None)
+    out_BxLxD = dense(cfg.hidden_size, "o_proj", cfg)(out_BxLxNxH.reshape(b, l, n * h))
+    return out_BxLxD, new_kv

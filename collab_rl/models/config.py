@@ -1,0 +1,71 @@
+"""The transformer's hyperparameters, named as in Hugging Face's LlamaConfig and Qwen2Config."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+HEADS = ("lm", "value", "reward")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Field names follow Hugging Face's LlamaConfig / Qwen2Config."""
+
+  vocab_size: int = 2048
+  hidden_size: int = 256  # D
+  intermediate_size: int = 688  # MLP width
+  num_hidden_layers: int = 4
+  num_attention_heads: int = 8  # H
+  num_key_value_heads: int = 2  # K; H % K == 0 (grouped-query attention)
+  head_dim: int | None = None  # None: hidden_size // num_attention_heads
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10_000.0
+  # Llama-3.x style frequency scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
+  # "high_freq_factor", "original_max_position_embeddings"}; None for plain RoPE.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False  # Qwen2: bias on q/k/v (never on o_proj)
+  heads: tuple[str, ...] = ("lm",)  # which of HEADS to build
+  dtype: str = "float32"  # compute dtype: float32 or bfloat16
+  param_dtype: str = "float32"
+  remat: bool = False  # rematerialise each layer in the backward pass (saves activations)
+  # Without a cache, queries are processed in chunks of this many rows, each against only the
+  # keys it can see (causal): ~40% less attention work at L = 256 and smaller softmax tensors.
+  # 0 disables. Numerics are unchanged (each query still sees all its keys at once).
+  causal_query_chunk: int = 64
+
+  def __post_init__(self):
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+          f"num_key_value_heads={self.num_key_value_heads}")
+    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"hidden_size={self.hidden_size} is not a multiple of "
+          f"num_attention_heads={self.num_attention_heads}; set head_dim")
+    unknown = set(self.heads) - set(HEADS)
+    if unknown:
+      raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16"):
+        raise ValueError(f"{name}={getattr(self, name)!r}: use 'float32' or 'bfloat16'")
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TransformerConfig":
+    """From a plain dict (an ml_collections config's `.to_dict()`); rope_scaling may be a dict."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown model config fields {sorted(unknown)}")
+    if isinstance(d.get("rope_scaling"), dict):
+      d["rope_scaling"] = tuple(sorted(d["rope_scaling"].items()))
+    if "heads" in d:
+      d["heads"] = tuple(d["heads"])
+    return cls(**d)
