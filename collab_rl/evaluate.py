@@ -193,7 +193,11 @@ def plot(results: dict[str, Any], curves: dict[str, list[tuple[int, float]]], ou
   tasks = sorted({k.split(":")[0] for k in results})
   for task in tasks:
     keys = [k for k in sorted(results) if k.startswith(task + ":")]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    cols = 4  # one panel per metric, as many rows as they need
+    rows = -(-len(METRICS) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(METRICS):]:
+      ax.axis("off")
     for ax, metric in zip(axes.flat, METRICS):
       means = [results[k]["over_seeds"][metric]["mean"] for k in keys]
       cis = [np.nan_to_num(results[k]["over_seeds"][metric]["ci"]) for k in keys]

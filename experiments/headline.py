@@ -251,7 +251,12 @@ def main(argv):
   print(evaluate.table(results))
   print(f"results: {workdir}/results.md, plots/ and samples/")
   if sweep:
-    for path in headline_sweep.write(results, sweep.name, workdir):
+    # The value of a guess, as a next-turn reward pays it: the bases' score on ambiguous
+    # requests after their first reply alone.
+    bases = [r for r in runs if r[1] == "sft_base"]
+    guess = evaluate.evaluate_runs(bases, os.path.join(workdir, "guess"), episodes=f.episodes,
+                                   turns=1, batch=256) if bases else None
+    for path in headline_sweep.write(results, sweep.name, workdir, guess):
       print(f"sweep: {path}")
   if failed:
     raise SystemExit(f"{len(failed)} run(s) failed: {failed}")

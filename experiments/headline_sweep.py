@@ -16,8 +16,11 @@ extrinsic + intrinsic arm should ask exactly when `w_int` is above the value of 
 counts what the answer after the question earns. The plot (`plots/<task>_w_int_sweep.png`)
 shows task score and ask-when-ambiguous against `w_int`, one line per arm with the over-seed 95%
 interval, and that guess value as a vertical line: the base's score on ambiguous requests
-(`score_ambiguous` of the sft_base row), measured in the same evaluation. `<field>_sweep.json`
-next to results.json holds the plotted numbers.
+(`score_ambiguous` of the sft_base row) in an evaluation of ONE assistant turn
+(`headline.py` runs it into `<workdir>/guess/`; `--guess <its results.json>` here), which is
+what a next-turn reward pays the first reply. (The main evaluation's 4-turn score also counts
+the guesses after a "wrong", and overstates it; it is the fallback where no 1-turn evaluation
+is given.) `<field>_sweep.json` next to results.json holds the plotted numbers.
 """
 
 from __future__ import annotations
@@ -96,10 +99,12 @@ def check(sweep: Sweep, arms: Sequence[str], get_config) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def points(results: dict[str, Any], name: str) -> dict[str, Any]:
+def points(results: dict[str, Any], name: str,
+           guess: dict[str, Any] | None = None) -> dict[str, Any]:
   """{task: {"guess": the base's score on ambiguous requests (nan where unmeasured), "arms":
   {arm: {metric: [[x, mean, ci], ...] by x}}}} from an evaluation's results (results.json's
-  "results"): its rows `<arm>[<name>=<x>]`."""
+  "results"): its rows `<arm>[<name>=<x>]`. The guess value is read from `guess` (the results
+  of a 1-turn evaluation of the bases) where given, else from `results`."""
   out: dict[str, Any] = {}
   for key, r in results.items():
     task, row = key.split(":", 1)
@@ -118,14 +123,16 @@ def points(results: dict[str, Any], name: str) -> dict[str, Any]:
     for arm in p["arms"].values():
       for series in arm.values():
         series.sort()
-    base = results.get(f"{task}:sft_base", {}).get("per_seed", [])
+    base = (guess if guess is not None else results).get(f"{task}:sft_base", {})
+    base = base.get("per_seed", [])
     guesses = [s["score_ambiguous"]["mean"] for s in base if "score_ambiguous" in s]
     p["guess"] = float(np.mean(guesses)) if guesses else float("nan")
     p["guess_per_seed"] = guesses
   return out
 
 
-def plot(results: dict[str, Any], name: str, out: str) -> list[str]:
+def plot(results: dict[str, Any], name: str, out: str,
+         guess: dict[str, Any] | None = None) -> list[str]:
   """`plots/<task>_<name>_sweep.png` per task with sweep points in `results`; their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -135,7 +142,7 @@ def plot(results: dict[str, Any], name: str, out: str) -> list[str]:
 
   os.makedirs(os.path.join(out, "plots"), exist_ok=True)
   paths = []
-  for task, p in sorted(points(results, name).items()):
+  for task, p in sorted(points(results, name, guess).items()):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, PANELS):
       for arm, series in sorted(p["arms"].items()):
@@ -156,12 +163,22 @@ def plot(results: dict[str, Any], name: str, out: str) -> list[str]:
   return paths
 
 
-def write(results: dict[str, Any], name: str, out: str) -> list[str]:
+def write(results: dict[str, Any], name: str, out: str,
+          guess: dict[str, Any] | None = None) -> list[str]:
   """`<name>_sweep.json` (the plotted numbers) and the plots into `out`; the plots' paths."""
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, f"{name}_sweep.json"), "w") as f:
-    json.dump(points(results, name), f, indent=1)
-  return plot(results, name, out)
+    json.dump(points(results, name, guess), f, indent=1)
+  return plot(results, name, out, guess)
+
+
+def read_results(path: str) -> dict[str, Any]:
+  """results.json's "results", with an error that names the file."""
+  try:
+    with open(path) as f:
+      return json.load(f)["results"]
+  except (OSError, ValueError, KeyError) as e:
+    raise SystemExit(f"error: {path}: not an evaluation's results.json ({e})") from None
 
 
 def main(argv):
@@ -169,10 +186,10 @@ def main(argv):
   f = flags.FLAGS
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
-  with open(f.results) as fh:
-    results = json.load(fh)["results"]
+  results = read_results(f.results)
+  guess = read_results(f.guess) if f.guess else None
   out = f.out or os.path.dirname(os.path.abspath(f.results))
-  paths = write(results, f.sweep, out)
+  paths = write(results, f.sweep, out, guess)
   if not paths:
     raise SystemExit(f"error: no row <arm>[{f.sweep}=<value>] in {f.results}")
   print("\n".join(paths))
@@ -183,6 +200,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("results", None, "results.json of an evaluation with sweep rows.",
                       required=True)
   flags.DEFINE_string("sweep", "w_int", "The swept field's short name, as in the rows.")
+  flags.DEFINE_string("guess", "", "results.json of a 1-turn evaluation of the bases (the "
+                      "value of a first guess); default: the guess value read from --results.")
   flags.DEFINE_string("out", None, "Where plots/ and the sweep JSON go (default: next to "
                       "--results).")
   app.run(main)

@@ -13,11 +13,16 @@ import tqdm
 from experiments import headline, headline_sweep
 
 
-def _job(root, task_seed, arm, code="pass"):
-  """A stand-in run: records its start and end times, then runs `code`."""
+def _job(root, task_seed, arm, code="pass", partner=None):
+  """A stand-in run: records its start and end times, then runs `code`. With `partner` (another
+  job's directory) it waits, up to 60 s, for that job to have started before it ends, so two
+  partners finish only if they ran at the same time, however loaded the machine is."""
   d = os.path.join(root, task_seed, arm)
-  script = (f"import os,time; open(os.path.join({d!r}, 'start'), 'w').write(repr(time.time()));"
-            f"time.sleep(0.3); {code};"
+  wait = "" if partner is None else (
+      f"t0=time.time()\nwhile not os.path.exists(os.path.join({partner!r}, 'start')) "
+      f"and time.time() - t0 < 60: time.sleep(0.05)\n")
+  script = (f"import os,time\nopen(os.path.join({d!r}, 'start'), 'w').write(repr(time.time()))\n"
+            f"time.sleep(0.3)\n{wait}{code}\n"
             f"open(os.path.join({d!r}, 'end'), 'w').write(repr(time.time()))")
   return d, [sys.executable, "-c", script]
 
@@ -29,8 +34,11 @@ def _t(d, what):
 
 def test_parallel_runs_respect_dependencies_and_skip_after_a_failed_base(tmp_path):
   root = str(tmp_path)
-  jobs = [_job(root, "a/seed0", "sft_base"), _job(root, "a/seed0", "ppo_ext"),
-          _job(root, "a/seed0", "data_engine"), _job(root, "a/seed0", "dpo_offline"),
+  a = lambda arm: os.path.join(root, "a/seed0", arm)
+  jobs = [_job(root, "a/seed0", "sft_base"),
+          _job(root, "a/seed0", "ppo_ext", partner=a("data_engine")),
+          _job(root, "a/seed0", "data_engine", partner=a("ppo_ext")),
+          _job(root, "a/seed0", "dpo_offline"),
           _job(root, "b/seed0", "sft_base", code="raise SystemExit(3)"),
           _job(root, "b/seed0", "ppo_ext")]
   bar = tqdm.tqdm(total=len(jobs), disable=True)
@@ -51,10 +59,11 @@ def test_parallel_runs_respect_dependencies_and_skip_after_a_failed_base(tmp_pat
 
 def test_later_seeds_wait_for_the_first_seed_of_their_arm_even_when_it_fails(tmp_path):
   root = str(tmp_path)
-  jobs = [_job(root, "a/seed0", "sft_base"), _job(root, "a/seed1", "sft_base"),
+  jobs = [_job(root, "a/seed0", "sft_base", partner=os.path.join(root, "b/seed1/sft_base")),
+          _job(root, "a/seed1", "sft_base"),
           _job(root, "a/seed0", "ppo_ext", code="raise SystemExit(1)"),
           _job(root, "a/seed1", "ppo_ext", code="assert os.environ['COLLAB_RL_MARK'] == 'x'"),
-          _job(root, "b/seed1", "sft_base")]
+          _job(root, "b/seed1", "sft_base", partner=os.path.join(root, "a/seed0/sft_base"))]
   after = headline.warm_first(jobs)
   s0, s1, e0, e1, b1 = (j[0] for j in jobs)
   # Per (task, arm): task b's seed 1 is its first seed, so it waits for nothing.
@@ -134,3 +143,18 @@ def test_sweep_plot_from_a_results_dict(tmp_path):
   with open(tmp_path / "w_int_sweep.json") as f:
     assert json.load(f)["t"]["guess_per_seed"] == [0.3, 0.4]
   assert headline_sweep.points(results, "w_ext") == {}
+
+
+def test_sweep_guess_value_from_a_one_turn_evaluation(tmp_path):
+  """The vertical line is the first reply's value where a 1-turn evaluation is given."""
+  results = {"t:sft_base": _row(0.6, 0.0, guess=[0.5, 0.7]),
+             "t:ppo_mr_w2[w_int=0]": _row(0.85, 1.0)}
+  one_turn = {"t:sft_base": _row(0.2, 0.0, guess=[0.1, 0.2])}
+  assert headline_sweep.points(results, "w_int")["t"]["guess"] == pytest.approx(0.6)
+  assert headline_sweep.points(results, "w_int", one_turn)["t"]["guess"] == pytest.approx(0.15)
+  path = tmp_path / "guess.json"
+  path.write_text(json.dumps({"results": one_turn}))
+  assert headline_sweep.read_results(str(path)) == one_turn
+  path.write_text("{}")
+  with pytest.raises(SystemExit, match="guess.json: not an evaluation"):
+    headline_sweep.read_results(str(path))
