@@ -8,23 +8,11 @@ environment variables that `jax.distributed.initialize` reads).
 
 from __future__ import annotations
 
-import importlib
 import sys
+from typing import Any, Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-TRAINERS = {
-    "lm": "collab_rl.trainers.lm",
-    "ppo": "collab_rl.trainers.ppo",
-    "dpo": "collab_rl.trainers.dpo",
-    "sft": "collab_rl.trainers.sft",
-    "reward_model": "collab_rl.trainers.reward_model",
-    "sim_sft": "collab_rl.trainers.sim_sft",
-    "mediator": "collab_rl.trainers.mediator",
-    # Not a trainer, but a job of the same shape: config in, dataset and metrics out.
-    "data_engine": "collab_rl.data.engine",
-}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
@@ -35,10 +23,33 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-def trainer_module(name: str):
-  if name not in TRAINERS:
-    raise ValueError(f"config.trainer={name!r} is not a known trainer; known: {sorted(TRAINERS)}")
-  return importlib.import_module(TRAINERS[name])
+def trainers() -> dict[str, Callable[..., dict[str, Any]]]:
+  """`config.trainer` -> its entry point `(config, workdir) -> {"final": scalars, ...}`.
+
+  Imported here rather than at the top so that nothing touches JAX before the flags are parsed
+  and `jax.distributed.initialize` has run.
+  """
+  from collab_rl.data import engine
+  from collab_rl.trainers import dpo, lm, mediator, ppo, reward_model, sft, sim_sft
+
+  return {
+      "lm": lm.train,
+      "ppo": ppo.train,
+      "dpo": dpo.train,
+      "sft": sft.train,
+      "reward_model": reward_model.train,
+      "sim_sft": sim_sft.train,
+      "mediator": mediator.train,
+      # Not a trainer, but a job of the same shape: config in, dataset and metrics out.
+      "data_engine": engine.run,
+  }
+
+
+def entry_point(name: str) -> Callable[..., dict[str, Any]]:
+  table = trainers()
+  if name not in table:
+    raise ValueError(f"config.trainer={name!r} is not a known trainer; known: {sorted(table)}")
+  return table[name]
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -67,10 +78,9 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   config = _CONFIG.value
-  trainer = trainer_module(config.trainer)
+  job = entry_point(config.trainer)
   logging.info("process %d/%d, %d devices (%d local), trainer %s", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count(), config.trainer)
-  job = trainer.run if hasattr(trainer, "run") else trainer.train
   result = job(config, _WORKDIR.value)
   if jax.process_index() == 0:
     print({k: round(v, 4) for k, v in result.get("final", {}).items()})

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
+from collab_rl import run as run_lib
 from collab_rl import sharding
 from collab_rl import train_state as state_lib
-from collab_rl.models import transformer
-from collab_rl.trainers import lm
+from collab_rl.models import attention, transformer
 from experiments import lm_synthetic
 from experiments import pods
 
@@ -72,7 +72,8 @@ def plan_slice(accelerator: str, context: int, rollout_rows: int, train_rows: in
                      f"{batch_ways} on {s.accelerator_type}")
   policy_fields = {**pods.LLAMA3_8B, "heads": ("lm", "value")}  # PPO: the value head is the critic
   policy = _model(policy_fields)
-  tx = lm.make_optimizer(lm_synthetic.get_config())  # the trainers' clip + AdamW
+  lm_config = lm_synthetic.get_config()  # the trainers' clip + AdamW
+  tx = run_lib.make_optimizer(lm_config.optimizer, lm_config.num_steps)
   state = jax.eval_shape(lambda: state_lib.create(
       transformer.init_params(policy, jax.random.key(0)), tx, jax.random.key(1)))
   state_specs = _specs(state_lib.state_shardings(state, mesh, pods.RULES_8B))
@@ -88,7 +89,7 @@ def plan_slice(accelerator: str, context: int, rollout_rows: int, train_rows: in
     out[f"{name}_params"] = transformer.count_params(params)
 
   # Rollouts: one cache per model that decodes (the policy and the LM user simulator).
-  cache = jax.eval_shape(lambda: transformer.KVCache.init(policy.cfg, rollout_rows, context))
+  cache = jax.eval_shape(lambda: attention.KVCache.init(policy.cfg, rollout_rows, context))
   out["kv_caches"] = 2 * _bytes_per_chip(cache, pods.kv_cache_specs(cache), mesh)
 
   # The update: shapes of one chip's microbatch (its shard of the global batch).

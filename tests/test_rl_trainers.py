@@ -16,10 +16,12 @@ import pytest
 
 from collab_rl import checkpoint as ckpt_lib
 from collab_rl import metrics as metrics_lib
+from collab_rl import run as run_lib
+from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
-from collab_rl.trainers import dpo, ppo, rl_setup
+from collab_rl.trainers import dpo, ppo
 from experiments import dpo_ambig_math, ppo_ambig_math
 
 
@@ -144,14 +146,14 @@ def _fault_config(**fields):
 def test_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   cfg = _fault_config(num_iterations=4)
   _inject_nan_reward(monkeypatch, {3})
-  with pytest.raises(rl_setup.NonFiniteError, match=r"iteration 3: .*last good checkpoint is "
+  with pytest.raises(run_rl.NonFiniteError, match=r"iteration 3: .*last good checkpoint is "
                                                      r"step 2"):
     ppo.train(cfg, str(tmp_path / "run"))
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints"))
   assert checkpointer.all_steps() == [1, 2]
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(cfg.model.to_dict()))
   _, abstract, _ = state_lib.init_sharded(
-      state_lib.fresh_init_fn(model, rl_setup.make_optimizer(cfg), cfg.seed),
+      state_lib.fresh_init_fn(model, run_lib.make_optimizer(cfg.optimizer), cfg.seed),
       sharding_lib.make_mesh(cfg.mesh_shape), ())
   restored, _ = checkpointer.restore(abstract)  # complete and loadable
   checkpointer.close()
@@ -188,6 +190,6 @@ def test_nan_in_a_ppo_batch_stops_the_run(tmp_path, monkeypatch):
     return {**batch, "adv": batch["adv"] * factor()}, stats
 
   monkeypatch.setattr(ppo, "prepare_batch", poisoned)
-  with pytest.raises(rl_setup.NonFiniteError, match=r"ppo iteration 2: 2 non-finite"):
+  with pytest.raises(run_rl.NonFiniteError, match=r"ppo iteration 2: 2 non-finite"):
     ppo.train(cfg, str(tmp_path / "run"))
   assert ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [1]

@@ -9,6 +9,7 @@ import pytest
 from collab_rl import conversation as conv_lib
 from collab_rl import metrics as metrics_lib
 from collab_rl import rollout as rollout_lib
+from collab_rl import sft as sft_lib
 from collab_rl.models import transformer as tfm
 from collab_rl.tasks import slots as slots_lib
 from collab_rl.tasks.ambig_math import AmbigMath
@@ -61,7 +62,7 @@ def _hand_made_conversation():
 
 def test_loss_mask_is_exactly_the_assistant_tokens():
   conv, expected = _hand_made_conversation()
-  mask = np.asarray(sft.loss_mask(conv.roles_BxL))
+  mask = np.asarray(sft_lib.loss_mask(conv.roles_BxL))
   assert mask[0].sum() == 3 + 7  # "ask n2 <eot>" and "answer 3 + 7 * 2 <eot>"
   np.testing.assert_array_equal(mask, np.stack([expected, expected]))
   # The loss is the mean -log p of exactly those tokens, with the whole conversation as context.
@@ -69,8 +70,8 @@ def test_loss_mask_is_exactly_the_assistant_tokens():
       vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, heads=("lm", "value")))
   params = jax.jit(tfm.init_params, static_argnums=0)(model, jax.random.key(0))
-  loss, (_, n) = jax.jit(sft.sft_loss, static_argnums=0)(model, params, conv.tokens_BxL,
-                                                         conv.roles_BxL)
+  loss, (_, n) = jax.jit(sft_lib.sft_loss, static_argnums=0)(model, params, conv.tokens_BxL,
+                                                             conv.roles_BxL)
   logits = jax.jit(model.apply)({"params": params}, conv.tokens_BxL,
                                 valid_BxL=conv_lib.valid_mask(conv)).logits_BxLxV
   logp = np.asarray(jax.nn.log_softmax(logits, -1))
@@ -83,8 +84,8 @@ def test_loss_mask_is_exactly_the_assistant_tokens():
 
 def test_mixture_asks_in_ask_share_of_conversations():
   share = 0.3
-  run = rollout_lib.make_rollout(sft.AskOrAnswerMix(TASK, share), TASK, batch=4096, num_turns=3,
-                                 max_len=80)
+  run = rollout_lib.make_rollout(sft_lib.AskOrAnswerMix(TASK, share), TASK, batch=4096,
+                                 num_turns=3, max_len=80)
   ro = jax.device_get(run(None, jax.random.key(0)))
   amb = np.asarray(ro.conv.intent.ambiguous_B)
   asked = np.asarray(ro.sim.first_action_B) == 1  # slots.ASKED
@@ -131,7 +132,8 @@ def test_instructed_conversations_follow_the_prompted_mixture():
   instructed clear ones open with a needless question in instructed_confirm_share, and the
   uninstructed ones are the passive mixture, unchanged."""
   task = AmbigMath(slots_lib.SimConfig(instruction_rate=0.5))
-  policy = sft.AskOrAnswerMix(task, 0.2, instructed_ask_share=0.8, instructed_confirm_share=0.6)
+  policy = sft_lib.AskOrAnswerMix(task, 0.2, instructed_ask_share=0.8,
+                                  instructed_confirm_share=0.6)
   run = rollout_lib.make_rollout(policy, task, batch=4096, num_turns=3, max_len=84)
   ro = jax.device_get(run(None, jax.random.key(1)))
   amb = np.asarray(ro.conv.intent.ambiguous_B)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from collab_rl import rollout
+from collab_rl import sft as sft_lib
 from collab_rl.tasks import ambig_math, scoring, users
 from collab_rl.tasks import slots as slots_lib
 from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
@@ -87,7 +88,7 @@ def test_context_questions_are_not_trained_and_the_base_stays_as_passive():
   config = ml_collections.ConfigDict(dict(
       ask_share=0.3, instructed_ask_share=0.0, instructed_confirm_share=0.0,
       context_ask_share=0.5, batch_size=4096, num_turns=3, max_len=80))
-  policy = sft.AskOrAnswerMix(task, 0.3, context_ask_share=0.5)
+  policy = sft_lib.AskOrAnswerMix(task, 0.3, context_ask_share=0.5)
   ro, roles = jax.device_get(jax.jit(lambda k: sft.behaviour_rollout(policy, task, config, k))(
       jax.random.key(0)))
   toks = np.asarray(ro.conv.tokens_BxL)

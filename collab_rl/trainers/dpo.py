@@ -11,7 +11,7 @@ resumed run continues with the next batch.
 
 Either way the loss compares the candidates' summed log-probs (their own tokens only; the history
 is context) under the policy and the frozen reference. Collection is one jitted call; the update
-one jitted, donated step that refuses non-finite updates (`rl_setup.guarded_update`).
+one jitted, donated step that refuses non-finite updates (`run_rl.guarded_update`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ import ml_collections
 
 from collab_rl import conversation as conv_lib
 from collab_rl import losses
-from collab_rl import metrics as metrics_lib
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
+from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl.data import engine
 from collab_rl.data import loader as loader_lib
 from collab_rl.tokenizer import ASSISTANT, CONTEXT
-from collab_rl.trainers import rl_setup
 
 SOURCES = ("online", "offline")
 
@@ -42,7 +41,7 @@ SOURCES = ("online", "offline")
 
 
 def check_config(config):
-  task, cfg, mesh, rcfg = rl_setup.check_common(config)
+  task, cfg, mesh, rcfg = run_rl.check_common(config)
   d = config.dpo
   if d.source not in SOURCES:
     raise ValueError(f"config.dpo.source={d.source!r}; choose from {SOURCES}")
@@ -71,7 +70,7 @@ def collect_pairs(config, task, policy, rcfg, params, ref_params, model, key):
   b, g = config.batch_size, config.dpo.candidates
   k_int, k_ctx, k_cand, k_mr = jax.random.split(key, 4)
   intent = task.sample_intents(k_int, b)
-  conv, sim = rollout_lib.start(task, intent, rl_setup.max_len(config, task))
+  conv, sim = rollout_lib.start(task, intent, run_rl.max_len(config, task))
   pstate = policy.init(params, conv, rollout_lib.opening_width(task))
   if config.context_turns:
     out = rollout_lib.take_turns(policy, task, params, conv, sim, k_ctx, config.context_turns,
@@ -160,19 +159,19 @@ def dpo_loss(model, config, params, batch):
 
 
 def dpo_step(model, config, tx, state, batch):
-  return rl_setup.guarded_update(lambda p, b: dpo_loss(model, config, p, b), tx, state, batch)
+  return run_rl.guarded_update(lambda p, b: dpo_loss(model, config, p, b), tx, state, batch)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None) -> dict[str, Any]:
   task, mcfg, mesh, rcfg = check_config(config)
-  run = rl_setup.build(config, workdir, task, mcfg, mesh, rcfg)
+  run = run_rl.build(config, workdir, task, mesh, rcfg)
   model, state, ckpt = run.model, run.state, run.checkpointer
   step = jax.jit(lambda s, b: dpo_step(model, config, run.tx, s, b), donate_argnums=0,
                  out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
   data_iter = None
   if config.dpo.source == "online":
-    policy = rl_setup.make_policy(config, model, task)
+    policy = run_rl.make_policy(config, model, task)
     collect = jax.jit(lambda p, r, k: collect_pairs(config, task, policy, rcfg, p, r, model, k))
   else:
     data_iter = iter(loader_lib.make_loader(config.dpo.data_dir, engine.NAME, "train",
@@ -186,27 +185,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       fields = {k: v for k, v in next(data_iter).items() if k in engine.FIELDS}
       return pairs(ref_params, sharding_lib.shard_batch(fields, mesh))
 
-  writer = metrics_lib.MetricWriter(workdir)
-  writer.write_hparams(config.to_dict())
+  writer = run.writer
   start = int(state.step)
   last = config.num_iterations if stop_after is None else min(stop_after, config.num_iterations)
   history: dict[str, float] = {}
   if start == 0:
     history = {f"eval/{k}": v for k, v in run.evaluate(state.params).items()}
     writer.write_scalars(0, history)
-  for it in rl_setup.progress(config, start, last, f"dpo[{config.dpo.source}]"):
+  for it in run_rl.progress(config, start, last, f"dpo[{config.dpo.source}]"):
     t0 = time.perf_counter()
     batch, stats = jax.block_until_ready(collect(state.params, run.ref_params,
                                                  jax.random.fold_in(state.key, it)))
     t_collect = time.perf_counter() - t0
     state, m = step(state, batch)
-    scalars = rl_setup.host_means({**m, **stats})
+    scalars = run_rl.host_means({**m, **stats})
     bad_steps = int(scalars.pop("nonfinite"))
     seconds = time.perf_counter() - t0
     scalars.update({"nonfinite/skipped": bad_steps, "time/collect_s": t_collect,
                     "time/iteration_s": seconds,
                     "tokens_per_s": scalars["tokens/trained"] / seconds})
-    rl_setup.check_finite(config, it, scalars, bad_steps, ckpt)
+    run_rl.check_finite(config, it, scalars, bad_steps, ckpt)
     if it % config.eval_every == 0 or it == last:
       scalars.update({f"eval/{k}": v for k, v in run.evaluate(state.params).items()})
     writer.write_scalars(it, scalars)

@@ -1,16 +1,15 @@
 """Next-token training on a synthetic corpus: the whole path, config to resumed checkpoint.
 
 config -> checks (before anything compiles) -> mesh -> sharded state (fresh, resumed or
-`init_from`) -> grain data sharded by process -> jitted, donated train step -> metrics ->
-Orbax checkpoints -> resume. The RL trainers reuse each piece; this one keeps them honest on a
-task whose answer is known: the corpus is a sparse random Markov chain with `branching`
-successors per token, so the loss floor is log(branching).
+`init_from`) -> grain data sharded by process, its position checkpointed -> jitted, donated train
+step -> metrics -> Orbax checkpoints -> resume. Every trainer starts through the same scaffold
+(`collab_rl/run.py`); this one keeps it honest on a task whose answer is known: the corpus is a
+sparse random Markov chain with `branching` successors per token, so the loss floor is
+log(branching).
 """
 
 from __future__ import annotations
 
-import re
-import time
 from typing import Any, Callable, NamedTuple
 
 import grain
@@ -19,10 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
-from collab_rl import checkpoint as ckpt_lib
-from collab_rl import metrics as metrics_lib
+from collab_rl import run as run_lib
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
@@ -74,17 +71,8 @@ def make_dataset(config, split: str) -> grain.MapDataset:
 
 
 # ------------------------------------------------------------------------------------------------
-# Model, optimizer, loss, step.
+# Loss, step and build.
 # ------------------------------------------------------------------------------------------------
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  o = config.optimizer
-  schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps,
-                                                max(config.num_steps, o.warmup_steps + 1),
-                                                end_value=o.learning_rate * o.final_lr_fraction)
-  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                     optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
 def lm_loss(model, params, tokens_BxL, length_B):
@@ -116,55 +104,23 @@ class Built(NamedTuple):
 
 def build(config, mesh) -> Built:
   """Model, optimizer, sharded state factory and the jitted steps, all from the config."""
-  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
-  tx = make_optimizer(config)
-  rules = sharding_lib.rules_from_config(config.get("partition_rules"))
-
-  create_fn, abstract, shardings = state_lib.init_sharded(
-      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
+  init = run_lib.init_state(config, mesh,
+                            run_lib.make_optimizer(config.optimizer, config.num_steps))
+  model, tx, shardings = init.model, init.tx, init.shardings
   batch_sh = {"tokens": sharding_lib.batch_sharding(mesh),
               "length": sharding_lib.batch_sharding(mesh)}
   step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b), in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
   eval_fn = jax.jit(lambda p, b: lm_loss(model, p, b["tokens"], b["length"])[0],
                     in_shardings=(shardings.params, batch_sh))
-  return Built(model, tx, create_fn, abstract, shardings, step_fn, eval_fn)
-
-
-MODEL_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
-
-
-def check_model(model: ml_collections.ConfigDict) -> transformer.TransformerConfig:
-  """The model config, its sizes checked first: TransformerConfig divides by some of them, and a
-  zero width or layer count would otherwise surface only after compiling (or train nothing)."""
-  for name in (*MODEL_SIZES, "head_dim"):  # head_dim may be None: hidden_size // heads
-    if model.get(name) is not None and model[name] <= 0:
-      raise ValueError(f"config.model.{name} must be positive, got {model[name]}")
-  cfg = transformer.TransformerConfig.from_dict(model.to_dict())
-  if cfg.dim_per_head % 2:
-    raise ValueError(f"config.model: the head dimension {cfg.dim_per_head} (head_dim, else "
-                     "hidden_size // num_attention_heads) must be even for RoPE")
-  return cfg
-
-
-def check_checkpointing(checkpoint: ml_collections.ConfigDict, every: str) -> None:
-  for name in (every, "max_to_keep"):
-    if checkpoint[name] < 1:
-      raise ValueError(f"config.checkpoint.{name} must be >= 1, got {checkpoint[name]}")
+  return Built(model, tx, init.create_fn, init.abstract, shardings, step_fn, eval_fn)
 
 
 def check_config(config) -> jax.sharding.Mesh:
   """Every check that can fail on the config, before anything compiles. Returns the mesh."""
-  mcfg = check_model(config.model)
-  mesh = sharding_lib.make_mesh(config.mesh_shape)
-  sharding_lib.check_batch(config.batch_size, mesh)
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
-  for name in ("num_steps", "seq_len", "log_every", "eval_every"):
-    if config[name] <= 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  mcfg = run_lib.check_model(config.model)
+  mesh = run_lib.check_run(config)
+  run_lib.check_positive(config, ("num_steps", "seq_len", "log_every", "eval_every"))
   if config.corpus.min_len < 2 or config.corpus.min_len > config.seq_len + 1:
     raise ValueError(f"config.corpus.min_len={config.corpus.min_len} must be in "
                      f"[2, seq_len + 1 = {config.seq_len + 1}]")
@@ -177,15 +133,6 @@ def check_config(config) -> jax.sharding.Mesh:
   if held_out // jax.process_count() < config.batch_size // jax.process_count():
     raise ValueError(f"config.corpus.num_records={config.corpus.num_records} leaves {held_out} "
                      f"validation records, fewer than one batch of {config.batch_size}")
-  for name in ("learning_rate", "warmup_steps"):
-    if config.optimizer[name] < 0:
-      raise ValueError(f"config.optimizer.{name} must be >= 0, got {config.optimizer[name]}")
-  check_checkpointing(config.checkpoint, "every_steps")
-  try:
-    sharding_lib.rules_from_config(config.get("partition_rules"))
-  except re.error as e:
-    raise ValueError(f"config.partition_rules: bad regex {e.pattern!r}: {e}") from None
-  ckpt_lib.check_init_from(config.init_from or None)
   return mesh
 
 
@@ -203,42 +150,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   mesh = check_config(config)
   b = build(config, mesh)
-  step_fn, eval_fn = b.step_fn, b.eval_fn
-
-  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
-  state, data_state, how = ckpt_lib.restore_or_init(checkpointer, b.abstract, b.create_fn,
-                                                    init_from=config.init_from or None)
-  logging.info("train state: %s (%d params)", how, transformer.count_params(state.params))
-  train_iter = iter(make_dataset(config, "train").to_iter_dataset())
-  if data_state is not None:
-    train_iter.set_state(data_state)
+  run = run_lib.Run(config, workdir, b.abstract, b.create_fn)
+  state = run.state
+  train_iter = run.resume(iter(make_dataset(config, "train").to_iter_dataset()))
   eval_batch = sharding_lib.shard_batch(make_dataset(config, "validation")[0], mesh)
-
-  writer = metrics_lib.MetricWriter(workdir)
-  writer.write_hparams(config.to_dict())
-  start = int(state.step)
-  last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
   history = {}
-  t0, tokens = time.perf_counter(), 0
-  for step in metrics_lib.progress(range(start + 1, last + 1), total=config.num_steps,
-                                   initial=start, desc="lm"):
+  for step in run.steps(int(state.step), config.num_steps, stop_after, "lm"):
     host_batch = next(train_iter)
-    # Counted on the host so that logging does not wait on the device every step.
-    tokens += int(np.sum(host_batch["length"] - 1)) * jax.process_count()
-    state, m = step_fn(state, sharding_lib.shard_batch(host_batch, mesh))
-    state_lib.stop_if_nonfinite("lm", step, m["nonfinite"], checkpointer)
-    if step % config.log_every == 0 or step == config.num_steps:
-      m = jax.device_get(m)
-      m.pop("target_tokens")
-      dt = time.perf_counter() - t0
-      scalars = {**m, "tokens_per_s": tokens / max(dt, 1e-9)}
-      if step % config.eval_every == 0 or step == config.num_steps:
-        scalars["eval_loss"] = float(eval_fn(state.params, eval_batch))
-      writer.write_scalars(step, scalars)
-      history = {k: float(v) for k, v in scalars.items()}
-      t0, tokens = time.perf_counter(), 0
-    checkpointer.save(step, state, data_state=train_iter.get_state(), config=config,
-                      force=step == last)
-  checkpointer.close()  # waits for the last asynchronous save
-  writer.close()
-  return {"state": state, "final": history, "how": how}
+    state, m = b.step_fn(state, sharding_lib.shard_batch(host_batch, mesh))
+    m.pop("target_tokens")  # counted on the host, so that logging does not wait on the device
+    tokens = int(np.sum(host_batch["length"] - 1)) * jax.process_count()
+    history.update(run.end_step(
+        step, state, m, lambda: {"eval_loss": float(b.eval_fn(state.params, eval_batch))},
+        {"tokens_per_s": tokens}, data_state=train_iter.get_state()))
+  run.close()
+  return {"state": state, "final": history, "how": run.how}

@@ -6,13 +6,13 @@ from `config.assistant_from`, frozen and never saved here) and trains a mediator
 from its weights (`config.init_from`; empty: fresh).
 
 Data: each step plays fresh episodes on device, the task's scripted user against the SFT data's
-behaviour mixture (`sft.AskOrAnswerMix`: the asking oracle in `ask_share` of the conversations,
-else answer-now), half of them with the reactive user (`sim.sharded=False`: it only answers
-questions) and half with the sharded one (every user turn also reveals the next missing slot).
-Each conversation is cut at its opening and after every user turn of a row still going; a cut's
-input is the conversation so far and `<assistant>`, its target the explicit request of the
-simulator's state at that point (`mediator.explicit_request`). The loss is sft's, on the target
-tokens only (the conversation's own replies are relabelled context):
+behaviour mixture (`sft.AskOrAnswerMix` of `collab_rl/sft.py`: the asking oracle in `ask_share` of
+the conversations, else answer-now), half of them with the reactive user (`sim.sharded=False`: it
+only answers questions) and half with the sharded one (every user turn also reveals the next
+missing slot). Each conversation is cut at its opening and after every user turn of a row still
+going; a cut's input is the conversation so far and `<assistant>`, its target the explicit request
+of the simulator's state at that point (`mediator.explicit_request`). The loss is `sft.sft_loss`,
+on the target tokens only (the conversation's own replies are relabelled context):
 
     L = - sum_{r,t} m_rt log p(x_rt | x_r,<t) / sum_{r,t} m_rt,   m_rt = [x_rt is the target]
 
@@ -27,25 +27,22 @@ from `scoring.summarize`). The assistant alone, the baseline the pair must beat,
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
 
 from collab_rl import checkpoint as ckpt_lib
 from collab_rl import losses
 from collab_rl import mediator as mediator_lib
-from collab_rl import metrics as metrics_lib
 from collab_rl import rollout as rollout_lib
+from collab_rl import run as run_lib
 from collab_rl import sampling
+from collab_rl import sft as sft_lib
 from collab_rl import sharding as sharding_lib
-from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry, scoring
-from collab_rl.trainers import lm, sft
 
 MODES = ("reactive", "sharded")
 
@@ -80,13 +77,11 @@ def read_assistant_config(config) -> dict:
 
 def check_config(config):
   """Every check that can fail on the config, before anything compiles: (mesh, tasks, base)."""
-  mcfg = lm.check_model(config.model)
+  mcfg = run_lib.check_model(config.model)
   if "lm" not in mcfg.heads:
     raise ValueError(f"config.model.heads={mcfg.heads} must include 'lm' (the mediator writes)")
-  for name in ("num_steps", "num_turns", "eval_turns", "reply_tokens", "batch_size",
-               "eval_batch_size", "log_every", "eval_every"):
-    if config[name] <= 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  run_lib.check_positive(config, ("num_steps", "num_turns", "eval_turns", "reply_tokens",
+                                  "batch_size", "eval_batch_size", "log_every", "eval_every"))
   if not 1 <= config.cuts_per_episode <= config.num_turns + 1:
     raise ValueError(f"config.cuts_per_episode={config.cuts_per_episode} must be in [1, "
                      f"num_turns + 1 = {config.num_turns + 1}] (the opening and each user turn)")
@@ -101,14 +96,11 @@ def check_config(config):
   if mcfg.max_position_embeddings < width + 1 + mediator_lib.request_len(task):
     raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} "
                      f"cannot hold a conversation of {width} tokens and its rewrite")
-  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  mesh = run_lib.check_run(config, batches=("eval_batch_size",))
   if config.batch_size % (2 * jax.process_count()):
     raise ValueError(f"config.batch_size={config.batch_size} must split in two (reactive, "
                      f"sharded) over {jax.process_count()} processes")
   sharding_lib.check_batch(config.batch_size // 2, mesh, what="half of batch_size")
-  sharding_lib.check_batch(config.eval_batch_size, mesh, what="eval_batch_size")
-  lm.check_checkpointing(config.checkpoint, "every_steps")
-  ckpt_lib.check_init_from(config.init_from or None)
   base = read_assistant_config(config)
   if base.get("task") != config.task:
     raise ValueError(f"config.assistant_from={config.assistant_from!r}: the assistant was "
@@ -149,7 +141,7 @@ def cut_source(config, tasks, mesh):
     out = {}
     for i, (mode, task) in enumerate(tasks.items()):
       k_play, k_keep = jax.random.split(jax.random.fold_in(key, i))
-      policy = sft.AskOrAnswerMix(task, config.ask_share)
+      policy = sft_lib.AskOrAnswerMix(task, config.ask_share)
       ro = rollout_lib.rollout(policy, task, None, k_play, per_mode, num_turns=config.num_turns,
                                max_len=columns(config, task, config.num_turns), mesh=mesh,
                                watch=watch_cuts)
@@ -182,7 +174,7 @@ def rewrite_metrics(task, model, params, rows) -> dict[str, jax.Array]:
                               rows["prompt_len"], jax.random.key(0), rows["valid"])
   exact_R = mediator_lib.exact_match(task, out, rows["target"])
   return {"exact_match": losses.masked_mean(exact_R.astype(jnp.float32), rows["valid"]),
-          "eval_loss": sft.sft_loss(model, params, rows["tokens"], rows["roles"])[0]}
+          "eval_loss": sft_lib.sft_loss(model, params, rows["tokens"], rows["roles"])[0]}
 
 
 def summarize(per_mode: dict[str, dict]) -> dict[str, float]:
@@ -219,16 +211,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   # Saved with every checkpoint: evaluation finds the assistant from wherever it runs.
   if "://" not in config.assistant_from:
     config.assistant_from = os.path.abspath(config.assistant_from)
-  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
-  tx = lm.make_optimizer(config)
+  init = run_lib.init_state(config, mesh,
+                            run_lib.make_optimizer(config.optimizer, config.num_steps))
+  model, tx, shardings = init.model, init.tx, init.shardings
   rules = sharding_lib.rules_from_config(config.get("partition_rules"))
-  create_fn, abstract, shardings = state_lib.init_sharded(
-      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
   a_model, a_params = restore_assistant(config.assistant_from, base, mesh, rules)
   batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
 
   data_fn = cut_source(config, tasks, mesh)
-  step_fn = jax.jit(lambda s, b: sft.train_step(model, tx, s, merged(b)),
+  step_fn = jax.jit(lambda s, b: sft_lib.train_step(model, tx, s, merged(b)),
                     in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
                     donate_argnums=0)
   pair = mediator_lib.MediatorAssistant(tasks["reactive"], model, a_model,
@@ -249,50 +240,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     return out
 
   eval_fn = jax.jit(eval_pair)
-  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
-  state, _, how = ckpt_lib.restore_or_init(checkpointer, abstract, create_fn,
-                                           init_from=config.init_from or None)
-  logging.info("mediator: %s (%d params)", how, transformer.count_params(state.params))
-  root = jax.random.key(config.seed)
-  train_root, eval_root = jax.random.fold_in(root, 2), jax.random.fold_in(root, 3)
+  run = run_lib.Run(config, workdir, init.abstract, init.create_fn)
+  state = run.state
   # Held-out cuts of about `eval_batch_size` episodes per mode, in training-shaped batches.
   rounds = max(1, config.eval_batch_size // (config.batch_size // 2))
-  eval_rows = [data_fn(jax.random.fold_in(eval_root, 100 + i)) for i in range(rounds)]
-  eval_key = jax.random.fold_in(eval_root, 1)
+  eval_rows = [data_fn(jax.random.fold_in(run.keys.eval, 100 + i)) for i in range(rounds)]
+  eval_key = jax.random.fold_in(run.keys.eval, 1)
 
   def evaluate(params):
     return summarize(eval_fn(params, a_params, eval_rows, eval_key))
 
-  writer = metrics_lib.MetricWriter(workdir)
-  writer.write_hparams(config.to_dict())
-  start = int(state.step)
-  last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
-  history: dict[str, float] = {}
-  if start == 0:  # the starting mediator: the baseline
-    history.update(evaluate(state.params))
-    writer.write_scalars(0, history)
-  t0, steps = time.perf_counter(), 0
-  for step in metrics_lib.progress(range(start + 1, last + 1), total=config.num_steps,
-                                   initial=start, desc="mediator"):
-    state, m = step_fn(state, data_fn(jax.random.fold_in(train_root, step)))
-    state_lib.stop_if_nonfinite("mediator", step, m["nonfinite"], checkpointer)
-    steps += 1
-    final = step == config.num_steps
-    scalars = {}
-    if step % config.log_every == 0 or final:
-      dt = max(time.perf_counter() - t0, 1e-9)
-      scalars.update(jax.device_get(m), episodes_per_s=steps * config.batch_size / dt)
-      t0, steps = time.perf_counter(), 0
-    if step % config.eval_every == 0 or final:
-      t_eval = time.perf_counter()
-      scalars.update(evaluate(state.params))
-      t0 += time.perf_counter() - t_eval  # throughput counts training steps only
-    if scalars:
-      writer.write_scalars(step, scalars)
-      history.update({k: float(v) for k, v in scalars.items()})
-    checkpointer.save(step, state, config=config, force=step == last)
+  history = run.baseline(lambda: evaluate(state.params))  # the starting mediator
+  for step in run.steps(int(state.step), config.num_steps, stop_after, "mediator"):
+    state, m = step_fn(state, data_fn(jax.random.fold_in(run.keys.train, step)))
+    history.update(run.end_step(step, state, m, lambda: evaluate(state.params),
+                                {"episodes_per_s": config.batch_size}))
   if "reactive/score" not in history:  # e.g. the workdir held a finished run
     history.update(evaluate(state.params))
-  checkpointer.close()  # waits for the last asynchronous save
-  writer.close()
-  return {"state": state, "final": history, "how": how}
+  run.close()
+  return {"state": state, "final": history, "how": run.how}

@@ -22,13 +22,12 @@ import numpy as np
 from collab_rl import advantages as adv_lib
 from collab_rl import conversation as conv_lib
 from collab_rl import losses
-from collab_rl import metrics as metrics_lib
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
+from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl.tasks import scoring
 from collab_rl.tokenizer import ASSISTANT, CONTEXT
-from collab_rl.trainers import rl_setup
 
 REWARDS = ("mr", "next_turn_ext", "next_turn_ext_int", "helpfulness", "final")
 ADVANTAGES = ("gae", "grpo", "rloo")
@@ -39,7 +38,7 @@ ADVANTAGES = ("gae", "grpo", "rloo")
 
 
 def check_config(config):
-  task, cfg, mesh, rcfg = rl_setup.check_common(config)
+  task, cfg, mesh, rcfg = run_rl.check_common(config)
   if config.reward.kind not in REWARDS:
     raise ValueError(f"config.reward.kind={config.reward.kind!r}; choose from {REWARDS}")
   if config.ppo.advantage not in ADVANTAGES:
@@ -75,7 +74,7 @@ def collect(config, model, task, policy, rcfg, params, key):
   k_int, k_play = jax.random.split(key)
   intent = task.sample_intents(k_int, b // group)
   intent = jax.tree_util.tree_map(lambda x: jnp.repeat(x, group, axis=0), intent)
-  conv, sim = rollout_lib.start(task, intent, rl_setup.max_len(config, task))
+  conv, sim = rollout_lib.start(task, intent, run_rl.max_len(config, task))
   pstate = policy.init(params, conv, rollout_lib.opening_width(task))
   ones = jnp.ones((b,), jnp.int32)
   kind = config.reward.kind
@@ -172,7 +171,7 @@ def ppo_loss(model, config, params, mb):
 
 
 def update_step(model, config, tx, state, mb):
-  return rl_setup.guarded_update(lambda p, b: ppo_loss(model, config, p, b), tx, state, mb)
+  return run_rl.guarded_update(lambda p, b: ppo_loss(model, config, p, b), tx, state, mb)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,15 +182,14 @@ def update_step(model, config, tx, state, mb):
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None) -> dict[str, Any]:
   task, mcfg, mesh, rcfg = check_config(config)
-  run = rl_setup.build(config, workdir, task, mcfg, mesh, rcfg)
+  run = run_rl.build(config, workdir, task, mesh, rcfg)
   model, tx, state, ckpt = run.model, run.tx, run.state, run.checkpointer
-  policy = rl_setup.make_policy(config, model, task)
+  policy = run_rl.make_policy(config, model, task)
   prep = jax.jit(lambda p, r, k: prepare_batch(config, model, task, policy, rcfg, p, r, k))
   step = jax.jit(lambda s, mb: update_step(model, config, tx, s, mb), donate_argnums=0,
                  out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
 
-  writer = metrics_lib.MetricWriter(workdir)
-  writer.write_hparams(config.to_dict())
+  writer = run.writer
   it0 = int(state.step) // (config.ppo.epochs * config.ppo.minibatches)
   last = config.num_iterations if stop_after is None else min(stop_after, config.num_iterations)
   n_mb = config.batch_size // config.ppo.minibatches
@@ -199,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   if it0 == 0:  # the starting policy (fresh or init_from): the curve's first point
     history = {f"eval/{k}": v for k, v in run.evaluate(state.params).items()}
     writer.write_scalars(0, history)
-  for it in rl_setup.progress(config, it0, last, f"ppo[{config.reward.kind}]"):
+  for it in run_rl.progress(config, it0, last, f"ppo[{config.reward.kind}]"):
     t0 = time.perf_counter()
     key = jax.random.fold_in(state.key, it)
     batch, stats = jax.block_until_ready(prep(state.params, run.ref_params, key))
@@ -215,13 +213,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ms = sharding_lib.to_host(ms)
     bad_steps = int(sum(m.pop("nonfinite") for m in ms))
     # Means over the iteration's minibatch steps (skipped ones included: they show what broke).
-    ms = rl_setup.host_means({k: np.stack([m[k] for m in ms]) for k in ms[0]})
-    scalars = {**ms, **rl_setup.host_means(stats), "nonfinite/skipped": bad_steps,
+    ms = run_rl.host_means({k: np.stack([m[k] for m in ms]) for k in ms[0]})
+    scalars = {**ms, **run_rl.host_means(stats), "nonfinite/skipped": bad_steps,
                "time/collect_s": t_collect, "time/iteration_s": time.perf_counter() - t0}
     # Conversation tokens collected and trained on per second of the whole iteration.
     scalars["tokens_per_s"] = (scalars["tokens/conversation"] * config.batch_size
                                / scalars["time/iteration_s"])
-    rl_setup.check_finite(config, it, scalars, bad_steps, ckpt)
+    run_rl.check_finite(config, it, scalars, bad_steps, ckpt)
     if it % config.eval_every == 0 or it == last:
       scalars.update({f"eval/{k}": v for k, v in run.evaluate(state.params).items()})
     writer.write_scalars(it, scalars)

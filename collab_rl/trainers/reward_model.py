@@ -30,27 +30,23 @@ state to checkpoint.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
-from collab_rl import checkpoint as ckpt_lib
 from collab_rl import conversation as conv_lib
-from collab_rl import metrics as metrics_lib
 from collab_rl import reward_model as rm
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
+from collab_rl import run as run_lib
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry
 from collab_rl.tokenizer import ASSISTANT, CONTEXT
-from collab_rl.trainers import lm
 
 OBJECTIVES = ("bradley_terry", "regression")
 BEHAVIOURS = ("oracle", "answer_now", "irrelevant")
@@ -219,12 +215,9 @@ def _log_weights(config):
 
 
 def build(config, mesh, task) -> Built:
-  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
-  tx = lm.make_optimizer(config)
-  rules = sharding_lib.rules_from_config(config.get("partition_rules"))
-
-  create_fn, abstract, shardings = state_lib.init_sharded(
-      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
+  init = run_lib.init_state(config, mesh,
+                            run_lib.make_optimizer(config.optimizer, config.num_steps))
+  model, tx, shardings = init.model, init.tx, init.shardings
   batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   reward_cfg, log_w = reward_config(config), _log_weights(config)
   data_fn = jax.jit(lambda key: make_batch(task, reward_cfg, config.batch_size,
@@ -238,12 +231,12 @@ def build(config, mesh, task) -> Built:
   # shard (see `evaluate`).
   predict_fn = jax.jit(lambda p, b: predict(model, p, b),
                        in_shardings=(shardings.params, batch_sh), out_shardings=batch_sh)
-  return Built(task, model, create_fn, abstract, data_fn, step_fn, predict_fn)
+  return Built(task, model, init.create_fn, init.abstract, data_fn, step_fn, predict_fn)
 
 
 def check_config(config):
   """Every check that can fail on the config, before anything compiles. Returns (mesh, task)."""
-  mcfg = transformer.TransformerConfig.from_dict(config.model.to_dict())
+  mcfg = run_lib.check_model(config.model)
   if "reward" not in mcfg.heads:
     raise ValueError(f"config.model.heads={mcfg.heads} must include 'reward'")
   if config.objective not in OBJECTIVES:
@@ -256,14 +249,8 @@ def check_config(config):
     raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} < "
                      f"the {model_width(task)} tokens the reward model reads")
   reward_config(config)  # window in 0..3, samples >= 1, token_cost >= 0
-  mesh = sharding_lib.make_mesh(config.mesh_shape)
-  sharding_lib.check_batch(config.batch_size, mesh)
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
-  for name in ("num_steps", "log_every", "eval_every", "eval_batches"):
-    if config[name] <= 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  mesh = run_lib.check_run(config)
+  run_lib.check_positive(config, ("num_steps", "log_every", "eval_every", "eval_batches"))
   if config.candidates < 2:
     raise ValueError(f"config.candidates={config.candidates}: pairs need at least 2 per row")
   if config.min_gap < 0:
@@ -271,7 +258,6 @@ def check_config(config):
   weights = [config.behaviour[k] for k in BEHAVIOURS]
   if min(weights) < 0 or sum(weights) <= 0:
     raise ValueError(f"config.behaviour weights {weights} must be >= 0 with a positive sum")
-  ckpt_lib.check_init_from(config.init_from or None)
   return mesh, task
 
 
@@ -303,45 +289,20 @@ def evaluate(b: Built, params, held_out: list, min_gap: float) -> dict[str, floa
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None) -> dict[str, Any]:
-  """Trains to `config.num_steps`, resuming from `workdir` if it holds a checkpoint.
-
-  `stop_after` ends this process at that step (with a checkpoint), as in `trainers/lm.py`.
-  """
+  """Fits the reward model to MR for `config.num_steps` steps in `workdir` (resumed if it holds
+  a checkpoint; `stop_after`: see `run.Run.steps`). Returns {"state", "final", "how"}."""
   mesh, task = check_config(config)
   b = build(config, mesh, task)
-  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
-  state, _, how = ckpt_lib.restore_or_init(checkpointer, b.abstract, b.create_fn,
-                                           init_from=config.init_from or None)
-  logging.info("train state: %s (%d params)", how, transformer.count_params(state.params))
-  root = jax.random.key(config.seed)
-  train_root, eval_root = jax.random.fold_in(root, 2), jax.random.fold_in(root, 3)
-  held_out = [jax.block_until_ready(b.data_fn(jax.random.fold_in(eval_root, i)))
+  run = run_lib.Run(config, workdir, b.abstract, b.create_fn)
+  state = run.state
+  held_out = [jax.block_until_ready(b.data_fn(jax.random.fold_in(run.keys.eval, i)))
               for i in range(config.eval_batches)]
   min_gap = float(config.min_gap)
-
-  writer = metrics_lib.MetricWriter(workdir)
-  writer.write_hparams(config.to_dict())
-  start = int(state.step)
-  last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
-  history = {}
-  if start == 0:  # the untrained (or init_from) model: the baseline
-    history = evaluate(b, state.params, held_out, min_gap)
-    writer.write_scalars(0, history)
-  t0, steps = time.perf_counter(), 0
-  for step in metrics_lib.progress(range(start + 1, last + 1), total=config.num_steps,
-                                   initial=start, desc="reward_model"):
-    state, m = b.step_fn(state, b.data_fn(jax.random.fold_in(train_root, step)))
-    state_lib.stop_if_nonfinite("reward_model", step, m["nonfinite"], checkpointer)
-    steps += 1
-    if step % config.log_every == 0 or step == config.num_steps:
-      m = jax.device_get(m)
-      scalars = {**m, "steps_per_s": steps / max(time.perf_counter() - t0, 1e-9)}
-      if step % config.eval_every == 0 or step == config.num_steps:
-        scalars.update(evaluate(b, state.params, held_out, min_gap))
-      writer.write_scalars(step, scalars)
-      history = {k: float(v) for k, v in scalars.items()}
-      t0, steps = time.perf_counter(), 0
-    checkpointer.save(step, state, config=config, force=step == last)
-  checkpointer.close()  # waits for the last asynchronous save
-  writer.close()
-  return {"state": state, "final": history, "how": how}
+  history = run.baseline(lambda: evaluate(b, state.params, held_out, min_gap))
+  for step in run.steps(int(state.step), config.num_steps, stop_after, "reward_model"):
+    state, m = b.step_fn(state, b.data_fn(jax.random.fold_in(run.keys.train, step)))
+    history.update(run.end_step(
+        step, state, m, lambda: evaluate(b, state.params, held_out, min_gap),
+        {"steps_per_s": 1}))
+  run.close()
+  return {"state": state, "final": history, "how": run.how}

@@ -23,9 +23,10 @@ the ambiguous ones, and in `instructed_confirm_share` of the clear ones a needle
 a slot the request already gives (prompted models over-ask) before the answer. The base is then
 evaluated without the instruction (Base) and with it on every request (Proactive Base).
 
-Loss: next-token cross-entropy on the ASSISTANT tokens of each conversation (reply contents and
-their `<eot>`: exactly what the sampler generates); every token before them is context, the
-`<assistant>` headers and the user's turns included:
+The mixture (`sft.AskOrAnswerMix`) and the loss live in `collab_rl/sft.py`, which the mediator
+trains with too: next-token cross-entropy on the ASSISTANT tokens of each conversation (reply
+contents and their `<eot>`: exactly what the sampler generates); every token before them is
+context, the `<assistant>` headers and the user's turns included:
 
     L = - sum_{b,t} m_bt log p(x_bt | x_b,<t) / sum_{b,t} m_bt,   m_bt = [role_bt == ASSISTANT]
 
@@ -47,110 +48,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any, Callable, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
-from collab_rl import checkpoint as ckpt_lib
-from collab_rl import losses
-from collab_rl import metrics as metrics_lib
 from collab_rl import rollout as rollout_lib
+from collab_rl import run as run_lib
 from collab_rl import sampling
+from collab_rl import sft as sft_lib
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry
 from collab_rl.tasks import scoring
 from collab_rl.tokenizer import ASSISTANT, CONTEXT, PAD
-from collab_rl.trainers import lm
 
 # ------------------------------------------------------------------------------------------------
-# Behaviour: oracle or answer-now, one choice per conversation.
+# Data sources: `(config, task, mesh) -> (key -> {"tokens": [B, L], "roles": [B, L]})`.
 # ------------------------------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class MixState:
-  ask_B: jax.Array  # bool: this conversation follows the oracle
-  chosen: jax.Array  # bool scalar: the choice has been drawn (on the first turn)
-
-
-class AskOrAnswerMix:
-  """A scripted policy: per conversation, the oracle with probability `ask_share`, else
-  answer-now. The choice is drawn from the first turn's key and kept in the policy state, so a
-  conversation that opened with a question goes on asking until it can answer right.
-
-  Conversations that carry the `clarify` instruction (`intent.instructed_B`) draw with
-  `instructed_ask_share` instead, and when the request is clear open with a needless question
-  about a given slot in `instructed_confirm_share` of them, then answer (the oracle)."""
-
-  def __init__(self, task, ask_share: float, instructed_ask_share: float = 0.0,
-               instructed_confirm_share: float = 0.0, context_ask_share: float = 0.0):
-    self.task = task
-    self.ask_share = float(ask_share)
-    self.instructed_ask_share = float(instructed_ask_share)
-    self.instructed_confirm_share = float(instructed_confirm_share)
-    self.context_ask_share = float(context_ask_share)
-    self.oracle = rollout_lib.oracle_policy(task)
-    self.answer_now = rollout_lib.answer_now_policy(task)
-    self.plan = None  # planned(): the behaviour of every row, drawn before the rollout
-
-  def init(self, params, conv, prefix_width=None) -> MixState:
-    del params, prefix_width
-    return MixState(jnp.zeros((conv.batch,), bool), jnp.zeros((), bool))
-
-  def choose(self, key, intent) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """[B] follow the oracle, [B] open with a needless question (clear, instructed rows), [B]
-    the oracle's questions are context (rows that would otherwise answer at once)."""
-    b = intent.values_BxK.shape[0]
-    u_Bx3 = jax.random.uniform(key, (b, 3))
-    instructed_B = (jnp.zeros((b,), bool) if intent.instructed_B is None
-                    else intent.instructed_B)
-    share_B = jnp.where(instructed_B, self.instructed_ask_share, self.ask_share)
-    confirm_B = instructed_B & ~intent.ambiguous_B & (u_Bx3[:, 1] < self.instructed_confirm_share)
-    # Context rows are drawn from every ambiguous row alike, asking or not, so that the first
-    # replies the loss sees still ask in `share_B` of them: the base stays as passive as before.
-    # Their own stream: the draws above stay what they were without them.
-    u_ctx_B = jax.random.uniform(jax.random.fold_in(key, 2), (b,))
-    context_B = intent.ambiguous_B & ~confirm_B & (u_ctx_B < self.context_ask_share)
-    return u_Bx3[:, 0] < share_B, confirm_B, context_B
-
-  def planned(self, plan: tuple[jax.Array, jax.Array, jax.Array]) -> "AskOrAnswerMix":
-    """This mixture with every row's behaviour fixed (`choose`'s output), so that the caller
-    knows which rows' questions are context."""
-    out = AskOrAnswerMix(self.task, self.ask_share, self.instructed_ask_share,
-                         self.instructed_confirm_share, self.context_ask_share)
-    out.plan = plan
-    return out
-
-  def __call__(self, params, conv, sim, state: MixState, key):
-    k_pick, k_guess = jax.random.split(key)
-    b = conv.batch
-    ask_now_B, confirm_B, context_B = (self.choose(k_pick, conv.intent) if self.plan is None
-                                       else self.plan)
-    ask_now_B = ask_now_B | context_B
-    confirm_B = confirm_B & ~state.chosen  # only the first reply
-    # A confirming conversation is answered right after the question: the oracle's part.
-    ask_B = jnp.where(state.chosen, state.ask_B, ask_now_B | confirm_B)
-    ask_toks, _, ask_len, _ = self.oracle(params, conv, sim, (), key)
-    now_toks, _, now_len, _ = self.answer_now(params, conv, sim, (), k_guess)
-    slot_B = jax.random.randint(jax.random.fold_in(k_pick, 1), (b,), 0, len(self.task.slots))
-    confirm_toks = jnp.stack([jnp.full((b,), self.task.ids["ask"]),
-                              jnp.asarray(self.task.name_ids_K)[slot_B],
-                              jnp.full((b,), self.task.eot_id)], 1)
-    n = max(ask_toks.shape[1], now_toks.shape[1])
-    pad = lambda t: jnp.pad(t, ((0, 0), (0, n - t.shape[1])))
-    toks = jnp.where(ask_B[:, None], pad(ask_toks), pad(now_toks))
-    toks = jnp.where(confirm_B[:, None], pad(confirm_toks), toks).astype(jnp.int32)
-    lengths = jnp.where(ask_B, ask_len, now_len)
-    lengths = jnp.where(confirm_B, 3, lengths).astype(jnp.int32)
-    return toks, jnp.zeros(toks.shape, jnp.float32), lengths, MixState(ask_B, jnp.ones((), bool))
 
 
 def question_mask(task, tokens_BxL, roles_BxL) -> jax.Array:
@@ -163,17 +81,12 @@ def question_mask(task, tokens_BxL, roles_BxL) -> jax.Array:
   return asst_BxL & (ask_id_BxL == reply_BxL)
 
 
-# ------------------------------------------------------------------------------------------------
-# Data sources: `(config, task, mesh) -> (key -> {"tokens": [B, L], "roles": [B, L]})`.
-# ------------------------------------------------------------------------------------------------
-
-
 def behaviour_source(config, task, mesh) -> Callable[[jax.Array], dict]:
   """Fresh episodes of `AskOrAnswerMix` against the scripted user, all on device; the questions
   of the rows whose questions are context (`context_ask_share`) get the CONTEXT role."""
-  policy = AskOrAnswerMix(task, config.ask_share, config.get("instructed_ask_share", 0.0),
-                          config.get("instructed_confirm_share", 0.0),
-                          config.get("context_ask_share", 0.0))
+  policy = sft_lib.AskOrAnswerMix(task, config.ask_share, config.get("instructed_ask_share", 0.0),
+                                  config.get("instructed_confirm_share", 0.0),
+                                  config.get("context_ask_share", 0.0))
 
   def batch(key):
     ro, roles_BxL = behaviour_rollout(policy, task, config, key, mesh)
@@ -182,7 +95,7 @@ def behaviour_source(config, task, mesh) -> Callable[[jax.Array], dict]:
   return jax.jit(batch, out_shardings=sharding_lib.batch_sharding(mesh))
 
 
-def behaviour_rollout(policy: AskOrAnswerMix, task, config, key, mesh=None):
+def behaviour_rollout(policy: sft_lib.AskOrAnswerMix, task, config, key, mesh=None):
   """One batch of the behaviour data: the rollout, and the roles the loss reads (the questions
   of context rows turned to CONTEXT)."""
   k_int, k_plan, k_play = jax.random.split(key, 3)
@@ -197,34 +110,6 @@ def behaviour_rollout(policy: AskOrAnswerMix, task, config, key, mesh=None):
 
 
 DATA_SOURCES = {"behaviour": behaviour_source}
-
-# ------------------------------------------------------------------------------------------------
-# Loss and step.
-# ------------------------------------------------------------------------------------------------
-
-
-def loss_mask(roles_BxL: jax.Array) -> jax.Array:
-  """[B, L] the tokens the loss trains: the assistant's own (headers and padding excluded)."""
-  return roles_BxL == ASSISTANT
-
-
-def sft_loss(model, params, tokens_BxL, roles_BxL):
-  """Mean -log p of the assistant tokens given everything before them; aux (accuracy, count)."""
-  valid_BxL = roles_BxL != PAD
-  logits_BxLxV = model.apply({"params": params}, tokens_BxL, valid_BxL=valid_BxL,
-                             heads=("lm",)).logits_BxLxV
-  logp_BxL = losses.token_logprobs(logits_BxLxV, tokens_BxL)
-  mask_BxL = loss_mask(roles_BxL)
-  pred_BxL = jnp.pad(jnp.argmax(logits_BxLxV[:, :-1], -1), ((0, 0), (1, 0)))
-  acc = losses.masked_mean((pred_BxL == tokens_BxL).astype(jnp.float32), mask_BxL)
-  return -losses.masked_mean(logp_BxL, mask_BxL), (acc, mask_BxL.sum())
-
-
-def train_step(model, tx, state: state_lib.TrainState, batch):
-  new, loss, (acc, n), m = state_lib.update(
-      state, tx, lambda p: sft_loss(model, p, batch["tokens"], batch["roles"]))
-  return new, {"loss": loss, "token_acc": acc, "assistant_tokens": n, **m}
-
 
 # ------------------------------------------------------------------------------------------------
 # Evaluation: the policy itself against the scripted user.
@@ -311,17 +196,15 @@ def instruction_share(config) -> float:
 
 
 def build(config, mesh, task) -> Built:
-  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
-  tx = lm.make_optimizer(config)
-  rules = sharding_lib.rules_from_config(config.get("partition_rules"))
-
-  create_fn, abstract, shardings = state_lib.init_sharded(
-      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
+  init = run_lib.init_state(config, mesh,
+                            run_lib.make_optimizer(config.optimizer, config.num_steps))
+  model, tx, shardings = init.model, init.tx, init.shardings
   data_fn = DATA_SOURCES[config.data_source](config, data_task(config), mesh)
   batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
-  step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b), in_shardings=(shardings, batch_sh),
-                    out_shardings=(shardings, repl), donate_argnums=0)
-  loss_fn = jax.jit(lambda p, b: sft_loss(model, p, b["tokens"], b["roles"])[0],
+  step_fn = jax.jit(lambda s, b: sft_lib.train_step(model, tx, s, b),
+                    in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
+                    donate_argnums=0)
+  loss_fn = jax.jit(lambda p, b: sft_lib.sft_loss(model, p, b["tokens"], b["roles"])[0],
                     in_shardings=(shardings.params, batch_sh), out_shardings=repl)
   policy = make_policy(config, task, model)
 
@@ -337,7 +220,7 @@ def build(config, mesh, task) -> Built:
   eval_fns = {prefix: jax.jit(functools.partial(episodes, t),
                               in_shardings=(shardings.params, repl))
               for prefix, t in eval_tasks.items()}
-  return Built(task, model, create_fn, abstract, data_fn, step_fn, loss_fn, eval_fns)
+  return Built(task, model, init.create_fn, init.abstract, data_fn, step_fn, loss_fn, eval_fns)
 
 
 def episode_len(config, task) -> int:
@@ -349,7 +232,7 @@ def episode_len(config, task) -> int:
 
 def check_config(config):
   """Every check that can fail on the config, before anything compiles. Returns (mesh, task)."""
-  mcfg = lm.check_model(config.model)
+  mcfg = run_lib.check_model(config.model)
   if "lm" not in mcfg.heads:
     raise ValueError(f"config.model.heads={mcfg.heads} must include 'lm' (the policy)")
   if not 0.0 <= config.ask_share <= 1.0:
@@ -371,16 +254,9 @@ def check_config(config):
   if mcfg.vocab_size < task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
                      f"{config.task} vocabulary ({task.vocab_size} words)")
-  for name in ("num_steps", "num_turns", "max_len", "log_every", "eval_every",
-               "eval_batch_size"):
-    if config[name] <= 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]}")
-  mesh = sharding_lib.make_mesh(config.mesh_shape)
-  for name in ("batch_size", "eval_batch_size"):
-    sharding_lib.check_batch(config[name], mesh, what=name)
-    if config[name] % jax.process_count():
-      raise ValueError(f"{name}={config[name]} is not divisible by the "
-                       f"{jax.process_count()} processes")
+  run_lib.check_positive(config, ("num_steps", "num_turns", "max_len", "log_every", "eval_every",
+                                  "eval_batch_size"))
+  mesh = run_lib.check_run(config, batches=("batch_size", "eval_batch_size"))
   need = episode_len(config, make_task(config, instruction_share(config)))
   if config.max_len < need:
     # A cut conversation would train on replies without their <eot>.
@@ -390,8 +266,6 @@ def check_config(config):
     raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} < "
                      f"config.max_len={config.max_len}")
   make_policy(config, task, None)  # SamplingConfig validates the temperature
-  lm.check_checkpointing(config.checkpoint, "every_steps")
-  ckpt_lib.check_init_from(config.init_from or None)
   return mesh, task
 
 
@@ -411,55 +285,25 @@ def evaluate(b: Built, params, eval_batch, eval_key) -> dict[str, float]:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None) -> dict[str, Any]:
-  """Trains to `config.num_steps`, resuming from `workdir` if it holds a checkpoint.
+  """Trains the base to `config.num_steps`, resuming from `workdir` if it holds a checkpoint.
 
-  `stop_after` ends this process at that step (with a checkpoint), as in `trainers/lm.py`.
+  `stop_after` ends this process at that step, with a checkpoint (`run.Run.steps`).
   Returns {"state", "final", "how"}: `final` holds the latest value of every logged scalar, and
   always an evaluation of the returned policy (run unlogged if this process did none).
   """
   mesh, task = check_config(config)
   b = build(config, mesh, task)
-  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
-  state, _, how = ckpt_lib.restore_or_init(checkpointer, b.abstract, b.create_fn,
-                                           init_from=config.init_from or None)
-  logging.info("train state: %s (%d params)", how, transformer.count_params(state.params))
-  root = jax.random.key(config.seed)
-  train_root, eval_root = jax.random.fold_in(root, 2), jax.random.fold_in(root, 3)
-  eval_batch = b.data_fn(jax.random.fold_in(eval_root, 0))
-  eval_key = jax.random.fold_in(eval_root, 1)
-
-  writer = metrics_lib.MetricWriter(workdir)
-  writer.write_hparams(config.to_dict())
-  start = int(state.step)
-  last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
-  history: dict[str, float] = {}
-  if start == 0:  # the untrained (or init_from) policy: the baseline
-    history.update(evaluate(b, state.params, eval_batch, eval_key))
-    writer.write_scalars(0, history)
-  t0, steps = time.perf_counter(), 0
-  for step in metrics_lib.progress(range(start + 1, last + 1), total=config.num_steps,
-                                   initial=start, desc="sft"):
-    batch = b.data_fn(jax.random.fold_in(train_root, step))
-    state, m = b.step_fn(state, batch)
-    state_lib.stop_if_nonfinite("sft", step, m["nonfinite"], checkpointer)
-    steps += 1
-    final = step == config.num_steps
-    scalars = {}
-    if step % config.log_every == 0 or final:
-      m = jax.device_get(m)
-      dt = max(time.perf_counter() - t0, 1e-9)
-      scalars.update(m, episodes_per_s=steps * config.batch_size / dt)
-      t0, steps = time.perf_counter(), 0
-    if step % config.eval_every == 0 or final:
-      t_eval = time.perf_counter()
-      scalars.update(evaluate(b, state.params, eval_batch, eval_key))
-      t0 += time.perf_counter() - t_eval  # throughput counts training steps only
-    if scalars:
-      writer.write_scalars(step, scalars)
-      history.update({k: float(v) for k, v in scalars.items()})
-    checkpointer.save(step, state, config=config, force=step == last)
+  run = run_lib.Run(config, workdir, b.abstract, b.create_fn)
+  state = run.state
+  eval_batch = b.data_fn(jax.random.fold_in(run.keys.eval, 0))
+  eval_key = jax.random.fold_in(run.keys.eval, 1)
+  history = run.baseline(lambda: evaluate(b, state.params, eval_batch, eval_key))
+  for step in run.steps(int(state.step), config.num_steps, stop_after, "sft"):
+    state, m = b.step_fn(state, b.data_fn(jax.random.fold_in(run.keys.train, step)))
+    history.update(run.end_step(step, state, m,
+                                lambda: evaluate(b, state.params, eval_batch, eval_key),
+                                {"episodes_per_s": config.batch_size}))
   if "score" not in history:  # e.g. the workdir held a finished run: report its policy anyway
     history.update(evaluate(b, state.params, eval_batch, eval_key))
-  checkpointer.close()  # waits for the last asynchronous save
-  writer.close()
-  return {"state": state, "final": history, "how": how}
+  run.close()
+  return {"state": state, "final": history, "how": run.how}

@@ -22,7 +22,6 @@ state to checkpoint.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -30,12 +29,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
-from collab_rl import checkpoint as ckpt_lib
 from collab_rl import conversation as conv_lib
-from collab_rl import metrics as metrics_lib
 from collab_rl import rollout as rollout_lib
+from collab_rl import run as run_lib
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
 from collab_rl import simulators
@@ -43,7 +40,6 @@ from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry
 from collab_rl.tokenizer import USER, WORD_SPECIALS
-from collab_rl.trainers import lm
 
 # ------------------------------------------------------------------------------------------------
 # Behaviour policies: what the simulator must learn to answer.
@@ -200,12 +196,9 @@ def make_simulator(config, task, model) -> simulators.LMSimulator:
 
 
 def build(config, mesh, task) -> Built:
-  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
-  tx = lm.make_optimizer(config)
-  rules = sharding_lib.rules_from_config(config.get("partition_rules"))
-
-  create_fn, abstract, shardings = state_lib.init_sharded(
-      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
+  init = run_lib.init_state(config, mesh,
+                            run_lib.make_optimizer(config.optimizer, config.num_steps))
+  model, tx, shardings = init.model, init.tx, init.shardings
   b = config.behaviour
   mix = BehaviourMix(task, (b.oracle, b.answer_now, b.random))
   kw = dict(batch=config.batch_size, num_turns=config.num_turns, max_len=config.max_len,
@@ -218,24 +211,19 @@ def build(config, mesh, task) -> Built:
   agree_fn = jax.jit(lambda p, c: agreement(model, task, p, c, config.num_turns),
                      in_shardings=(shardings.params, batch_sh), out_shardings=repl)
   free_fn = simulators.make_rollout(mix, make_simulator(config, task, model), **kw)
-  return Built(task, model, create_fn, abstract, data_fn, step_fn, agree_fn, free_fn)
+  return Built(task, model, init.create_fn, init.abstract, data_fn, step_fn, agree_fn, free_fn)
 
 
 def check_config(config):
   """Every check that can fail on the config, before anything compiles. Returns (mesh, task)."""
-  mcfg = transformer.TransformerConfig.from_dict(config.model.to_dict())
+  mcfg = run_lib.check_model(config.model)
   task = make_task(config)
   if mcfg.vocab_size < task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
                      f"{config.task.name} vocabulary ({task.vocab_size} words)")
-  mesh = sharding_lib.make_mesh(config.mesh_shape)
-  sharding_lib.check_batch(config.batch_size, mesh)
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
-  for name in ("num_steps", "num_turns", "log_every", "eval_every", "eval_batches"):
-    if config[name] <= 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  mesh = run_lib.check_run(config)
+  run_lib.check_positive(config, ("num_steps", "num_turns", "log_every", "eval_every",
+                                  "eval_batches"))
   one_turn = 2 + task.request_width + 1 + task.answer_len + 2 + task.sim.max_user_len + 2
   if config.max_len < one_turn:
     raise ValueError(f"config.max_len={config.max_len} cannot hold one exchange of "
@@ -248,7 +236,6 @@ def check_config(config):
   if min(weights) < 0 or sum(weights) <= 0:
     raise ValueError(f"config.behaviour weights {weights} must be >= 0 with a positive sum")
   make_simulator(config, task, None)  # SamplingConfig validates temperature, top_k, top_p
-  ckpt_lib.check_init_from(config.init_from or None)
   return mesh, task
 
 
@@ -257,10 +244,9 @@ def check_config(config):
 # ------------------------------------------------------------------------------------------------
 
 
-def evaluate(b: Built, config, params) -> dict[str, float]:
+def evaluate(b: Built, config, params, eval_key) -> dict[str, float]:
   """Agreement on held-out episodes: keys from their own branch of the seed, never trained on."""
-  root = jax.random.fold_in(jax.random.key(config.seed), 3)
-  keys = [jax.random.fold_in(root, i) for i in range(config.eval_batches + 1)]
+  keys = [jax.random.fold_in(eval_key, i) for i in range(config.eval_batches + 1)]
   per_batch = [jax.device_get(b.agree_fn(params, b.data_fn(None, k).conv)) for k in keys[:-1]]
   out = {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
   if config.eval_rollout:
@@ -273,43 +259,19 @@ def evaluate(b: Built, config, params) -> dict[str, float]:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None) -> dict[str, Any]:
-  """Trains to `config.num_steps`, resuming from `workdir` if it holds a checkpoint.
-
-  `stop_after` ends this process at that step (with a checkpoint), as in `trainers/lm.py`.
-  """
+  """Teaches the simulator the scripted user's replies for `config.num_steps` steps in `workdir`
+  (resumed if it holds a checkpoint; `stop_after`: see `run.Run.steps`)."""
   mesh, task = check_config(config)
   b = build(config, mesh, task)
-  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
-  state, _, how = ckpt_lib.restore_or_init(checkpointer, b.abstract, b.create_fn,
-                                           init_from=config.init_from or None)
-  logging.info("train state: %s (%d params)", how, transformer.count_params(state.params))
-  train_root = jax.random.fold_in(jax.random.key(config.seed), 2)
-
-  writer = metrics_lib.MetricWriter(workdir)
-  writer.write_hparams(config.to_dict())
-  start = int(state.step)
-  last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
-  history = {}
-  if start == 0:  # the untrained (or init_from) simulator: the baseline agreement
-    history = evaluate(b, config, state.params)
-    writer.write_scalars(0, history)
-  t0, steps = time.perf_counter(), 0
-  for step in metrics_lib.progress(range(start + 1, last + 1), total=config.num_steps,
-                                   initial=start, desc="sim_sft"):
-    conv = b.data_fn(None, jax.random.fold_in(train_root, step)).conv
+  run = run_lib.Run(config, workdir, b.abstract, b.create_fn)
+  state = run.state
+  history = run.baseline(lambda: evaluate(b, config, state.params, run.keys.eval))
+  for step in run.steps(int(state.step), config.num_steps, stop_after, "sim_sft"):
+    conv = b.data_fn(None, jax.random.fold_in(run.keys.train, step)).conv
     state, m = b.step_fn(state, conv)
-    state_lib.stop_if_nonfinite("sim_sft", step, m["nonfinite"], checkpointer)
-    steps += 1
-    if step % config.log_every == 0 or step == config.num_steps:
-      m = jax.device_get(m)
-      m.pop("target_tokens")
-      scalars = {**m, "steps_per_s": steps / max(time.perf_counter() - t0, 1e-9)}
-      if step % config.eval_every == 0 or step == config.num_steps:
-        scalars.update(evaluate(b, config, state.params))
-      writer.write_scalars(step, scalars)
-      history = {k: float(v) for k, v in scalars.items()}
-      t0, steps = time.perf_counter(), 0
-    checkpointer.save(step, state, config=config, force=step == last)
-  checkpointer.close()  # waits for the last asynchronous save
-  writer.close()
-  return {"state": state, "final": history, "how": how}
+    m.pop("target_tokens")  # not a metric: the loss's denominator
+    history.update(run.end_step(
+        step, state, m, lambda: evaluate(b, config, state.params, run.keys.eval),
+        {"steps_per_s": 1}))
+  run.close()
+  return {"state": state, "final": history, "how": run.how}

@@ -31,6 +31,7 @@ from collab_rl import checkpoint as ckpt_lib
 from collab_rl import losses
 from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
+from collab_rl import sft as sft_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import scoring, slots
 from collab_rl.tokenizer import ASSISTANT, PAD, USER
@@ -86,8 +87,8 @@ def main(argv):
   del argv
   config = collab_arms.get_config(f"arm=sft_base,task={FLAGS.task},size={FLAGS.size}")
   data_task = sft.data_task(config)
-  policy = sft.AskOrAnswerMix(data_task, config.ask_share, config.instructed_ask_share,
-                              config.instructed_confirm_share, config.context_ask_share)
+  policy = sft_lib.AskOrAnswerMix(data_task, config.ask_share, config.instructed_ask_share,
+                                  config.instructed_confirm_share, config.context_ask_share)
   play = jax.jit(lambda k: sft.behaviour_rollout(policy, data_task, config, k))
   counts, total, batches = {}, 0, []
   for i in range(FLAGS.batches):

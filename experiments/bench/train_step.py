@@ -28,15 +28,16 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
   import jax
   import numpy as np
 
+  from collab_rl import run_rl
   from collab_rl import sharding as sharding_lib
-  from collab_rl.trainers import ppo, rl_setup
+  from collab_rl.trainers import ppo
   from experiments import ppo_ambig_math
 
   config = ppo_ambig_math.get_config("reward=mr,window=2")
   config.batch_size = _BATCH.value
   task, mcfg, mesh, rcfg = ppo.check_config(config)
-  run = rl_setup.build(config, workdir, task, mcfg, mesh, rcfg)
-  policy = rl_setup.make_policy(config, run.model, task)
+  run = run_rl.build(config, workdir, task, mesh, rcfg)
+  policy = run_rl.make_policy(config, run.model, task)
   prep = jax.jit(lambda p, r, k: ppo.prepare_batch(config, run.model, task, policy, rcfg, p, r,
                                                    k))
   step = jax.jit(lambda s, mb: ppo.update_step(run.model, config, run.tx, s, mb),
@@ -72,15 +73,16 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
   import jax
   import numpy as np
 
+  from collab_rl import run_rl
   from collab_rl import sharding as sharding_lib
-  from collab_rl.trainers import dpo, rl_setup
+  from collab_rl.trainers import dpo
   from experiments import dpo_ambig_math
 
   config = dpo_ambig_math.get_config(None)
   config.batch_size = _BATCH.value
   task, mcfg, mesh, rcfg = dpo.check_config(config)
-  run = rl_setup.build(config, workdir, task, mcfg, mesh, rcfg)
-  policy = rl_setup.make_policy(config, run.model, task)
+  run = run_rl.build(config, workdir, task, mesh, rcfg)
+  policy = run_rl.make_policy(config, run.model, task)
   collect = jax.jit(lambda p, r, k: dpo.collect_pairs(config, task, policy, rcfg, p, r,
                                                       run.model, k))
   step = jax.jit(lambda s, b: dpo.dpo_step(run.model, config, run.tx, s, b), donate_argnums=0,

@@ -171,7 +171,7 @@ def test_bad_config_names_its_field_before_compiling_and_writes_nothing(
       config = load_config(kind.config, [SHORT[kind.config], *map(fill, kind.overrides)])
       if kind.edit:
         kind.edit(config)
-      main_lib.trainer_module(config.trainer).train(config, str(workdir))
+      main_lib.entry_point(config.trainer)(config, str(workdir))
   assert re.search(kind.match, str(err.value)), str(err.value)
   assert counter.count == 0
   assert (snapshot(tmp_path), snapshot(other_shape_checkpoints)) == before

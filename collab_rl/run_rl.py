@@ -1,9 +1,13 @@
-"""What the conversation RL trainers (PPO, online and offline DPO) build the same way.
+"""The part of the run scaffold (`run.py`) that the conversation RL trainers share.
 
-Config checks shared by every recipe, the rollout policy, the optimizer, the sharded train state
-(resumed, `init_from` or fresh) with its frozen reference, the greedy evaluation on fixed held-out
-episodes, and the guard against non-finite updates. Each trainer file keeps what is its own: what
-it collects and its loss.
+PPO and DPO (online and offline) check their configs the same way, play the same rollout
+policy, start from a sharded train state in the resume order of `run.Run` with a frozen reference
+(the run's starting policy), evaluate greedily on fixed held-out episodes, and guard against
+non-finite updates. Each trainer file keeps what is its own: what it collects and its loss.
+
+Key streams: an iteration's keys are `fold_in(state.key, iteration)` (the state's RNG, branch 1
+of `run.py`'s streams, checkpointed with the state); greedy evaluation replays the episodes of
+`key(seed + 10_000)` every time.
 
 Non-finite updates. Every update step checks its loss and gradient norm inside the jitted step and,
 when either is NaN or inf, returns the state it was given (so bad params never exist, let alone
@@ -25,12 +29,12 @@ from collab_rl import checkpoint as ckpt_lib
 from collab_rl import metrics as metrics_lib
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
+from collab_rl import run as run_lib
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry, scoring
-from collab_rl.trainers import lm
 
 ON_NONFINITE = ("stop", "skip")
 
@@ -50,25 +54,19 @@ def reward_config(config) -> rewards.RewardConfig:
 
 
 def check_common(config):
-  """The checks every RL config must pass before anything compiles: (task, model cfg, mesh, rcfg)."""
+  """The checks every RL config passes before anything compiles: (task, model cfg, mesh, rcfg)."""
   task = registry.make_task(config.task, config.sim.to_dict())
-  cfg = lm.check_model(config.model)  # sizes before anything divides by them
+  cfg = run_lib.check_model(config.model)  # sizes before anything divides by them
   if cfg.vocab_size != task.vocab_size:
     raise ValueError(f"config.model.vocab_size={cfg.vocab_size} must equal the vocabulary of "
                      f"task {config.task!r} ({task.vocab_size})")
-  for name in ("turns", "num_iterations", "batch_size", "reply_tokens", "eval_batch",
-               "eval_every"):
-    if config[name] <= 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  run_lib.check_positive(config, ("turns", "num_iterations", "batch_size", "reply_tokens",
+                                  "eval_batch", "eval_every"))
   if config.on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; choose from {ON_NONFINITE}")
   rcfg = reward_config(config)  # RewardConfig checks window, samples and token_cost
-  lm.check_checkpointing(config.checkpoint, "every_iterations")
-  mesh = sharding_lib.make_mesh(config.mesh_shape)
-  sharding_lib.check_batch(config.batch_size, mesh)
-  sharding_lib.check_batch(config.eval_batch, mesh, what="eval_batch")
+  mesh = run_lib.check_run(config, every="every_iterations", batches=("batch_size", "eval_batch"))
   make_policy(config, None, task)  # SamplingConfig checks the temperature
-  ckpt_lib.check_init_from(config.init_from or None)
   return task, cfg, mesh, rcfg
 
 
@@ -86,13 +84,6 @@ def make_policy(config, model, task, temperature=None) -> rollout_lib.LMPolicy:
                                max_turns=config.turns + config.reward.window)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  o = config.optimizer
-  sched = optax.warmup_constant_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
-  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                     optax.adamw(sched, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
-
-
 # ------------------------------------------------------------------------------------------------
 # State, reference and evaluation.
 # ------------------------------------------------------------------------------------------------
@@ -108,24 +99,17 @@ class Setup(NamedTuple):
   how: str  # "fresh", "resumed step N" or "init_from ..."
   data_state: dict | None  # a resumed run's data iterator position (offline data only)
   evaluate: Callable[[Any], dict[str, float]]  # params -> greedy held-out metrics
+  writer: metrics_lib.MetricWriter
 
 
-def build(config, workdir: str, task, mcfg, mesh, rcfg) -> Setup:
-  model = transformer.Transformer(mcfg)
-  tx = make_optimizer(config)
-  rules = sharding_lib.rules_from_config(config.get("partition_rules"))
-  create_fn, abstract, shardings = state_lib.init_sharded(
-      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
-  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint, "every_iterations")
-  state, data_state, how = ckpt_lib.restore_or_init(checkpointer, abstract, create_fn,
-                                           init_from=config.init_from or None)
+def build(config, workdir: str, task, mesh, rcfg) -> Setup:
+  init = run_lib.init_state(config, mesh, run_lib.make_optimizer(config.optimizer))
+  run = run_lib.Run(config, workdir, init.abstract, init.create_fn, every="every_iterations")
   # The reference is the run's starting policy, rebuilt the same way on every resume (frozen
   # params are never saved with the train state).
-  ref_params = (ckpt_lib.restore_params(config.init_from, abstract.params) if config.init_from
-                else create_fn().params)
-  logging.info("%s: %s (%d params)", config.trainer, how, transformer.count_params(state.params))
-
-  greedy = make_policy(config, model, task, temperature=0.0)
+  ref_params = (ckpt_lib.restore_params(config.init_from, init.abstract.params)
+                if config.init_from else init.create_fn().params)
+  greedy = make_policy(config, init.model, task, temperature=0.0)
 
   def episodes(params, key):
     ro = rollout_lib.rollout(greedy, task, params, key, config.eval_batch,
@@ -140,7 +124,8 @@ def build(config, workdir: str, task, mcfg, mesh, rcfg) -> Setup:
     m = sharding_lib.to_host(episodes(params, eval_key))
     return {**scoring.summarize(m), "reward": float(np.mean(m["reward"]))}
 
-  return Setup(model, tx, state, ref_params, shardings, checkpointer, how, data_state, evaluate)
+  return Setup(init.model, init.tx, run.state, ref_params, init.shardings, run.checkpointer,
+               run.how, run.data_state, evaluate, run.writer)
 
 
 # ------------------------------------------------------------------------------------------------
