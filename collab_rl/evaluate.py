@@ -149,7 +149,7 @@ def load_policy(run_dir: str, turns: int, sim: dict | None = None):
                                        ckpt_lib.read_config(config["assistant_from"]))
     policy = mediator_lib.MediatorAssistant(task, model, a_model, sc)
     return task, policy, {"mediator": params, "assistant": a_params}, reply, config
-  policy = rollout_lib.lm_policy(model, sc, chunk_width=task.sim.max_user_len + 4,
+  policy = rollout_lib.lm_policy(model, sc, chunk_width=rollout_lib.chunk_width(task),
                                  max_turns=turns)
   return task, policy, params, reply, config
 

@@ -8,19 +8,25 @@ wrote (what the user must read), R_int is the task's interactivity. A future is 
 to m_j, then `window` more (policy, user) exchanges; window 0 scores m_j as it stands (the
 immediate, next-turn reward). All B x S futures of a batch run in one batched call: every row's
 conversation, simulator state and policy KV cache are tiled S times (the prefix is never
-recomputed) and played forward with `rollout.take_turns`.
+recomputed) and played forward with `rollout.take_turns`. `ranked_candidates` does the same for
+G candidate replies per turn (B x G x S branches): what DPO's pairs and the data engine rank.
+
+The simulator argument is whatever played the user (a scripted task is its own simulator, an
+`LMSimulator` forwards the task's bookkeeping); `sim` is its state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from collab_rl import conversation as conv_lib
 from collab_rl import rollout as rollout_lib
-from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
+from collab_rl.tokenizer import ASSISTANT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,37 +45,26 @@ class RewardConfig:
     if self.token_cost < 0:
       raise ValueError(f"token_cost={self.token_cost} must be >= 0")
 
+  @classmethod
+  def from_config(cls, reward) -> "RewardConfig":
+    """An experiment's `config.reward` (its other fields, e.g. PPO's `kind`, are not R*'s)."""
+    return cls(w_ext=reward.w_ext, w_int=reward.w_int, token_cost=reward.token_cost,
+               window=reward.window, samples=reward.samples)
 
-def conversation_reward(task, conv: conv_lib.Conversation, sim, cfg: RewardConfig):
+  def horizon(self, turns: int) -> int:
+    """Assistant turns a conversation of `turns` turns may reach: MR plays `window` more after
+    its last reply. What conversation columns and an LM policy's cache are sized for."""
+    return turns + self.window
+
+
+def conversation_reward(simulator, conv: conv_lib.Conversation, sim, cfg: RewardConfig):
   """R* per conversation, and its components (all [B])."""
   r_ext = sim.score_B
   tokens = jnp.sum(conv.roles_BxL == ASSISTANT, axis=1)
   cost = jnp.minimum(cfg.token_cost * tokens, 1.0)
-  r_int = task.interactivity(conv.intent, sim)
+  r_int = simulator.interactivity(conv.intent, sim)
   total = cfg.w_ext * r_ext - cost + cfg.w_int * r_int
   return total, {"r_ext": r_ext, "token_cost": cost, "r_int": r_int, "tokens_read": tokens}
-
-
-def _where_rows(mask_B, new, old):
-  return jax.tree_util.tree_map(
-      lambda n, o: jnp.where(mask_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
-
-
-def answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, key, append_user: bool):
-  """Appends the policy's reply; the simulator answers it (appended when `append_user`)."""
-  b = conv.batch
-  active = ~conv.done_B
-  reply_len_B = jnp.where(active, reply_len_B, 0)
-  conv = conv_lib.append(conv, reply_BxN, reply_len_B, ASSISTANT, new_turn=False)
-  user, user_len, done, new_sim = simulator.user_turn(conv.intent, sim, reply_BxN, reply_len_B,
-                                                      key)
-  sim = _where_rows(active, new_sim, sim)
-  if append_user:
-    ones = jnp.ones((b,), jnp.int32)
-    conv = conv_lib.append(conv, jnp.full((b, 1), simulator.user_header_id), ones, CONTEXT)
-    conv = conv_lib.append(conv, user, user_len, USER, new_turn=False)
-    conv = conv_lib.mark_done(conv, done & active)
-  return conv, sim
 
 
 def multiturn_aware_reward(policy, simulator, params, conv, sim, policy_state, reply_BxN,
@@ -84,8 +79,8 @@ def multiturn_aware_reward(policy, simulator, params, conv, sim, policy_state, r
   conv, sim, pstate, reply_BxN, reply_len_B = rollout_lib.tile_rows(
       (conv, sim, policy_state, reply_BxN, reply_len_B), s)
   k_user, k_future = jax.random.split(key)
-  conv, sim = answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, k_user,
-                           append_user=cfg.window > 0)
+  conv, sim = rollout_lib.answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, k_user,
+                                       append_user=cfg.window > 0)
   if cfg.window > 0:
     out = rollout_lib.take_turns(policy, simulator, params, conv, sim, k_future, cfg.window,
                                  policy_state=pstate)
@@ -96,6 +91,46 @@ def multiturn_aware_reward(policy, simulator, params, conv, sim, policy_state, r
   return total_BxS.mean(1), total_BxS.std(1), parts, total_BxS
 
 
+@flax.struct.dataclass
+class Candidates:
+  """G candidate replies per conversation and their MR. The flat arrays have the B x G candidate
+  rows, row b * G + g being candidate g of conversation b (`rows`)."""
+  tokens_BGxN: jax.Array
+  lengths_BG: jax.Array
+  policy_state: Any  # the policy's state after writing them (an LM policy: a cache per row)
+  mr_BxG: jax.Array
+  mr_std_BxG: jax.Array
+
+  @property
+  def best_B(self) -> jax.Array:
+    return jnp.argmax(self.mr_BxG, 1)
+
+  @property
+  def worst_B(self) -> jax.Array:
+    return jnp.argmin(self.mr_BxG, 1)
+
+  def rows(self, idx_B: jax.Array) -> jax.Array:
+    """Flat rows of candidate idx_B[b] of each conversation b."""
+    b, g = self.mr_BxG.shape
+    return jnp.arange(b) * g + idx_B
+
+
+def ranked_candidates(policy, simulator, params, conv, sim, policy_state, num: int, k_cand,
+                      k_mr, cfg: RewardConfig) -> Candidates:
+  """`num` candidate replies per row from the policy, each scored by MR.
+
+  `conv` ends with the assistant header (`rollout.open_reply`); every row's conversation,
+  simulator state and policy state are tiled `num` times, so the candidates share the history
+  (and its KV cache) and all B x G x S futures run in one batched call.
+  """
+  b = conv.batch
+  conv_g, sim_g, pstate_g = rollout_lib.tile_rows((conv, sim, policy_state), num)
+  reply, _, reply_len, pstate_g = policy(params, conv_g, sim_g, pstate_g, k_cand)
+  mr, mr_std, _, _ = multiturn_aware_reward(policy, simulator, params, conv_g, sim_g, pstate_g,
+                                            reply, reply_len, k_mr, cfg)
+  return Candidates(reply, reply_len, pstate_g, mr.reshape(b, num), mr_std.reshape(b, num))
+
+
 # ------------------------------------------------------------------------------------------------
 # Next-turn baselines of the paper's reward ablation (immediate rewards, window 0).
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +138,8 @@ def multiturn_aware_reward(policy, simulator, params, conv, sim, policy_state, r
 
 def extrinsic_reward(simulator, conv, sim, reply_BxN, reply_len_B, key):
   """The task metric of the reply alone (0 unless it is an answer that scores)."""
-  _, new_sim = answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, key, append_user=False)
+  _, new_sim = rollout_lib.answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, key,
+                                        append_user=False)
   answered = new_sim.answers_B > sim.answers_B
   return jnp.where(answered, new_sim.score_B, 0.0)
 
@@ -111,8 +147,8 @@ def extrinsic_reward(simulator, conv, sim, reply_BxN, reply_len_B, key):
 def extrinsic_intrinsic_reward(simulator, conv, sim, reply_BxN, reply_len_B, key,
                                cfg: RewardConfig):
   """R* of the conversation ending with the reply, no future (MR with window 0, S = 1)."""
-  conv, new_sim = answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, key,
-                               append_user=False)
+  conv, new_sim = rollout_lib.answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, key,
+                                           append_user=False)
   return conversation_reward(simulator, conv, new_sim, cfg)[0]
 
 

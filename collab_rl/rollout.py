@@ -8,8 +8,14 @@ A policy has `init(params, conv, prefix_width)` and `(params, conv, sim, state, 
 (tokens_BxN, logprobs_BxN, lengths_B, state)`:
 `lm_policy` samples from a transformer (it reads the conversation tokens only); `oracle_policy`
 and `answer_now_policy` are hand-written baselines that read the intent (to check the tasks).
-A simulator has `init_sim(intent)` and `user_turn(intent, sim, reply_BxN, len_B, key)`; the
-scripted tasks in `collab_rl/tasks/` and the LM simulator in `simulators.py` both do.
+A simulator has `init_sim(intent)` and `user_turn(intent, sim, reply_BxN, len_B, key)`, and
+the task's episodes (`sample_intents`, `first_request`, the special tokens); the scripted tasks
+in `collab_rl/tasks/` are their own simulators, and the LM simulator in `simulators.py` forwards
+the task's. `sim` is always a simulator's state.
+
+One assistant turn, wherever it is played (here, in MR's futures, in PPO's collection, in the data
+engine): `open_reply` appends `<assistant>`, the policy (or G candidates of it) writes, and
+`answer_reply` appends the reply, lets the simulator answer and marks the rows it ended.
 """
 
 from __future__ import annotations
@@ -89,6 +95,13 @@ class LMPolicy:
 def lm_policy(model: Transformer, cfg: sampling.SamplingConfig, *, chunk_width: int = 32,
               max_turns: int = 8) -> LMPolicy:
   return LMPolicy(model, cfg, chunk_width=chunk_width, max_turns=max_turns)
+
+
+def chunk_width(task) -> int:
+  """What a conversation of `task` gains between two replies, at most: the reply's last token
+  (not in the policy's cache yet), `<user>`, the user's answer and its `<eot>`
+  (`max_user_len + 1`), `<assistant>`. The `chunk_width` of an `LMPolicy` that plays the task."""
+  return task.sim.max_user_len + 4
 
 
 class _Scripted:
@@ -182,16 +195,48 @@ def _scatter_rows(dst_BxL, src_BxN, start_B, len_B):
   return jnp.where(inside, jnp.take_along_axis(src_BxN, jnp.clip(off, 0, n - 1), 1), dst_BxL)
 
 
-def start(task, intent, max_len: int) -> tuple[conv_lib.Conversation, Any]:
+def _where_rows(mask_B, new, old):
+  """Row b of every leaf from `new` where mask_B[b], else from `old`."""
+  return jax.tree_util.tree_map(
+      lambda n, o: jnp.where(mask_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
+def start(simulator, intent, max_len: int) -> tuple[conv_lib.Conversation, Any]:
   """`<bos> <user> first request <eot>`, and the simulator's initial state."""
   b = intent.values_BxK.shape[0]
   conv = conv_lib.empty(b, max_len, intent)
   ones = jnp.ones((b,), jnp.int32)
-  conv = conv_lib.append(conv, jnp.full((b, 1), task.bos_id), ones, CONTEXT)
-  conv = conv_lib.append(conv, jnp.full((b, 1), task.user_header_id), ones, CONTEXT)
-  req, req_len = task.first_request(intent)
+  conv = conv_lib.append(conv, jnp.full((b, 1), simulator.bos_id), ones, CONTEXT)
+  conv = conv_lib.append(conv, jnp.full((b, 1), simulator.user_header_id), ones, CONTEXT)
+  req, req_len = simulator.first_request(intent)
   conv = conv_lib.append(conv, req, req_len, USER, new_turn=False)
-  return conv, task.init_sim(intent)
+  return conv, simulator.init_sim(intent)
+
+
+def open_reply(simulator, conv: conv_lib.Conversation) -> conv_lib.Conversation:
+  """Appends `<assistant>`: the conversation as the policy reads it when it writes its turn."""
+  b = conv.batch
+  return conv_lib.append(conv, jnp.full((b, 1), simulator.assistant_header_id),
+                         jnp.ones((b,), jnp.int32), CONTEXT)
+
+
+def answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, key, append_user: bool = True):
+  """The rest of the turn `open_reply` began: appends the policy's reply, the simulator answers
+  it, and (when `append_user`) `<user> answer` is appended and the rows it ended are marked done.
+  Rows that were already done gain nothing and keep their simulator state."""
+  b = conv.batch
+  active = ~conv.done_B
+  reply_len_B = jnp.where(active, reply_len_B, 0)
+  conv = conv_lib.append(conv, reply_BxN, reply_len_B, ASSISTANT, new_turn=False)
+  user, user_len, done, new_sim = simulator.user_turn(conv.intent, sim, reply_BxN, reply_len_B,
+                                                      key)
+  sim = _where_rows(active, new_sim, sim)
+  if append_user:
+    ones = jnp.ones((b,), jnp.int32)
+    conv = conv_lib.append(conv, jnp.full((b, 1), simulator.user_header_id), ones, CONTEXT)
+    conv = conv_lib.append(conv, user, user_len, USER, new_turn=False)
+    conv = conv_lib.mark_done(conv, done & active)
+  return conv, sim
 
 
 def take_turns(policy, simulator, params, conv, sim, key, num_turns: int, *,
@@ -202,8 +247,6 @@ def take_turns(policy, simulator, params, conv, sim, key, num_turns: int, *,
   what a caller needs of the intermediate states (e.g. the mediator's cuts) without the scan
   returning every state.
   """
-  b = conv.batch
-  ones = jnp.ones((b,), jnp.int32)
   if logprobs_BxL is None:
     logprobs_BxL = jnp.zeros(conv.tokens_BxL.shape, jnp.float32)
 
@@ -211,19 +254,11 @@ def take_turns(policy, simulator, params, conv, sim, key, num_turns: int, *,
     conv, sim, pstate, logprobs_BxL = carry
     k_pol, k_sim = jax.random.split(jax.random.fold_in(key, t))
     active = ~conv.done_B
-    conv = conv_lib.append(conv, jnp.full((b, 1), simulator.assistant_header_id), ones, CONTEXT)
+    conv = open_reply(simulator, conv)
     reply, logp, reply_len, pstate = policy(params, conv, sim, pstate, k_pol)
     reply_len = jnp.where(active, reply_len, 0)
     logprobs_BxL = _scatter_rows(logprobs_BxL, logp, conv.cursor_B, reply_len)
-    conv = conv_lib.append(conv, reply, reply_len, ASSISTANT, new_turn=False)
-    user, user_len, done, new_sim = simulator.user_turn(conv.intent, sim, reply, reply_len, k_sim)
-    # Rows that were already done keep their simulator state.
-    sim = jax.tree_util.tree_map(
-        lambda new, old: jnp.where(active.reshape((b,) + (1,) * (new.ndim - 1)), new, old),
-        new_sim, sim)
-    conv = conv_lib.append(conv, jnp.full((b, 1), simulator.user_header_id), ones, CONTEXT)
-    conv = conv_lib.append(conv, user, user_len, USER, new_turn=False)
-    conv = conv_lib.mark_done(conv, done & active)
+    conv, sim = answer_reply(simulator, conv, sim, reply, reply_len, k_sim)
     seen = None if watch is None else watch(conv, sim)
     return (conv, sim, pstate, logprobs_BxL), (reply_len, seen)
 
@@ -234,26 +269,26 @@ def take_turns(policy, simulator, params, conv, sim, key, num_turns: int, *,
   return Rollout(conv, sim, logprobs_BxL, lens_TxB.T, watched)
 
 
-def rollout(policy, task, params, key, batch: int, *, num_turns: int,
+def rollout(policy, simulator, params, key, batch: int, *, num_turns: int,
             max_len: int, intent=None, mesh=None, watch=None) -> Rollout:
   """Fresh episodes (or the given intents) played for `num_turns` assistant turns.
 
   With a mesh, every [B, ...] array is split over data x fsdp, so each device plays its rows.
   """
   k_int, k_turns = jax.random.split(key)
-  intent = task.sample_intents(k_int, batch) if intent is None else intent
-  conv, sim = start(task, intent, max_len)
+  intent = simulator.sample_intents(k_int, batch) if intent is None else intent
+  conv, sim = start(simulator, intent, max_len)
   if mesh is not None:
     conv, sim = jax.lax.with_sharding_constraint((conv, sim), sharding_lib.batch_sharding(mesh))
   # The opening is `<bos> <user> request <eot>`: only that many columns need prefilling.
-  prefix_width = 2 + int(task.first_request(intent)[0].shape[1])
-  return take_turns(policy, task, params, conv, sim, k_turns, num_turns,
+  prefix_width = 2 + int(simulator.first_request(intent)[0].shape[1])
+  return take_turns(policy, simulator, params, conv, sim, k_turns, num_turns,
                     prefix_width=prefix_width, watch=watch)
 
 
-def make_rollout(policy, task, *, batch: int, num_turns: int, max_len: int, mesh=None):
+def make_rollout(policy, simulator, *, batch: int, num_turns: int, max_len: int, mesh=None):
   """The jitted rollout: `(params, key) -> Rollout`, one compilation per config."""
   if mesh is not None:
     sharding_lib.check_batch(batch, mesh)
-  return jax.jit(functools.partial(rollout, policy, task, batch=batch, num_turns=num_turns,
+  return jax.jit(functools.partial(rollout, policy, simulator, batch=batch, num_turns=num_turns,
                                    max_len=max_len, mesh=mesh))

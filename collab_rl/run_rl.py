@@ -2,8 +2,9 @@
 
 PPO and DPO (online and offline) check their configs the same way, play the same rollout
 policy, start from a sharded train state in the resume order of `run.Run` with a frozen reference
-(the run's starting policy), evaluate greedily on fixed held-out episodes, and guard against
-non-finite updates. Each trainer file keeps what is its own: what it collects and its loss.
+(the run's starting policy), evaluate greedily on fixed held-out episodes, guard against
+non-finite updates and end every iteration alike (`Setup.end_iteration`: check, evaluate, log,
+save). Each trainer file keeps what is its own: what it collects and its loss.
 
 Key streams: an iteration's keys are `fold_in(state.key, iteration)` (the state's RNG, branch 1
 of `run.py`'s streams, checkpointed with the state); greedy evaluation replays the episodes of
@@ -21,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -47,15 +49,9 @@ NonFiniteError = state_lib.NonFiniteError  # a loss, gradient, reward or batch w
 # ------------------------------------------------------------------------------------------------
 
 
-def reward_config(config) -> rewards.RewardConfig:
-  r = config.reward
-  return rewards.RewardConfig(w_ext=r.w_ext, w_int=r.w_int, token_cost=r.token_cost,
-                              window=r.window, samples=r.samples)
-
-
 def check_common(config):
   """The checks every RL config passes before anything compiles: (task, model cfg, mesh, rcfg)."""
-  task = registry.make_task(config.task, config.sim.to_dict())
+  task = registry.config_task(config)
   cfg = run_lib.check_model(config.model)  # sizes before anything divides by them
   if cfg.vocab_size != task.vocab_size:
     raise ValueError(f"config.model.vocab_size={cfg.vocab_size} must equal the vocabulary of "
@@ -64,24 +60,26 @@ def check_common(config):
                                   "eval_batch", "eval_every"))
   if config.on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; choose from {ON_NONFINITE}")
-  rcfg = reward_config(config)  # RewardConfig checks window, samples and token_cost
+  rcfg = rewards.RewardConfig.from_config(config.reward)  # checks window, samples, token_cost
   mesh = run_lib.check_run(config, every="every_iterations", batches=("batch_size", "eval_batch"))
-  make_policy(config, None, task)  # SamplingConfig checks the temperature
+  rollout_policy(config, None, task, rcfg)  # SamplingConfig checks the temperature
   return task, cfg, mesh, rcfg
 
 
-def max_len(config, task) -> int:
+def max_len(config, task, rcfg: rewards.RewardConfig) -> int:
   """Columns of a conversation: the opening, then every turn (and MR's window) at its budget."""
-  return rollout_lib.conversation_len(task, config.turns + config.reward.window,
-                                      config.reply_tokens)
+  return rollout_lib.conversation_len(task, rcfg.horizon(config.turns), config.reply_tokens)
 
 
-def make_policy(config, model, task, temperature=None) -> rollout_lib.LMPolicy:
+def rollout_policy(config, model, task, rcfg: rewards.RewardConfig,
+                   temperature: float | None = None) -> rollout_lib.LMPolicy:
+  """The policy as the RL rollouts play it: `config.reply_tokens` a reply, at
+  `config.temperature` (or `temperature`; 0 is greedy), with a cache for MR's futures too."""
   t = config.temperature if temperature is None else temperature
   sc = sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=t,
                                greedy=t == 0.0, stop_tokens=(task.eot_id,))
-  return rollout_lib.lm_policy(model, sc, chunk_width=task.sim.max_user_len + 4,
-                               max_turns=config.turns + config.reward.window)
+  return rollout_lib.lm_policy(model, sc, chunk_width=rollout_lib.chunk_width(task),
+                               max_turns=rcfg.horizon(config.turns))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,6 +98,34 @@ class Setup(NamedTuple):
   data_state: dict | None  # a resumed run's data iterator position (offline data only)
   evaluate: Callable[[Any], dict[str, float]]  # params -> greedy held-out metrics
   writer: metrics_lib.MetricWriter
+  config: ml_collections.ConfigDict
+
+  def baseline(self, start: int) -> dict[str, float]:
+    """The starting policy's evaluation (fresh or `init_from`), logged at iteration 0: the
+    curve's first point. {} when the run resumed (`start` > 0)."""
+    if start:
+      return {}
+    history = {f"eval/{k}": v for k, v in self.evaluate(self.state.params).items()}
+    self.writer.write_scalars(0, history)
+    return history
+
+  def end_iteration(self, it: int, last: int, state: state_lib.TrainState,
+                    scalars: dict[str, float], bad_steps: int,
+                    data_state: dict | None = None) -> dict[str, float]:
+    """After an iteration's updates, in this order: the non-finite check (`check_finite`), the
+    greedy evaluation when due (every `eval_every` iterations and at `last`), the log, the
+    checkpoint (always at `last`). Returns `scalars` with the evaluation added."""
+    config = self.config
+    check_finite(config, it, scalars, bad_steps, self.checkpointer)
+    if it % config.eval_every == 0 or it == last:
+      scalars.update({f"eval/{k}": v for k, v in self.evaluate(state.params).items()})
+    self.writer.write_scalars(it, scalars)
+    self.checkpointer.save(it, state, config=config, force=it == last, data_state=data_state)
+    return scalars
+
+  def close(self) -> None:
+    self.checkpointer.close()  # waits for the last asynchronous save
+    self.writer.close()
 
 
 def build(config, workdir: str, task, mesh, rcfg) -> Setup:
@@ -109,11 +135,12 @@ def build(config, workdir: str, task, mesh, rcfg) -> Setup:
   # params are never saved with the train state).
   ref_params = (ckpt_lib.restore_params(config.init_from, init.abstract.params)
                 if config.init_from else init.create_fn().params)
-  greedy = make_policy(config, init.model, task, temperature=0.0)
+  greedy = rollout_policy(config, init.model, task, rcfg, temperature=0.0)
 
   def episodes(params, key):
     ro = rollout_lib.rollout(greedy, task, params, key, config.eval_batch,
-                             num_turns=config.turns, max_len=max_len(config, task), mesh=mesh)
+                             num_turns=config.turns, max_len=max_len(config, task, rcfg),
+                             mesh=mesh)
     return {**scoring.episode_metrics(task, ro.conv, ro.sim),
             "reward": rewards.conversation_reward(task, ro.conv, ro.sim, rcfg)[0]}
 
@@ -125,7 +152,7 @@ def build(config, workdir: str, task, mesh, rcfg) -> Setup:
     return {**scoring.summarize(m), "reward": float(np.mean(m["reward"]))}
 
   return Setup(init.model, init.tx, run.state, ref_params, init.shardings, run.checkpointer,
-               run.how, run.data_state, evaluate, run.writer)
+               run.how, run.data_state, evaluate, run.writer, config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,6 +164,13 @@ def guarded_update(loss_fn, tx, state: state_lib.TrainState, batch):
   """One optimizer step on `loss_fn(params, batch) -> (loss, metrics)`, kept only if finite."""
   new, loss, m, extra = state_lib.update(state, tx, lambda p: loss_fn(p, batch))
   return new, {**m, "loss": loss, **extra}
+
+
+def jit_update(run: Setup, mesh: jax.sharding.Mesh, loss_fn):
+  """`guarded_update` jitted: `(state, batch) -> (state, metrics)`, the state donated and kept
+  in its shardings, the metrics replicated."""
+  return jax.jit(lambda s, b: guarded_update(loss_fn, run.tx, s, b), donate_argnums=0,
+                 out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
 
 
 def host_means(stats) -> dict[str, float]:
@@ -163,6 +197,12 @@ def check_finite(config, it: int, scalars: dict[str, float], bad_steps: int,
   raise NonFiniteError(f"{message}. Stopped (config.on_nonfinite='stop'); the last good "
                        f"checkpoint is step {checkpointer.latest_step()} in "
                        f"{checkpointer.directory}; no update of this iteration was applied.")
+
+
+def last_iteration(config, stop_after: int | None) -> int:
+  """This process's last iteration: `stop_after` ends it early (with a checkpoint) without
+  changing the run's schedule, standing in for a preemption in tests and time-boxed jobs."""
+  return config.num_iterations if stop_after is None else min(stop_after, config.num_iterations)
 
 
 def progress(config, start: int, last: int, desc: str):

@@ -16,9 +16,9 @@ metric that reads the simulator state (score, known/asked slots, irrelevant ques
 action) stays exact whatever the LM writes; the state forwards those fields by name.
 
 Params binding: `init_sim(intent)` cannot take params, so `LMSimulator.bind(params)` returns a
-copy that holds them. Bind inside the jitted function (`make_rollout` below does), so that the
-params are a traced argument: new params then reuse the compiled rollout, where a simulator
-bound outside jit would bake them in as constants and compile again for every new set.
+copy that holds them. Bind inside the jitted function (`make_lm_user_rollout` below does), so
+that the params are a traced argument: new params then reuse the compiled rollout, where a
+simulator bound outside jit would bake them in as constants and compile again for every new set.
 
 `RolePlaySimulator` (language tier, on the host): a Hugging Face chat model prompted to play a
 user who holds a goal, CollabLLM-style, with the roles swapped; the goal is in its system
@@ -228,8 +228,8 @@ def _same_prefix(a_BxN, b_BxM, len_B) -> jax.Array:
   return jnp.all((a == c) | ~inside, 1)
 
 
-def make_rollout(policy, simulator: LMSimulator, *, batch: int, num_turns: int, max_len: int,
-                 mesh=None):
+def make_lm_user_rollout(policy, simulator: LMSimulator, *, batch: int, num_turns: int,
+                         max_len: int, mesh=None):
   """The jitted rollout against an LM simulator: `(params, sim_params, key) -> Rollout`.
 
   The simulator is bound to its params inside the trace, so both param trees are arguments and

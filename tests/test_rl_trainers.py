@@ -187,7 +187,7 @@ def test_nan_in_a_ppo_batch_stops_the_run(tmp_path, monkeypatch):
 
   def poisoned(*args):
     batch, stats = prepare(*args)
-    return {**batch, "adv": batch["adv"] * factor()}, stats
+    return {**batch, "advantages_BxL": batch["advantages_BxL"] * factor()}, stats
 
   monkeypatch.setattr(ppo, "prepare_batch", poisoned)
   with pytest.raises(run_rl.NonFiniteError, match=r"ppo iteration 2: 2 non-finite"):

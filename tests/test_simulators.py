@@ -46,8 +46,8 @@ def _replies(conv, t: int, width: int):
 
 def test_oracle_rollout_keeps_the_scripted_bookkeeping(model, compile_counter):
   params = tfm.init_params(model, jax.random.key(0))
-  run = simulators.make_rollout(rollout_lib.oracle_policy(TASK), _simulator(model), batch=16,
-                                num_turns=TURNS, max_len=MAX_LEN)
+  run = simulators.make_lm_user_rollout(rollout_lib.oracle_policy(TASK), _simulator(model),
+                                        batch=16, num_turns=TURNS, max_len=MAX_LEN)
   ro = run(None, params, jax.random.key(1))
   other = jax.tree_util.tree_map(lambda x: x * 1.5, params)
   with compile_counter as counter:  # new simulator params are an argument, not a constant
@@ -73,8 +73,8 @@ def test_oracle_rollout_keeps_the_scripted_bookkeeping(model, compile_counter):
 def test_lm_policy_rollout_hides_the_goal(model, compile_counter):
   policy = rollout_lib.lm_policy(model, sampling.SamplingConfig(
       max_new_tokens=6, stop_tokens=(TASK.eot_id,)), chunk_width=24, max_turns=TURNS)
-  run = simulators.make_rollout(policy, _simulator(model), batch=8, num_turns=TURNS,
-                                max_len=MAX_LEN)
+  run = simulators.make_lm_user_rollout(policy, _simulator(model), batch=8, num_turns=TURNS,
+                                        max_len=MAX_LEN)
   pol_params = tfm.init_params(model, jax.random.key(3))
   sim_params = tfm.init_params(model, jax.random.key(4))
   ro = run(pol_params, sim_params, jax.random.key(5))

@@ -29,7 +29,6 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from collab_rl import checkpoint as ckpt_lib
-from collab_rl import conversation as conv_lib
 from collab_rl import metrics as metrics_lib
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
@@ -38,7 +37,6 @@ from collab_rl import sharding as sharding_lib
 from collab_rl.data import builders
 from collab_rl.models import transformer
 from collab_rl.tasks import registry
-from collab_rl.tokenizer import CONTEXT
 
 NAME = "mr_candidates"
 FIELDS = ("history_tokens", "history_roles", "history_len", "candidates", "candidate_len", "mr",
@@ -50,7 +48,7 @@ FIELDS = ("history_tokens", "history_roles", "history_len", "candidates", "candi
 
 
 def check_config(config):
-  task = registry.make_task(config.task, config.sim.to_dict())
+  task = registry.config_task(config)
   mcfg = transformer.TransformerConfig.from_dict(config.model.to_dict())
   if mcfg.vocab_size != task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} must equal the vocabulary of "
@@ -64,9 +62,7 @@ def check_config(config):
     raise ValueError(f"config.validation_fraction={config.validation_fraction} must be in [0, 1)")
   if not config.data_dir:
     raise ValueError("config.data_dir is empty: say where the dataset goes")
-  rcfg = rewards.RewardConfig(w_ext=config.reward.w_ext, w_int=config.reward.w_int,
-                              token_cost=config.reward.token_cost, window=config.reward.window,
-                              samples=config.reward.samples)
+  rcfg = rewards.RewardConfig.from_config(config.reward)
   sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=config.temperature)
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   sharding_lib.check_batch(config.batch_size * config.candidates, mesh,
@@ -81,9 +77,8 @@ def play(config, task, policy, rcfg, params, key) -> dict[str, jax.Array]:
   k_int, k_turns = jax.random.split(key)
   intent = task.sample_intents(k_int, b)
   conv, sim = rollout_lib.start(task, intent, rollout_lib.conversation_len(
-      task, config.turns + config.reward.window, config.reply_tokens))
+      task, rcfg.horizon(config.turns), config.reply_tokens))
   pstate = policy.init(params, conv, rollout_lib.opening_width(task))
-  ones = jnp.ones((b,), jnp.int32)
 
   def pick(tree, rows):
     return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else x[rows], tree)
@@ -92,22 +87,20 @@ def play(config, task, policy, rcfg, params, key) -> dict[str, jax.Array]:
     conv, sim, pstate = carry
     k_cand, k_mr, k_user = jax.random.split(jax.random.fold_in(k_turns, t), 3)
     active = ~conv.done_B
-    conv = conv_lib.append(conv, jnp.full((b, 1), task.assistant_header_id), ones, CONTEXT)
-    conv_g, sim_g, pstate_g = rollout_lib.tile_rows((conv, sim, pstate), g)
-    reply, _, reply_len, pstate_g = policy(params, conv_g, sim_g, pstate_g, k_cand)
-    mr, mr_std, _, _ = rewards.multiturn_aware_reward(policy, task, params, conv_g, sim_g,
-                                                      pstate_g, reply, reply_len, k_mr, rcfg)
-    mr_BxG, std_BxG = mr.reshape(b, g), mr_std.reshape(b, g)
-    best_rows = jnp.arange(b) * g + jnp.argmax(mr_BxG, axis=1)
+    conv = rollout_lib.open_reply(task, conv)
+    cands = rewards.ranked_candidates(policy, task, params, conv, sim, pstate, g, k_cand, k_mr,
+                                      rcfg)
+    reply, reply_len = cands.tokens_BGxN, cands.lengths_BG
+    best_rows = cands.rows(cands.best_B)
     record = dict(history_tokens=conv.tokens_BxL, history_roles=conv.roles_BxL.astype(jnp.int8),
                   history_len=conv.cursor_B, candidates=reply.reshape(b, g, -1),
-                  candidate_len=reply_len.reshape(b, g), mr=mr_BxG, mr_std=std_BxG,
+                  candidate_len=reply_len.reshape(b, g), mr=cands.mr_BxG, mr_std=cands.mr_std_BxG,
                   turn=jnp.full((b,), t, jnp.int32), ambiguous=conv.intent.ambiguous_B,
                   valid=active)
     # The conversation goes on with the best candidate, from the cache that wrote it.
-    conv, sim = rewards.answer_reply(task, conv, sim, reply[best_rows], reply_len[best_rows],
-                                     k_user, append_user=True)
-    return (conv, sim, pick(pstate_g, best_rows)), record
+    conv, sim = rollout_lib.answer_reply(task, conv, sim, reply[best_rows], reply_len[best_rows],
+                                         k_user)
+    return (conv, sim, pick(cands.policy_state, best_rows)), record
 
   _, records = jax.lax.scan(turn, (conv, sim, pstate), jnp.arange(config.turns))
   return records
@@ -118,8 +111,8 @@ def generate(config, task, mcfg, mesh, rcfg, params) -> dict[str, np.ndarray]:
   model = transformer.Transformer(mcfg)
   sc = sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=config.temperature,
                                stop_tokens=(task.eot_id,))
-  policy = rollout_lib.lm_policy(model, sc, chunk_width=task.sim.max_user_len + 4,
-                                 max_turns=config.turns + config.reward.window)
+  policy = rollout_lib.lm_policy(model, sc, chunk_width=rollout_lib.chunk_width(task),
+                                 max_turns=rcfg.horizon(config.turns))
   play_fn = jax.jit(lambda p, k: play(config, task, policy, rcfg, p, k))
   chunks = -(-config.num_conversations // config.batch_size)
   root = jax.random.key(config.seed)

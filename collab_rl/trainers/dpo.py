@@ -11,7 +11,7 @@ resumed run continues with the next batch.
 
 Either way the loss compares the candidates' summed log-probs (their own tokens only; the history
 is context) under the policy and the frozen reference. Collection is one jitted call; the update
-one jitted, donated step that refuses non-finite updates (`run_rl.guarded_update`).
+one jitted, donated step that refuses non-finite updates (`run_rl.jit_update`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl.data import engine
 from collab_rl.data import loader as loader_lib
-from collab_rl.tokenizer import ASSISTANT, CONTEXT
+from collab_rl.tokenizer import ASSISTANT
 
 SOURCES = ("online", "offline")
 
@@ -70,28 +70,25 @@ def collect_pairs(config, task, policy, rcfg, params, ref_params, model, key):
   b, g = config.batch_size, config.dpo.candidates
   k_int, k_ctx, k_cand, k_mr = jax.random.split(key, 4)
   intent = task.sample_intents(k_int, b)
-  conv, sim = rollout_lib.start(task, intent, run_rl.max_len(config, task))
+  conv, sim = rollout_lib.start(task, intent, run_rl.max_len(config, task, rcfg))
   pstate = policy.init(params, conv, rollout_lib.opening_width(task))
   if config.context_turns:
     out = rollout_lib.take_turns(policy, task, params, conv, sim, k_ctx, config.context_turns,
                                  policy_state=pstate)
     conv, sim = out.conv, out.sim
     pstate = policy.init(params, conv)  # the context, prefilled once more for the candidates
-  ones = jnp.ones((b,), jnp.int32)
-  conv = conv_lib.append(conv, jnp.full((b, 1), task.assistant_header_id), ones, CONTEXT)
-  conv_g, sim_g, pstate_g = rollout_lib.tile_rows((conv, sim, pstate), g)
-  reply, _, reply_len, pstate_g = policy(params, conv_g, sim_g, pstate_g, k_cand)
-  mr, _, _, _ = rewards.multiturn_aware_reward(policy, task, params, conv_g, sim_g, pstate_g,
-                                               reply, reply_len, k_mr, rcfg)
-  mr_BxG = mr.reshape(b, g)
-  best, worst = jnp.argmax(mr_BxG, 1), jnp.argmin(mr_BxG, 1)
+  conv = rollout_lib.open_reply(task, conv)
+  cands = rewards.ranked_candidates(policy, task, params, conv, sim, pstate, g, k_cand, k_mr,
+                                    rcfg)
+  mr_BxG, best, worst = cands.mr_BxG, cands.best_B, cands.worst_B
   gap = jnp.take_along_axis(mr_BxG, best[:, None], 1)[:, 0] - jnp.take_along_axis(
       mr_BxG, worst[:, None], 1)[:, 0]
   keep = (gap > config.dpo.min_gap) & ~conv.done_B
 
   def with_reply(idx):
-    rows = jnp.arange(b) * g + idx
-    full = conv_lib.append(conv, reply[rows], reply_len[rows], ASSISTANT, new_turn=False)
+    rows = cands.rows(idx)
+    full = conv_lib.append(conv, cands.tokens_BGxN[rows], cands.lengths_BG[rows], ASSISTANT,
+                           new_turn=False)
     # The candidate is the last assistant message: its tokens are the only ones scored.
     cand = (full.roles_BxL == ASSISTANT) & (full.turns_BxL == full.num_turns_B[:, None] - 1)
     return full.tokens_BxL, conv_lib.valid_mask(full), cand
@@ -158,20 +155,15 @@ def dpo_loss(model, config, params, batch):
                          config.dpo.beta, batch["keep"])
 
 
-def dpo_step(model, config, tx, state, batch):
-  return run_rl.guarded_update(lambda p, b: dpo_loss(model, config, p, b), tx, state, batch)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None) -> dict[str, Any]:
   task, mcfg, mesh, rcfg = check_config(config)
   run = run_rl.build(config, workdir, task, mesh, rcfg)
-  model, state, ckpt = run.model, run.state, run.checkpointer
-  step = jax.jit(lambda s, b: dpo_step(model, config, run.tx, s, b), donate_argnums=0,
-                 out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
+  model, state = run.model, run.state
+  step = run_rl.jit_update(run, mesh, lambda p, b: dpo_loss(model, config, p, b))
   data_iter = None
   if config.dpo.source == "online":
-    policy = run_rl.make_policy(config, model, task)
+    policy = run_rl.rollout_policy(config, model, task, rcfg)
     collect = jax.jit(lambda p, r, k: collect_pairs(config, task, policy, rcfg, p, r, model, k))
   else:
     data_iter = iter(loader_lib.make_loader(config.dpo.data_dir, engine.NAME, "train",
@@ -185,13 +177,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       fields = {k: v for k, v in next(data_iter).items() if k in engine.FIELDS}
       return pairs(ref_params, sharding_lib.shard_batch(fields, mesh))
 
-  writer = run.writer
   start = int(state.step)
-  last = config.num_iterations if stop_after is None else min(stop_after, config.num_iterations)
-  history: dict[str, float] = {}
-  if start == 0:
-    history = {f"eval/{k}": v for k, v in run.evaluate(state.params).items()}
-    writer.write_scalars(0, history)
+  last = run_rl.last_iteration(config, stop_after)
+  history = run.baseline(start)
   for it in run_rl.progress(config, start, last, f"dpo[{config.dpo.source}]"):
     t0 = time.perf_counter()
     batch, stats = jax.block_until_ready(collect(state.params, run.ref_params,
@@ -204,13 +192,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     scalars.update({"nonfinite/skipped": bad_steps, "time/collect_s": t_collect,
                     "time/iteration_s": seconds,
                     "tokens_per_s": scalars["tokens/trained"] / seconds})
-    run_rl.check_finite(config, it, scalars, bad_steps, ckpt)
-    if it % config.eval_every == 0 or it == last:
-      scalars.update({f"eval/{k}": v for k, v in run.evaluate(state.params).items()})
-    writer.write_scalars(it, scalars)
-    history.update(scalars)
-    ckpt.save(it, state, config=config, force=it == last,
-              data_state=None if data_iter is None else data_iter.get_state())
-  ckpt.close()
-  writer.close()
+    history.update(run.end_iteration(
+        it, last, state, scalars, bad_steps,
+        data_state=None if data_iter is None else data_iter.get_state()))
+  run.close()
   return {"state": state, "final": history, "how": run.how}

@@ -51,10 +51,9 @@ MODES = ("reactive", "sharded")
 # ------------------------------------------------------------------------------------------------
 
 
-def make_tasks(config) -> dict[str, Any]:
+def tasks_by_mode(config) -> dict[str, Any]:
   """The task once per mode: the reactive and the sharded scripted user."""
-  sim = config.sim.to_dict()
-  return {m: registry.make_task(config.task, {**sim, "sharded": m == "sharded"}) for m in MODES}
+  return {m: registry.config_task(config, sharded=m == "sharded") for m in MODES}
 
 
 def columns(config, task, turns: int) -> int:
@@ -87,7 +86,7 @@ def check_config(config):
                      f"num_turns + 1 = {config.num_turns + 1}] (the opening and each user turn)")
   if not 0.0 <= config.ask_share <= 1.0:
     raise ValueError(f"config.ask_share={config.ask_share} must be in [0, 1]")
-  tasks = make_tasks(config)  # unknown task or simulator fields fail here
+  tasks = tasks_by_mode(config)  # unknown task or simulator fields fail here
   task = tasks["reactive"]
   if mcfg.vocab_size < task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the vocabulary "

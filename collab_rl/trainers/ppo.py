@@ -27,7 +27,7 @@ from collab_rl import rollout as rollout_lib
 from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl.tasks import scoring
-from collab_rl.tokenizer import ASSISTANT, CONTEXT
+from collab_rl.tokenizer import ASSISTANT
 
 REWARDS = ("mr", "next_turn_ext", "next_turn_ext_int", "helpfulness", "final")
 ADVANTAGES = ("gae", "grpo", "rloo")
@@ -74,9 +74,8 @@ def collect(config, model, task, policy, rcfg, params, key):
   k_int, k_play = jax.random.split(key)
   intent = task.sample_intents(k_int, b // group)
   intent = jax.tree_util.tree_map(lambda x: jnp.repeat(x, group, axis=0), intent)
-  conv, sim = rollout_lib.start(task, intent, run_rl.max_len(config, task))
+  conv, sim = rollout_lib.start(task, intent, run_rl.max_len(config, task, rcfg))
   pstate = policy.init(params, conv, rollout_lib.opening_width(task))
-  ones = jnp.ones((b,), jnp.int32)
   kind = config.reward.kind
 
   def turn(carry, t):
@@ -84,7 +83,7 @@ def collect(config, model, task, policy, rcfg, params, key):
     k_pol, k_rew, k_user = jax.random.split(jax.random.fold_in(k_play, t), 3)
     active = ~conv.done_B
     header_pos = conv.cursor_B
-    conv = conv_lib.append(conv, jnp.full((b, 1), task.assistant_header_id), ones, CONTEXT)
+    conv = rollout_lib.open_reply(task, conv)
     reply, _, reply_len, pstate = policy(params, conv, sim, pstate, k_pol)
     if kind == "mr":
       r = rewards.multiturn_aware_reward(policy, task, params, conv, sim, pstate, reply,
@@ -97,7 +96,7 @@ def collect(config, model, task, policy, rcfg, params, key):
       r = rewards.helpfulness_reward(task, conv, sim, reply, reply_len)
     else:
       r = jnp.zeros((b,))
-    conv, sim = rewards.answer_reply(task, conv, sim, reply, reply_len, k_user, append_user=True)
+    conv, sim = rollout_lib.answer_reply(task, conv, sim, reply, reply_len, k_user)
     done = conv.done_B & active
     return (conv, sim, pstate), (jnp.where(active, r, 0.0), done, active, header_pos)
 
@@ -136,9 +135,10 @@ def prepare_batch(config, model, task, policy, rcfg, params, ref_params, key):
   adv_BxL = adv_lib.broadcast_to_tokens(adv_BxT, turn_idx_BxL)
   if p.whiten:
     adv_BxL = adv_lib.whiten(adv_BxL, mask_BxL)
-  batch = dict(tokens=conv.tokens_BxL, valid=valid_BxL, mask=mask_BxL, old_logp=old_logp_BxL,
-               ref_logp=ref_logp_BxL, adv=adv_BxL, pos=pos_BxT, old_values=values_BxT,
-               returns=ret_BxT, turn_valid=valid_BxT)
+  batch = dict(tokens_BxL=conv.tokens_BxL, valid_BxL=valid_BxL, mask_BxL=mask_BxL,
+               old_logprobs_BxL=old_logp_BxL, ref_logprobs_BxL=ref_logp_BxL,
+               advantages_BxL=adv_BxL, header_pos_BxT=pos_BxT, old_values_BxT=values_BxT,
+               returns_BxT=ret_BxT, turn_valid_BxT=valid_BxT)
   stats = {f"episode/{k}": v for k, v in scoring.episode_metrics(task, conv, sim).items()}
   stats.update({"reward/per_turn": rewards_BxT.sum(1), "reward/turns": valid_BxT.sum(1)})
   # R* of the collected conversations and its components, whatever reward drives the update.
@@ -154,24 +154,24 @@ def prepare_batch(config, model, task, policy, rcfg, params, ref_params, key):
 
 
 def ppo_loss(model, config, params, mb):
+  """`mb`: a minibatch of `prepare_batch`'s dictionary (its keys carry their shapes)."""
   p = config.ppo
-  out = model.apply({"params": params}, mb["tokens"], valid_BxL=mb["valid"])
-  logp = losses.token_logprobs(out.logits_BxLxV, mb["tokens"])
-  pg, m = losses.ppo_policy_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], p.clip_eps)
-  kl = losses.masked_mean(losses.kl_k3(logp, mb["ref_logp"]), mb["mask"])
-  ent = losses.masked_mean(losses.token_entropy(out.logits_BxLxV), mb["mask"])
+  tokens_BxL, mask_BxL = mb["tokens_BxL"], mb["mask_BxL"]
+  out = model.apply({"params": params}, tokens_BxL, valid_BxL=mb["valid_BxL"])
+  logp_BxL = losses.token_logprobs(out.logits_BxLxV, tokens_BxL)
+  pg, m = losses.ppo_policy_loss(logp_BxL, mb["old_logprobs_BxL"], mb["advantages_BxL"],
+                                 mask_BxL, p.clip_eps)
+  kl = losses.masked_mean(losses.kl_k3(logp_BxL, mb["ref_logprobs_BxL"]), mask_BxL)
+  ent = losses.masked_mean(losses.token_entropy(out.logits_BxLxV), mask_BxL)
   loss = pg + p.kl_coef * kl - p.ent_coef * ent
   m.update(policy_loss=pg, kl_ref=kl, entropy=ent)
   if p.advantage == "gae":
-    v_BxT = jnp.take_along_axis(out.value_BxL, mb["pos"], axis=1)
-    vl = losses.value_loss(v_BxT, mb["old_values"], mb["returns"], mb["turn_valid"], p.vf_clip)
+    v_BxT = jnp.take_along_axis(out.value_BxL, mb["header_pos_BxT"], axis=1)
+    vl = losses.value_loss(v_BxT, mb["old_values_BxT"], mb["returns_BxT"], mb["turn_valid_BxT"],
+                           p.vf_clip)
     loss = loss + p.vf_coef * vl
     m["value_loss"] = vl
   return loss, m
-
-
-def update_step(model, config, tx, state, mb):
-  return run_rl.guarded_update(lambda p, b: ppo_loss(model, config, p, b), tx, state, mb)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,20 +183,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None) -> dict[str, Any]:
   task, mcfg, mesh, rcfg = check_config(config)
   run = run_rl.build(config, workdir, task, mesh, rcfg)
-  model, tx, state, ckpt = run.model, run.tx, run.state, run.checkpointer
-  policy = run_rl.make_policy(config, model, task)
+  model, state = run.model, run.state
+  policy = run_rl.rollout_policy(config, model, task, rcfg)
   prep = jax.jit(lambda p, r, k: prepare_batch(config, model, task, policy, rcfg, p, r, k))
-  step = jax.jit(lambda s, mb: update_step(model, config, tx, s, mb), donate_argnums=0,
-                 out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
+  step = run_rl.jit_update(run, mesh, lambda p, mb: ppo_loss(model, config, p, mb))
 
-  writer = run.writer
   it0 = int(state.step) // (config.ppo.epochs * config.ppo.minibatches)
-  last = config.num_iterations if stop_after is None else min(stop_after, config.num_iterations)
+  last = run_rl.last_iteration(config, stop_after)
   n_mb = config.batch_size // config.ppo.minibatches
-  history: dict[str, float] = {}
-  if it0 == 0:  # the starting policy (fresh or init_from): the curve's first point
-    history = {f"eval/{k}": v for k, v in run.evaluate(state.params).items()}
-    writer.write_scalars(0, history)
+  history = run.baseline(it0)
   for it in run_rl.progress(config, it0, last, f"ppo[{config.reward.kind}]"):
     t0 = time.perf_counter()
     key = jax.random.fold_in(state.key, it)
@@ -219,12 +214,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     # Conversation tokens collected and trained on per second of the whole iteration.
     scalars["tokens_per_s"] = (scalars["tokens/conversation"] * config.batch_size
                                / scalars["time/iteration_s"])
-    run_rl.check_finite(config, it, scalars, bad_steps, ckpt)
-    if it % config.eval_every == 0 or it == last:
-      scalars.update({f"eval/{k}": v for k, v in run.evaluate(state.params).items()})
-    writer.write_scalars(it, scalars)
-    history.update(scalars)
-    ckpt.save(it, state, config=config, force=it == last)
-  ckpt.close()
-  writer.close()
+    history.update(run.end_iteration(it, last, state, scalars, bad_steps))
+  run.close()
   return {"state": state, "final": history, "how": run.how}

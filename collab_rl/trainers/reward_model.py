@@ -46,7 +46,7 @@ from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry
-from collab_rl.tokenizer import ASSISTANT, CONTEXT
+from collab_rl.tokenizer import ASSISTANT
 
 OBJECTIVES = ("bradley_terry", "regression")
 BEHAVIOURS = ("oracle", "answer_now", "irrelevant")
@@ -117,8 +117,7 @@ def make_batch(task, reward_cfg: rewards.RewardConfig, batch: int, num: int, log
   k_int, k_cand, k_mr = jax.random.split(key, 3)
   intent = task.sample_intents(k_int, batch)
   conv, sim = rollout_lib.start(task, intent, future_width(task, reward_cfg.window))
-  ones = jnp.ones((batch,), jnp.int32)
-  conv = conv_lib.append(conv, jnp.full((batch, 1), task.assistant_header_id), ones, CONTEXT)
+  conv = rollout_lib.open_reply(task, conv)
   if mesh is not None:
     conv, sim = jax.lax.with_sharding_constraint((conv, sim), sharding_lib.batch_sharding(mesh))
   # Row b * G + g is candidate g of row b: [B, G] and [B * G] views share one layout.
@@ -200,16 +199,6 @@ class Built(NamedTuple):
   predict_fn: Callable  # (params, batch) -> reward_BxG
 
 
-def make_task(config):
-  return registry.make_task(config.task.name, config.task.sim.to_dict())
-
-
-def reward_config(config) -> rewards.RewardConfig:
-  r = config.reward
-  return rewards.RewardConfig(w_ext=r.w_ext, w_int=r.w_int, token_cost=r.token_cost,
-                              window=r.window, samples=r.samples)
-
-
 def _log_weights(config):
   return jnp.log(jnp.asarray([config.behaviour[k] for k in BEHAVIOURS], jnp.float32))
 
@@ -219,7 +208,7 @@ def build(config, mesh, task) -> Built:
                             run_lib.make_optimizer(config.optimizer, config.num_steps))
   model, tx, shardings = init.model, init.tx, init.shardings
   batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
-  reward_cfg, log_w = reward_config(config), _log_weights(config)
+  reward_cfg, log_w = rewards.RewardConfig.from_config(config.reward), _log_weights(config)
   data_fn = jax.jit(lambda key: make_batch(task, reward_cfg, config.batch_size,
                                            config.candidates, log_w, key, mesh),
                     out_shardings=batch_sh)
@@ -241,14 +230,14 @@ def check_config(config):
     raise ValueError(f"config.model.heads={mcfg.heads} must include 'reward'")
   if config.objective not in OBJECTIVES:
     raise ValueError(f"config.objective={config.objective!r}; choose from {OBJECTIVES}")
-  task = make_task(config)
+  task = registry.config_task(config)
   if mcfg.vocab_size < task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
                      f"{config.task.name} vocabulary ({task.vocab_size} words)")
   if mcfg.max_position_embeddings < model_width(task):
     raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} < "
                      f"the {model_width(task)} tokens the reward model reads")
-  reward_config(config)  # window in 0..3, samples >= 1, token_cost >= 0
+  rewards.RewardConfig.from_config(config.reward)  # window 0..3, samples >= 1, cost >= 0
   mesh = run_lib.check_run(config)
   run_lib.check_positive(config, ("num_steps", "log_every", "eval_every", "eval_batches"))
   if config.candidates < 2:

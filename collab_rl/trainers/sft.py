@@ -131,12 +131,12 @@ def first_reply_format(task, conv, len_B) -> dict[str, jax.Array]:
   return {"answer_well_formed": answer_ok, "ask_well_formed": ask_ok}
 
 
-def make_policy(config, task, model) -> rollout_lib.LMPolicy:
+def eval_policy(config, model, task) -> rollout_lib.LMPolicy:
   """The policy as evaluation plays it: one reply is at most the answer template and `<eot>`."""
   s = config.eval_sampling
   cfg = sampling.SamplingConfig(max_new_tokens=task.answer_len + 1, temperature=s.temperature,
                                 greedy=s.greedy, stop_tokens=(task.eot_id,))
-  return rollout_lib.lm_policy(model, cfg, chunk_width=task.sim.max_user_len + 4,
+  return rollout_lib.lm_policy(model, cfg, chunk_width=rollout_lib.chunk_width(task),
                                max_turns=config.num_turns)
 
 
@@ -172,19 +172,19 @@ class Built(NamedTuple):
   eval_fns: dict[str, Callable]
 
 
-def make_task(config, instruction_rate: float | None = None):
-  """The task as deployed (config.sim), or with the instruction on `instruction_rate` of the
-  requests (the SFT data's mixture, or 1.0 for the Proactive Base)."""
-  sim = config.sim.to_dict()
-  if instruction_rate:
-    sim["instruction_rate"] = instruction_rate
-  return registry.make_task(config.task, sim)
+def instructed_task(config):
+  """The task with the instruction on `instruction_share` of the requests (as deployed when the
+  share is 0): the SFT data's mixture."""
+  share = instruction_share(config)
+  if share:
+    return registry.config_task(config, instruction_rate=share)
+  return registry.config_task(config)
 
 
 def data_task(config):
   """The task the SFT data is played on: the instruction on `instruction_share` of the requests,
   and the users of `data_users` (a users.py mixture; "": the training user)."""
-  task = make_task(config, instruction_share(config))
+  task = instructed_task(config)
   if not config.get("data_users", ""):
     return task
   return registry.make_task(config.task, {**dataclasses.asdict(task.sim),
@@ -206,7 +206,7 @@ def build(config, mesh, task) -> Built:
                     donate_argnums=0)
   loss_fn = jax.jit(lambda p, b: sft_lib.sft_loss(model, p, b["tokens"], b["roles"])[0],
                     in_shardings=(shardings.params, batch_sh), out_shardings=repl)
-  policy = make_policy(config, task, model)
+  policy = eval_policy(config, model, task)
 
   def episodes(eval_task, params, key):
     ro = rollout_lib.rollout(policy, eval_task, params, key, config.eval_batch_size,
@@ -216,7 +216,7 @@ def build(config, mesh, task) -> Built:
 
   eval_tasks = {"": task}
   if instruction_share(config) > 0:  # the data taught the instruction: watch the Proactive Base
-    eval_tasks["proactive/"] = make_task(config, 1.0)
+    eval_tasks["proactive/"] = registry.config_task(config, instruction_rate=1.0)
   eval_fns = {prefix: jax.jit(functools.partial(episodes, t),
                               in_shardings=(shardings.params, repl))
               for prefix, t in eval_tasks.items()}
@@ -246,7 +246,7 @@ def check_config(config):
   if config.data_source not in DATA_SOURCES:
     raise ValueError(f"config.data_source={config.data_source!r} is not one of "
                      f"{sorted(DATA_SOURCES)}")
-  task = make_task(config)  # unknown task or simulator fields fail here
+  task = registry.config_task(config)  # unknown task or simulator fields fail here
   try:
     data_task(config)
   except ValueError as e:
@@ -257,7 +257,7 @@ def check_config(config):
   run_lib.check_positive(config, ("num_steps", "num_turns", "max_len", "log_every", "eval_every",
                                   "eval_batch_size"))
   mesh = run_lib.check_run(config, batches=("batch_size", "eval_batch_size"))
-  need = episode_len(config, make_task(config, instruction_share(config)))
+  need = episode_len(config, instructed_task(config))
   if config.max_len < need:
     # A cut conversation would train on replies without their <eot>.
     raise ValueError(f"config.max_len={config.max_len} cannot hold {config.num_turns} turns of "
@@ -265,7 +265,7 @@ def check_config(config):
   if mcfg.max_position_embeddings < config.max_len:
     raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} < "
                      f"config.max_len={config.max_len}")
-  make_policy(config, task, None)  # SamplingConfig validates the temperature
+  eval_policy(config, None, task)  # SamplingConfig validates the temperature
   return mesh, task
 
 

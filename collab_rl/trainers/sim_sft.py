@@ -181,10 +181,6 @@ class Built(NamedTuple):
   free_fn: Callable  # (None, sim_params, key) -> Rollout with the LM simulator
 
 
-def make_task(config):
-  return registry.make_task(config.task.name, config.task.sim.to_dict())
-
-
 def make_simulator(config, task, model) -> simulators.LMSimulator:
   """The simulator this run trains, as rollouts use it (policy replies: answer template + eot)."""
   s = config.sampling
@@ -210,14 +206,14 @@ def build(config, mesh, task) -> Built:
                     donate_argnums=0)
   agree_fn = jax.jit(lambda p, c: agreement(model, task, p, c, config.num_turns),
                      in_shardings=(shardings.params, batch_sh), out_shardings=repl)
-  free_fn = simulators.make_rollout(mix, make_simulator(config, task, model), **kw)
+  free_fn = simulators.make_lm_user_rollout(mix, make_simulator(config, task, model), **kw)
   return Built(task, model, init.create_fn, init.abstract, data_fn, step_fn, agree_fn, free_fn)
 
 
 def check_config(config):
   """Every check that can fail on the config, before anything compiles. Returns (mesh, task)."""
   mcfg = run_lib.check_model(config.model)
-  task = make_task(config)
+  task = registry.config_task(config)
   if mcfg.vocab_size < task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
                      f"{config.task.name} vocabulary ({task.vocab_size} words)")

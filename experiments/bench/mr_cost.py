@@ -40,11 +40,12 @@ def host_loop_mr(task, hf_model, conv, sim, reply, reply_len, rows, window, samp
   import torch
 
   from collab_rl import rewards
+  from collab_rl import rollout as rollout_lib
 
   # The simulator itself runs jitted (one compilation for a single conversation), so the loop
   # is charged for its structure, not for op-by-op dispatch.
-  answer = jax.jit(lambda c, s, r, l, k: rewards.answer_reply(task, c, s, r, l, k, True))
-  header = jax.jit(lambda c: _append_header(task, c))
+  answer = jax.jit(lambda c, s, r, l, k: rollout_lib.answer_reply(task, c, s, r, l, k))
+  header = jax.jit(lambda c: rollout_lib.open_reply(task, c))
   values = []
   for r in rows:
     for s in range(samples):
@@ -66,14 +67,6 @@ def host_loop_mr(task, hf_model, conv, sim, reply, reply_len, rows, window, samp
       total, _ = rewards.conversation_reward(task, conv_r, sim_r, rewards.RewardConfig())
       values.append(float(total[0]))
   return values
-
-
-def _append_header(task, conv):
-  import jax.numpy as jnp
-  from collab_rl import conversation as conv_lib
-  from collab_rl.tokenizer import CONTEXT
-  ones = jnp.ones((conv.batch,), jnp.int32)
-  return conv_lib.append(conv, jnp.full((conv.batch, 1), task.assistant_header_id), ones, CONTEXT)
 
 
 def main(argv):
@@ -99,21 +92,21 @@ def main(argv):
   max_len = 16 + 5 * (n + task.sim.max_user_len + 4)
   policy = rollout_lib.lm_policy(model, sampling.SamplingConfig(
       max_new_tokens=n, temperature=1.0, stop_tokens=(task.eot_id,)),
-      chunk_width=task.sim.max_user_len + 4, max_turns=5)
+      chunk_width=rollout_lib.chunk_width(task), max_turns=5)
 
   @jax.jit
   def first_reply(key):
     intent = task.sample_intents(key, b)
     conv, sim = rollout_lib.start(task, intent, max_len)
     pstate = policy.init(params, conv, 2 + task.first_request(intent)[0].shape[1])
-    conv = _append_header(task, conv)
+    conv = rollout_lib.open_reply(task, conv)
     reply, _, reply_len, pstate = policy(params, conv, sim, pstate, jax.random.key(1))
     return conv, sim, pstate, reply, reply_len
 
   conv, sim, pstate, reply, reply_len = first_reply(jax.random.key(0))
 
   def one_turn(key, conv, sim, pstate, reply, reply_len):
-    c, s = rewards.answer_reply(task, conv, sim, reply, reply_len, key, append_user=True)
+    c, s = rollout_lib.answer_reply(task, conv, sim, reply, reply_len, key)
     return rollout_lib.take_turns(policy, task, params, c, s, key, 1,
                                   policy_state=pstate).conv.tokens_BxL
 

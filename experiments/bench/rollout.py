@@ -48,7 +48,7 @@ def main(argv):
   max_len = 16 + turns * (_REPLY.value + task.sim.max_user_len + 4)
   policy = rollout_lib.lm_policy(model, sampling.SamplingConfig(
       max_new_tokens=_REPLY.value, temperature=1.0, stop_tokens=(task.eot_id,)),
-      chunk_width=task.sim.max_user_len + 4, max_turns=turns)
+      chunk_width=rollout_lib.chunk_width(task), max_turns=turns)
   run = rollout_lib.make_rollout(policy, task, batch=b, num_turns=turns, max_len=max_len)
   ro = run(params, jax.random.key(1))
   sec = common.median_seconds(lambda: run(params, jax.random.key(1)).conv.tokens_BxL,

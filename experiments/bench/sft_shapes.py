@@ -33,7 +33,7 @@ from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
 from collab_rl import sft as sft_lib
 from collab_rl.models import transformer
-from collab_rl.tasks import scoring, slots
+from collab_rl.tasks import registry, scoring, slots
 from collab_rl.tokenizer import ASSISTANT, PAD, USER
 from collab_rl.trainers import sft
 from experiments import collab_arms
@@ -132,11 +132,11 @@ def main(argv):
 
     report["played"] = {}
     for user in ("reactive", "sharded"):
-      task = sft.make_task(config)
+      task = registry.config_task(config)
       task = type(task)(dataclass_replace(task.sim, sharded=user == "sharded"))
       sc = sampling.SamplingConfig(max_new_tokens=task.answer_len + 3, greedy=True,
                                    stop_tokens=(task.eot_id,))
-      lm = rollout_lib.lm_policy(model, sc, chunk_width=task.sim.max_user_len + 4,
+      lm = rollout_lib.lm_policy(model, sc, chunk_width=rollout_lib.chunk_width(task),
                                  max_turns=config.num_turns)
       proactive = type(task)(dataclass_replace(task.sim, instruction_rate=1.0,
                                                sharded=user == "sharded"))

@@ -29,7 +29,6 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
   import numpy as np
 
   from collab_rl import run_rl
-  from collab_rl import sharding as sharding_lib
   from collab_rl.trainers import ppo
   from experiments import ppo_ambig_math
 
@@ -37,11 +36,10 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
   config.batch_size = _BATCH.value
   task, mcfg, mesh, rcfg = ppo.check_config(config)
   run = run_rl.build(config, workdir, task, mesh, rcfg)
-  policy = run_rl.make_policy(config, run.model, task)
+  policy = run_rl.rollout_policy(config, run.model, task, rcfg)
   prep = jax.jit(lambda p, r, k: ppo.prepare_batch(config, run.model, task, policy, rcfg, p, r,
                                                    k))
-  step = jax.jit(lambda s, mb: ppo.update_step(run.model, config, run.tx, s, mb),
-                 donate_argnums=0, out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
+  step = run_rl.jit_update(run, mesh, lambda p, mb: ppo.ppo_loss(run.model, config, p, mb))
   key = jax.random.key(0)
   t_collect = common.median_seconds(lambda: prep(run.state.params, run.ref_params, key), repeats,
                                     jax.block_until_ready)
@@ -58,11 +56,11 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
     return m["loss"]
 
   t_update = common.median_seconds(update, repeats, jax.block_until_ready)
-  positions = config.ppo.epochs * batch["tokens"].size
-  assistant = config.ppo.epochs * int(np.asarray(batch["mask"]).sum())
+  positions = config.ppo.epochs * batch["tokens_BxL"].size
+  assistant = config.ppo.epochs * int(np.asarray(batch["mask_BxL"]).sum())
   run.checkpointer.close()
   return {"config": "ppo_ambig_math.py:reward=mr,window=2", "batch": config.batch_size,
-          "columns": int(batch["tokens"].shape[1]), "epochs": config.ppo.epochs,
+          "columns": int(batch["tokens_BxL"].shape[1]), "epochs": config.ppo.epochs,
           "minibatches": config.ppo.minibatches, "collect_s": t_collect, "update_s": t_update,
           "update_tokens_per_s": positions / t_update,
           "assistant_tokens_per_s": assistant / t_update,
@@ -74,7 +72,6 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
   import numpy as np
 
   from collab_rl import run_rl
-  from collab_rl import sharding as sharding_lib
   from collab_rl.trainers import dpo
   from experiments import dpo_ambig_math
 
@@ -82,11 +79,10 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
   config.batch_size = _BATCH.value
   task, mcfg, mesh, rcfg = dpo.check_config(config)
   run = run_rl.build(config, workdir, task, mesh, rcfg)
-  policy = run_rl.make_policy(config, run.model, task)
+  policy = run_rl.rollout_policy(config, run.model, task, rcfg)
   collect = jax.jit(lambda p, r, k: dpo.collect_pairs(config, task, policy, rcfg, p, r,
                                                       run.model, k))
-  step = jax.jit(lambda s, b: dpo.dpo_step(run.model, config, run.tx, s, b), donate_argnums=0,
-                 out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
+  step = run_rl.jit_update(run, mesh, lambda p, b: dpo.dpo_loss(run.model, config, p, b))
   key = jax.random.key(0)
   t_collect = common.median_seconds(lambda: collect(run.state.params, run.ref_params, key),
                                     repeats, jax.block_until_ready)
