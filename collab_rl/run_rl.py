@@ -19,7 +19,7 @@ latest), "skip" drops the update, counts it in `nonfinite/skipped` and goes on.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import ml_collections
@@ -93,39 +93,48 @@ class Setup(NamedTuple):
   state: state_lib.TrainState
   ref_params: Any  # the frozen reference policy: the run's starting point
   shardings: state_lib.TrainState
-  checkpointer: ckpt_lib.Checkpointer
-  how: str  # "fresh", "resumed step N" or "init_from ..."
-  data_state: dict | None  # a resumed run's data iterator position (offline data only)
+  run: run_lib.Run  # resume order, checkpointer, writer, and the loop's steps (`steps`)
   evaluate: Callable[[Any], dict[str, float]]  # params -> greedy held-out metrics
-  writer: metrics_lib.MetricWriter
   config: ml_collections.ConfigDict
+
+  @property
+  def checkpointer(self) -> ckpt_lib.Checkpointer:
+    return self.run.checkpointer
+
+  @property
+  def how(self) -> str:  # "fresh", "resumed step N" or "init_from ..."
+    return self.run.how
+
+  @property
+  def data_state(self) -> dict | None:  # a resumed run's data position (offline data only)
+    return self.run.data_state
+
+  def steps(self, start: int, stop_after: int | None, desc: str) -> Iterable[int]:
+    """The iterations after `start` (`run.Run.steps`: `stop_after` ends this process early)."""
+    return self.run.steps(start, self.config.num_iterations, stop_after, desc)
 
   def baseline(self, start: int) -> dict[str, float]:
     """The starting policy's evaluation (fresh or `init_from`), logged at iteration 0: the
     curve's first point. {} when the run resumed (`start` > 0)."""
     if start:
       return {}
-    history = {f"eval/{k}": v for k, v in self.evaluate(self.state.params).items()}
-    self.writer.write_scalars(0, history)
-    return history
+    return self.run.log(0, {f"eval/{k}": v for k, v in self.evaluate(self.state.params).items()})
 
-  def end_iteration(self, it: int, last: int, state: state_lib.TrainState,
-                    scalars: dict[str, float], bad_steps: int,
-                    data_state: dict | None = None) -> dict[str, float]:
+  def end_iteration(self, it: int, state: state_lib.TrainState, scalars: dict[str, float],
+                    bad_steps: int, data_state: dict | None = None) -> dict[str, float]:
     """After an iteration's updates, in this order: the non-finite check (`check_finite`), the
-    greedy evaluation when due (every `eval_every` iterations and at `last`), the log, the
-    checkpoint (always at `last`). Returns `scalars` with the evaluation added."""
-    config = self.config
+    greedy evaluation when due (every `eval_every` iterations and at this process's last), the
+    log, the checkpoint (always at the last). Returns `scalars` with the evaluation added."""
+    config, last = self.config, self.run.last
     check_finite(config, it, scalars, bad_steps, self.checkpointer)
     if it % config.eval_every == 0 or it == last:
       scalars.update({f"eval/{k}": v for k, v in self.evaluate(state.params).items()})
-    self.writer.write_scalars(it, scalars)
-    self.checkpointer.save(it, state, config=config, force=it == last, data_state=data_state)
+    self.run.writer.write_scalars(it, scalars)
+    self.run.save(it, state, data_state)
     return scalars
 
   def close(self) -> None:
-    self.checkpointer.close()  # waits for the last asynchronous save
-    self.writer.close()
+    self.run.close()
 
 
 def build(config, workdir: str, task, mesh, rcfg) -> Setup:
@@ -151,8 +160,7 @@ def build(config, workdir: str, task, mesh, rcfg) -> Setup:
     m = sharding_lib.to_host(episodes(params, eval_key))
     return {**scoring.summarize(m), "reward": float(np.mean(m["reward"]))}
 
-  return Setup(init.model, init.tx, run.state, ref_params, init.shardings, run.checkpointer,
-               run.how, run.data_state, evaluate, run.writer, config)
+  return Setup(init.model, init.tx, run.state, ref_params, init.shardings, run, evaluate, config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,14 +205,3 @@ def check_finite(config, it: int, scalars: dict[str, float], bad_steps: int,
   raise NonFiniteError(f"{message}. Stopped (config.on_nonfinite='stop'); the last good "
                        f"checkpoint is step {checkpointer.latest_step()} in "
                        f"{checkpointer.directory}; no update of this iteration was applied.")
-
-
-def last_iteration(config, stop_after: int | None) -> int:
-  """This process's last iteration: `stop_after` ends it early (with a checkpoint) without
-  changing the run's schedule, standing in for a preemption in tests and time-boxed jobs."""
-  return config.num_iterations if stop_after is None else min(stop_after, config.num_iterations)
-
-
-def progress(config, start: int, last: int, desc: str):
-  return metrics_lib.progress(range(start + 1, last + 1), total=config.num_iterations,
-                              initial=start, desc=desc)

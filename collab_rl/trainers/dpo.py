@@ -178,9 +178,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       return pairs(ref_params, sharding_lib.shard_batch(fields, mesh))
 
   start = int(state.step)
-  last = run_rl.last_iteration(config, stop_after)
   history = run.baseline(start)
-  for it in run_rl.progress(config, start, last, f"dpo[{config.dpo.source}]"):
+  for it in run.steps(start, stop_after, f"dpo[{config.dpo.source}]"):
     t0 = time.perf_counter()
     batch, stats = jax.block_until_ready(collect(state.params, run.ref_params,
                                                  jax.random.fold_in(state.key, it)))
@@ -193,7 +192,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                     "time/iteration_s": seconds,
                     "tokens_per_s": scalars["tokens/trained"] / seconds})
     history.update(run.end_iteration(
-        it, last, state, scalars, bad_steps,
+        it, state, scalars, bad_steps,
         data_state=None if data_iter is None else data_iter.get_state()))
   run.close()
   return {"state": state, "final": history, "how": run.how}

@@ -189,10 +189,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   step = run_rl.jit_update(run, mesh, lambda p, mb: ppo_loss(model, config, p, mb))
 
   it0 = int(state.step) // (config.ppo.epochs * config.ppo.minibatches)
-  last = run_rl.last_iteration(config, stop_after)
   n_mb = config.batch_size // config.ppo.minibatches
   history = run.baseline(it0)
-  for it in run_rl.progress(config, it0, last, f"ppo[{config.reward.kind}]"):
+  for it in run.steps(it0, stop_after, f"ppo[{config.reward.kind}]"):
     t0 = time.perf_counter()
     key = jax.random.fold_in(state.key, it)
     batch, stats = jax.block_until_ready(prep(state.params, run.ref_params, key))
@@ -214,6 +213,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     # Conversation tokens collected and trained on per second of the whole iteration.
     scalars["tokens_per_s"] = (scalars["tokens/conversation"] * config.batch_size
                                / scalars["time/iteration_s"])
-    history.update(run.end_iteration(it, last, state, scalars, bad_steps))
+    history.update(run.end_iteration(it, state, scalars, bad_steps))
   run.close()
   return {"state": state, "final": history, "how": run.how}

@@ -58,7 +58,7 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
   t_update = common.median_seconds(update, repeats, jax.block_until_ready)
   positions = config.ppo.epochs * batch["tokens_BxL"].size
   assistant = config.ppo.epochs * int(np.asarray(batch["mask_BxL"]).sum())
-  run.checkpointer.close()
+  run.close()
   return {"config": "ppo_ambig_math.py:reward=mr,window=2", "batch": config.batch_size,
           "columns": int(batch["tokens_BxL"].shape[1]), "epochs": config.ppo.epochs,
           "minibatches": config.ppo.minibatches, "collect_s": t_collect, "update_s": t_update,
@@ -96,7 +96,7 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
   t_update = common.median_seconds(update, repeats, jax.block_until_ready)
   positions = 2 * batch["c_tokens"].size  # chosen and rejected
   scored = int(np.asarray(batch["c_mask"]).sum() + np.asarray(batch["r_mask"]).sum())
-  run.checkpointer.close()
+  run.close()
   return {"config": "dpo_ambig_math.py (online)", "batch": config.batch_size,
           "candidates": config.dpo.candidates, "columns": int(batch["c_tokens"].shape[1]),
           "collect_s": t_collect, "update_s": t_update,
