@@ -28,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from collab_rl import config_names
+
 State = TypeVar("State")
 PyTree = Any
 
@@ -136,11 +138,11 @@ class Checkpointer:
   """One run's checkpoints: saves every `save_interval_steps`, keeps the last `max_to_keep`."""
 
   @classmethod
-  def for_run(cls, workdir: str, ckpt_config, interval_field: str = "every_steps"):
-    """`<workdir>/checkpoints` with a trainer's `config.checkpoint` settings (`max_to_keep`,
-    `async_save`, and the save interval read from `interval_field`)."""
+  def for_run(cls, workdir: str, ckpt_config):
+    """`<workdir>/checkpoints` with a trainer's `config.checkpoint` settings (`every_steps`,
+    `max_to_keep`, `async_save`)."""
     return cls(os.path.join(str(workdir), "checkpoints"), max_to_keep=ckpt_config.max_to_keep,
-               save_interval_steps=ckpt_config[interval_field],
+               save_interval_steps=ckpt_config.every_steps,
                async_save=ckpt_config.async_save)
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
@@ -263,9 +265,10 @@ def check_init_from(path: str | None) -> None:
 
 
 def _config_at(manager: ocp.CheckpointManager, step: int) -> dict:
-  """The config item alone of checkpoint `step` (no arrays are read)."""
-  return manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[
-      _CONFIG]
+  """The config item alone of checkpoint `step` (no arrays are read), under today's names: a run
+saved before a rename reads as if saved now (`config_names.upgrade`)."""
+  saved = manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))
+  return config_names.upgrade(saved[_CONFIG])
 
 
 def read_config(path: str, step: int | None = None) -> dict:

@@ -14,6 +14,8 @@ from typing import Any, Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from collab_rl import config_names  # plain Python: touches no JAX before the flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
@@ -53,7 +55,13 @@ def entry_point(name: str) -> Callable[..., dict[str, Any]]:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with config errors printed as one readable line instead of a traceback."""
+  """absl's parser, with config errors printed as one readable line instead of a traceback; an
+older config name (`config_names.RENAMED`) is reported with the name it has now."""
+  try:
+    config_names.check_overrides(argv)
+  except ValueError as e:
+    sys.stderr.write(f"FATAL config error: {e}\n")
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -78,6 +86,10 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   config = _CONFIG.value
+  try:  # a config file written with an older name: its new name, before anything runs
+    config_names.check(config)
+  except ValueError as e:
+    raise app.UsageError(f"{_CONFIG.config_filename}: {e}") from None
   job = entry_point(config.trainer)
   logging.info("process %d/%d, %d devices (%d local), trainer %s", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count(), config.trainer)

@@ -35,6 +35,7 @@ import optax
 from absl import logging
 
 from collab_rl import checkpoint as ckpt_lib
+from collab_rl import config_names
 from collab_rl import metrics as metrics_lib
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
@@ -67,6 +68,14 @@ def check_positive(config, names: Sequence[str]) -> None:
       raise ValueError(f"config.{name} must be positive, got {config[name]}")
 
 
+def check_eval_batches(config) -> None:
+  """A trainer that evaluates with its training step's batch: `eval_batch_size` held-out
+  examples are that many batches of `batch_size`."""
+  if config.eval_batch_size % config.batch_size:
+    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} must be a multiple of "
+                     f"config.batch_size={config.batch_size}: it is played in batches of it")
+
+
 def check_batches(config, mesh: jax.sharding.Mesh, names: Sequence[str]) -> None:
   """Each batch splits over the mesh's data x fsdp devices and over the processes."""
   for name in names:
@@ -76,15 +85,15 @@ def check_batches(config, mesh: jax.sharding.Mesh, names: Sequence[str]) -> None
                        f"{jax.process_count()} processes")
 
 
-def check_run(config, *, every: str = "every_steps",
-              batches: Sequence[str] = ("batch_size",)) -> jax.sharding.Mesh:
-  """The checks of what this module builds from the config: the optimizer, the checkpointing
-  (`config.checkpoint[every]` is the save interval), the partition rules, `init_from`, and the
-  mesh with every batch in `batches` over it. Returns the mesh."""
+def check_run(config, *, batches: Sequence[str] = ("batch_size",)) -> jax.sharding.Mesh:
+  """The checks of what this module builds from the config: its names (no older name of
+  `config_names.RENAMED`), the optimizer, the checkpointing, the partition rules, `init_from`,
+  and the mesh with every batch in `batches` over it. Returns the mesh."""
+  config_names.check(config)
   for name in ("learning_rate", "warmup_steps"):
     if config.optimizer[name] < 0:
       raise ValueError(f"config.optimizer.{name} must be >= 0, got {config.optimizer[name]}")
-  for name in (every, "max_to_keep"):
+  for name in ("every_steps", "max_to_keep"):
     if config.checkpoint[name] < 1:
       raise ValueError(f"config.checkpoint.{name} must be >= 1, got {config.checkpoint[name]}")
   try:
@@ -151,12 +160,12 @@ def key_streams(seed: int) -> Keys:
 
 class Run:
   """One trainer's run in `workdir`: the state in the resume order, the checkpointer (interval
-  `config.checkpoint[every]`), the metrics writer (process 0 writes) and the key streams."""
+  `config.checkpoint.every_steps`), the metrics writer (process 0 writes) and the key streams."""
 
   def __init__(self, config, workdir: str, abstract: state_lib.TrainState,
-               create_fn: Callable[[], state_lib.TrainState], *, every: str = "every_steps"):
+               create_fn: Callable[[], state_lib.TrainState]):
     self.config = config
-    self.checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint, every)
+    self.checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
     self.state, self.data_state, self.how = ckpt_lib.restore_or_init(
         self.checkpointer, abstract, create_fn, init_from=config.init_from or None)
     logging.info("%s: %s (%d params)", config.trainer, self.how,

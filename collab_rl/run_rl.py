@@ -56,19 +56,19 @@ def check_common(config):
   if cfg.vocab_size != task.vocab_size:
     raise ValueError(f"config.model.vocab_size={cfg.vocab_size} must equal the vocabulary of "
                      f"task {config.task!r} ({task.vocab_size})")
-  run_lib.check_positive(config, ("turns", "num_iterations", "batch_size", "reply_tokens",
-                                  "eval_batch", "eval_every"))
+  run_lib.check_positive(config, ("num_turns", "num_steps", "batch_size", "reply_tokens",
+                                  "eval_batch_size", "eval_every", "log_every"))
   if config.on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; choose from {ON_NONFINITE}")
   rcfg = rewards.RewardConfig.from_config(config.reward)  # checks window, samples, token_cost
-  mesh = run_lib.check_run(config, every="every_iterations", batches=("batch_size", "eval_batch"))
+  mesh = run_lib.check_run(config, batches=("batch_size", "eval_batch_size"))
   rollout_policy(config, None, task, rcfg)  # SamplingConfig checks the temperature
   return task, cfg, mesh, rcfg
 
 
 def max_len(config, task, rcfg: rewards.RewardConfig) -> int:
   """Columns of a conversation: the opening, then every turn (and MR's window) at its budget."""
-  return rollout_lib.conversation_len(task, rcfg.horizon(config.turns), config.reply_tokens)
+  return rollout_lib.conversation_len(task, rcfg.horizon(config.num_turns), config.reply_tokens)
 
 
 def rollout_policy(config, model, task, rcfg: rewards.RewardConfig,
@@ -79,7 +79,7 @@ def rollout_policy(config, model, task, rcfg: rewards.RewardConfig,
   sc = sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=t,
                                greedy=t == 0.0, stop_tokens=(task.eot_id,))
   return rollout_lib.lm_policy(model, sc, chunk_width=rollout_lib.chunk_width(task),
-                               max_turns=rcfg.horizon(config.turns))
+                               max_turns=rcfg.horizon(config.num_turns))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class Setup(NamedTuple):
 
   def steps(self, start: int, stop_after: int | None, desc: str) -> Iterable[int]:
     """The iterations after `start` (`run.Run.steps`: `stop_after` ends this process early)."""
-    return self.run.steps(start, self.config.num_iterations, stop_after, desc)
+    return self.run.steps(start, self.config.num_steps, stop_after, desc)
 
   def baseline(self, start: int) -> dict[str, float]:
     """The starting policy's evaluation (fresh or `init_from`), logged at iteration 0: the
@@ -124,12 +124,15 @@ class Setup(NamedTuple):
                     bad_steps: int, data_state: dict | None = None) -> dict[str, float]:
     """After an iteration's updates, in this order: the non-finite check (`check_finite`), the
     greedy evaluation when due (every `eval_every` iterations and at this process's last), the
-    log, the checkpoint (always at the last). Returns `scalars` with the evaluation added."""
+    log (every `log_every` iterations, and with every evaluation), the checkpoint (always at the
+    last). Returns `scalars` with the evaluation added."""
     config, last = self.config, self.run.last
     check_finite(config, it, scalars, bad_steps, self.checkpointer)
-    if it % config.eval_every == 0 or it == last:
+    evaluated = it % config.eval_every == 0 or it == last
+    if evaluated:
       scalars.update({f"eval/{k}": v for k, v in self.evaluate(state.params).items()})
-    self.run.writer.write_scalars(it, scalars)
+    if evaluated or it % config.log_every == 0:
+      self.run.writer.write_scalars(it, scalars)
     self.run.save(it, state, data_state)
     return scalars
 
@@ -139,7 +142,7 @@ class Setup(NamedTuple):
 
 def build(config, workdir: str, task, mesh, rcfg) -> Setup:
   init = run_lib.init_state(config, mesh, run_lib.make_optimizer(config.optimizer))
-  run = run_lib.Run(config, workdir, init.abstract, init.create_fn, every="every_iterations")
+  run = run_lib.Run(config, workdir, init.abstract, init.create_fn)
   # The reference is the run's starting policy, rebuilt the same way on every resume (frozen
   # params are never saved with the train state).
   ref_params = (ckpt_lib.restore_params(config.init_from, init.abstract.params)
@@ -147,8 +150,8 @@ def build(config, workdir: str, task, mesh, rcfg) -> Setup:
   greedy = rollout_policy(config, init.model, task, rcfg, temperature=0.0)
 
   def episodes(params, key):
-    ro = rollout_lib.rollout(greedy, task, params, key, config.eval_batch,
-                             num_turns=config.turns, max_len=max_len(config, task, rcfg),
+    ro = rollout_lib.rollout(greedy, task, params, key, config.eval_batch_size,
+                             num_turns=config.num_turns, max_len=max_len(config, task, rcfg),
                              mesh=mesh)
     return {**scoring.episode_metrics(task, ro.conv, ro.sim),
             "reward": rewards.conversation_reward(task, ro.conv, ro.sim, rcfg)[0]}

@@ -98,8 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # reward. With gamma > 0 a turn's advantage would sum the later turns' rewards and turn any
     # next-turn reward into a conversation-level return (measured: ppo_ext then asks, 1.0).
     c.ppo.gamma = 0.0
-    c.num_iterations = 60 if small else 300
-    c.eval_every = c.checkpoint.every_iterations = 20 if small else 50
+    c.num_steps = 60 if small else 300
+    c.eval_every = c.checkpoint.every_steps = 20 if small else 50
   elif arm == "mediator":
     # 300 steps at size=small (experiments/mediator.py has the measured results): 1.5 to 2 min on
     # 2 CPU cores shared with other jobs, about a third of it compiling and evaluating.
@@ -110,8 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     c = dpo_ambig_math.get_config("source=" + arm.split("_")[1])
     c.reward.window = 2
-    c.num_iterations = 60 if small else 300
-    c.eval_every = c.checkpoint.every_iterations = 20 if small else 50
+    c.num_steps = 60 if small else 300
+    c.eval_every = c.checkpoint.every_steps = 20 if small else 50
   if arm != "sft_base":
     # A reply must hold the longest well-formed answer and its <eot>, with room to spare.
     c.reply_tokens = registry.make_task(task, base.sim.to_dict()).answer_len + 3

@@ -3,15 +3,15 @@
   python -m collab_rl.main --config experiments/dpo_ambig_math.py \
       --config.init_from=workdir/sft_base/checkpoints --workdir workdir/dpo_mr
   python -m collab_rl.main --config experiments/dpo_ambig_math.py:source=offline \
-      --config.init_from=workdir/sft_base/checkpoints --config.dpo.data_dir=data/ \
+      --config.init_from=workdir/sft_base/checkpoints --config.data_dir=data/ \
       --workdir workdir/dpo_offline
 
 Offline reads the pairs that `experiments/data_engine.py` wrote (ranked once, by the policy that
 made them); online samples and ranks them with the current policy every iteration.
 
-Each iteration samples `dpo.candidates` replies per conversation (after `context_turns` turns of
+Each step samples `candidates` replies per conversation (after `context_turns` turns of
 history), ranks them by MR (window, samples), and trains on (best, worst) pairs whose gap passes
-`dpo.min_gap`. Start from the SFT base with `init_from`. Expected: the chosen replies on
+`min_gap`. Start from the SFT base with `init_from`. Expected: the chosen replies on
 ambiguous requests are clarifying questions, so the ask rate on ambiguous requests rises.
 """
 
@@ -28,12 +28,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ppo_ambig_math.get_config("runlocal" if runlocal else None)
   c.trainer = "dpo"  # collab_rl/trainers/dpo.py
   del c.ppo
-  c.context_turns = 0  # turns of history played before the candidates (< turns)
+  c.context_turns = 0  # turns of history played before the candidates (< num_turns)
   c.dpo = ml_collections.ConfigDict()
   c.dpo.source = opts["source"]  # online (sample + rank now) | offline (data engine records)
-  c.dpo.data_dir = "data"  # offline: holds mr_candidates/1.0.0 (experiments/data_engine.py)
-  c.dpo.candidates = 4  # G replies sampled per conversation
+  c.data_dir = "data"  # offline: holds mr_candidates/1.0.0 (experiments/data_engine.py)
+  c.candidates = 4  # G replies sampled per conversation
   c.dpo.beta = 0.1  # DPO temperature
-  c.dpo.min_gap = 0.1  # keep a pair only if MR(best) - MR(worst) exceeds this
+  c.min_gap = 0.1  # keep a pair only if MR(best) - MR(worst) exceeds this
   c.optimizer.learning_rate = 5e-5
   return c

@@ -74,7 +74,7 @@ def commands(workdir: str, tasks, seeds, arms, size: str, overrides=(),
       if arm == "data_engine":
         argv.append(f"--config.data_dir={data}")
       if arm == "dpo_offline":
-        argv.append(f"--config.dpo.data_dir={data}")
+        argv.append(f"--config.data_dir={data}")
       out.append((d, argv + point))
   return out
 

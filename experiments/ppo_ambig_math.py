@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.heads = ("lm", "value")  # the value head is the critic (advantage=gae)
   c.model.dtype = "float32"
 
-  c.turns = 4  # assistant turns per conversation
+  c.num_turns = 4  # assistant turns per conversation
   c.reply_tokens = 10  # budget of one assistant reply
   c.temperature = 1.0  # sampling temperature of the rollouts
 
@@ -69,18 +69,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, model)
   c.partition_rules = ml_collections.FieldReference(None, field_type=list)
   c.batch_size = 64  # conversations per iteration
-  c.num_iterations = 200
-  c.eval_every = 20  # iterations between greedy evaluations
-  c.eval_batch = 256  # held-out conversations per evaluation
-  c.checkpoint = ml_collections.ConfigDict(dict(every_iterations=20, max_to_keep=3,
+  c.num_steps = 200  # iterations: rollouts, then their update epochs
+  c.log_every = 1  # steps between training metric writes (and at every evaluation)
+  c.eval_every = 20  # steps between greedy evaluations
+  c.eval_batch_size = 256  # held-out conversations per evaluation
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, max_to_keep=3,
                                                 async_save=True))
   c.init_from = ""  # the SFT base's checkpoint directory
   c.on_nonfinite = "stop"  # stop | skip: what a NaN/inf loss or gradient does (never applied)
 
   if opts["runlocal"]:
     c.batch_size = 32
-    c.num_iterations = 20
+    c.num_steps = 20
     c.eval_every = 10
-    c.eval_batch = 64
+    c.eval_batch_size = 64
     c.reward.samples = 2
   return c

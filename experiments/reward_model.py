@@ -29,7 +29,7 @@ The default config (width 128, 4 layers, 2000 steps) was not measured on CPU.
 
 import ml_collections
 
-from experiments import variants
+from experiments import sft_base, variants
 
 _TASKS = ("ambig_math", "doc_edit", "code_spec")
 _OBJECTIVES = ("bradley_terry", "regression")
@@ -43,18 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.trainer = "reward_model"  # collab_rl/trainers/reward_model.py
   c.seed = 0  # params, optimizer RNG and every episode (train and held-out)
 
-  # The task whose episodes are scored (collab_rl/tasks/registry.py) and its scripted user.
-  c.task = ml_collections.ConfigDict()
-  c.task.name = task
-  c.task.sim = ml_collections.ConfigDict()
-  c.task.sim.ambiguous_rate = 0.5  # share of first requests with missing slots
-  c.task.sim.min_missing = 1  # slots left out of an ambiguous request
-  c.task.sim.max_missing = 2
-  c.task.sim.noise_vague = 0.0  # chance a truthful answer becomes "unclear" (makes MR noisy)
-  c.task.sim.noise_wrong = 0.0  # chance of a wrong value
-  c.task.sim.feedback_reveals = False  # a wrong answer's feedback also gives a missing slot
-  c.task.sim.sharded = False  # every user turn reveals the next missing slot unasked
-  c.task.sim.max_user_len = 12  # user reply budget (tokens, without <eot>)
+  # The task whose episodes are scored (collab_rl/tasks/registry.py) and its scripted user: the
+  # user the SFT base and every RL arm meet (experiments/sft_base.py documents the fields).
+  c.task = task
+  c.sim = sft_base.get_config(f"task={task}").sim
 
   # Candidates per row and the behaviours they are drawn from (relative weights, per candidate).
   c.candidates = 4  # G
@@ -116,7 +108,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.log_every = 50  # steps between metric writes
   c.eval_every = 250  # steps between held-out evaluations (a multiple of log_every)
-  c.eval_batches = 4  # held-out batches of batch_size episodes (fixed keys, never trained on)
+  # Held-out episodes (fixed keys, never trained on), played in batches of batch_size.
+  c.eval_batch_size = 256
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
@@ -137,6 +130,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 20
     c.log_every = 50
     c.eval_every = 200
-    c.eval_batches = 4
+    c.eval_batch_size = 128
     c.checkpoint.every_steps = 200
   return c

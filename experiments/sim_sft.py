@@ -20,7 +20,7 @@ width 128) takes ~25 minutes on 2 cores and has not been run to the end.
 
 import ml_collections
 
-from experiments import variants
+from experiments import sft_base, variants
 
 _TASKS = ("ambig_math", "doc_edit", "code_spec")
 
@@ -32,18 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.trainer = "sim_sft"  # collab_rl/trainers/sim_sft.py
   c.seed = 0  # params, optimizer RNG and every episode (train and held-out)
 
-  # The task whose scripted user is imitated (collab_rl/tasks/registry.py) and its user config.
-  c.task = ml_collections.ConfigDict()
-  c.task.name = task
-  c.task.sim = ml_collections.ConfigDict()
-  c.task.sim.ambiguous_rate = 0.5  # share of first requests with missing slots
-  c.task.sim.min_missing = 1  # slots left out of an ambiguous request
-  c.task.sim.max_missing = 2
-  c.task.sim.noise_vague = 0.0  # chance a truthful answer becomes "unclear"
-  c.task.sim.noise_wrong = 0.0  # chance of a wrong value (noise makes exact agreement < 100%)
-  c.task.sim.feedback_reveals = False  # a wrong answer's feedback also gives a missing slot
-  c.task.sim.sharded = False  # every user turn reveals the next missing slot unasked
-  c.task.sim.max_user_len = 12  # user reply budget (tokens, without <eot>): the LM's budget too
+  # The task whose scripted user is imitated (collab_rl/tasks/registry.py) and its user config:
+  # the user the SFT base and every RL arm meet (experiments/sft_base.py documents the fields).
+  c.task = task
+  c.sim = sft_base.get_config(f"task={task}").sim
 
   # Behaviour mixture, drawn per turn and per row (relative weights).
   c.behaviour = ml_collections.ConfigDict()
@@ -102,7 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.log_every = 50  # steps between metric writes
   c.eval_every = 500  # steps between agreement evaluations (a multiple of log_every)
-  c.eval_batches = 4  # held-out batches of batch_size episodes (fixed keys, never trained on)
+  # Held-out episodes (fixed keys, never trained on), played in batches of batch_size.
+  c.eval_batch_size = 256
   c.eval_rollout = True  # also the free-running agreement (one more compilation)
 
   c.checkpoint = ml_collections.ConfigDict()
@@ -124,6 +117,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 50
     c.log_every = 50
     c.eval_every = 1000
-    c.eval_batches = 2
+    c.eval_batch_size = 64
     c.checkpoint.every_steps = 1000
   return c

@@ -18,6 +18,7 @@ import warnings
 from absl import flags as absl_flags
 from ml_collections import config_flags
 
+from collab_rl import config_names
 from experiments import pods
 from launch import gcloud
 
@@ -52,6 +53,10 @@ def load_config(config: str, main_args: Sequence[str]):
     raise LaunchError(f"--config={config}: no file {path} in {ROOT}")
   argv = ["launch", f"--config={os.path.join(ROOT, config)}",
           *[a for a in main_args if a.startswith("--config.")]]
+  try:
+    config_names.check_overrides(argv)
+  except ValueError as e:
+    raise LaunchError(f"--config={config}: {e}") from None
   values = absl_flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
                                   sys_argv=argv)

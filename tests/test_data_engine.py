@@ -15,7 +15,7 @@ TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
 
 def _engine_config(data_dir):
   cfg = data_engine.get_config("runlocal")
-  cfg.num_conversations, cfg.batch_size, cfg.candidates, cfg.turns = 20, 8, 3, 2
+  cfg.num_conversations, cfg.batch_size, cfg.candidates, cfg.num_turns = 20, 8, 3, 2
   cfg.reply_tokens, cfg.reward.window, cfg.reward.samples = 6, 1, 2
   cfg.validation_fraction, cfg.data_dir = 0.2, str(data_dir)
   cfg.model.update(TINY_MODEL)
@@ -63,10 +63,10 @@ def test_engine_writes_ranked_candidates_and_continues_with_the_best(engine_data
 
 def _offline_config(data_dir):
   cfg = dpo_ambig_math.get_config("runlocal,source=offline")
-  cfg.dpo.data_dir, cfg.dpo.min_gap = str(data_dir), 0.0
-  cfg.batch_size, cfg.eval_batch, cfg.turns, cfg.reply_tokens = 8, 8, 2, 6
-  cfg.reward.window, cfg.num_iterations, cfg.eval_every = 1, 3, 3
-  cfg.checkpoint.every_iterations = 1
+  cfg.data_dir, cfg.min_gap = str(data_dir), 0.0
+  cfg.batch_size, cfg.eval_batch_size, cfg.num_turns, cfg.reply_tokens = 8, 8, 2, 6
+  cfg.reward.window, cfg.num_steps, cfg.eval_every = 1, 3, 3
+  cfg.checkpoint.every_steps = 1
   cfg.model.update(TINY_MODEL)
   return cfg
 

@@ -200,7 +200,7 @@ def test_headline_plan_runs_the_base_first_and_the_engine_before_offline_dpo():
   assert names == ["sft_base", "ppo_mr_w2", "data_engine", "dpo_offline"] * 2
   offline = dict(jobs)["/r/ambig_math/seed1/dpo_offline"]
   assert "--config.init_from=/r/ambig_math/seed1/sft_base/checkpoints" in offline
-  assert "--config.dpo.data_dir=/r/ambig_math/seed1/data_engine/data" in offline
+  assert "--config.data_dir=/r/ambig_math/seed1/data_engine/data" in offline
   with pytest.raises(ValueError, match="add data_engine"):
     headline.commands("/r", ["ambig_math"], ["0"], ["dpo_offline"], "small")
   with pytest.raises(ValueError, match="unknown arms"):

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = ["sweep", "--sweep=experiments/collab_arms_sweep.py", "--name=abl",
          "--zone=us-west4-a", "--accelerator=v5e-256", "--spot", "--workdir=gs://bkt/ablation",
          "--dry-run"]
-MAIN_ARGS = ["--config.batch_size=256", "--config.eval_batch=256"]  # 256 chips: 256 rows
+MAIN_ARGS = ["--config.batch_size=256", "--config.eval_batch_size=256"]  # 256 chips: 256 rows
 
 
 def _commands(out: str) -> list[list[str]]:
@@ -54,7 +54,7 @@ def test_dry_run_of_a_spot_v5e_256_sweep(queued, capsys):
         f"--config=experiments/collab_arms.py:arm={variant},task=ambig_math,seed=0,size=small",
         f"--workdir=gs://bkt/ablation/{arm}", "--distributed",
         "--config.init_from=gs://bkt/ablation/sft_base/checkpoints",
-        "--config.batch_size=256", "--config.eval_batch=256"]
+        "--config.batch_size=256", "--config.eval_batch_size=256"]
     assert ("--force" in delete) == queued and "--quiet" in delete
 
 

@@ -35,6 +35,9 @@ def test_end_to_end_run_writes_metrics_and_checkpoints(tmp_path):
     ("--config.no_such_field=1", "no_such_field"),
     ("--config.batch_size=many", "batch_size=many"),
     ("--config.trainer=ppo_v9", "config.trainer='ppo_v9' is not a known trainer"),
+    # An older name (collab_rl/config_names.py) is answered with the one it has now.
+    ("--config.num_iterations=5",
+     "FATAL config error: config.num_iterations was renamed config.num_steps"),
 ])
 def test_bad_overrides_give_one_clear_line(override, match, tmp_path):
   r = _main("--config=experiments/lm_synthetic.py:runlocal", override,

@@ -233,7 +233,7 @@ def tiny_config(**overrides):
   c.optimizer.warmup_steps = 10
   c.log_every = 100
   c.eval_every = 200
-  c.eval_batches = 4
+  c.eval_batch_size = 128
   c.checkpoint.every_steps = 200
   for k, v in overrides.items():
     node = c

@@ -27,14 +27,14 @@ from experiments import dpo_ambig_math, ppo_ambig_math
 
 def _tiny(cfg):
   cfg.batch_size = 8
-  cfg.eval_batch = 8
-  cfg.turns = 2
+  cfg.eval_batch_size = 8
+  cfg.num_turns = 2
   cfg.reply_tokens = 6
   cfg.reward.window = 1
   cfg.reward.samples = 2
-  cfg.num_iterations = 2
+  cfg.num_steps = 2
   cfg.eval_every = 2
-  cfg.checkpoint.every_iterations = 1
+  cfg.checkpoint.every_steps = 1
   return cfg
 
 
@@ -84,11 +84,11 @@ def test_ppo_bad_config_fails_before_compiling(field, value, match, tmp_path, co
 def _learnable(cfg):
   """A policy small enough to learn in seconds, and a reward it can raise: stop talking."""
   cfg = _tiny(cfg)
-  cfg.batch_size, cfg.eval_batch, cfg.num_iterations, cfg.eval_every = 32, 64, 12, 12
+  cfg.batch_size, cfg.eval_batch_size, cfg.num_steps, cfg.eval_every = 32, 64, 12, 12
   cfg.model.hidden_size, cfg.model.intermediate_size, cfg.model.num_hidden_layers = 32, 64, 1
   cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps = 3e-3, 1
   cfg.reward.token_cost = 0.05
-  cfg.checkpoint.every_iterations = 100
+  cfg.checkpoint.every_steps = 100
   return cfg
 
 
@@ -136,15 +136,15 @@ def _inject_nan_reward(monkeypatch, bad_iterations):
 
 def _fault_config(**fields):
   cfg = _learnable(ppo_ambig_math.get_config("runlocal,reward=final,advantage=grpo"))
-  cfg.batch_size, cfg.eval_batch, cfg.ppo.minibatches = 16, 16, 1
-  cfg.checkpoint.every_iterations = 1
+  cfg.batch_size, cfg.eval_batch_size, cfg.ppo.minibatches = 16, 16, 1
+  cfg.checkpoint.every_steps = 1
   for k, v in fields.items():
     cfg[k] = v
   return cfg
 
 
 def test_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  cfg = _fault_config(num_iterations=4)
+  cfg = _fault_config(num_steps=4)
   _inject_nan_reward(monkeypatch, {3})
   with pytest.raises(run_rl.NonFiniteError, match=r"iteration 3: .*last good checkpoint is "
                                                      r"step 2"):
@@ -162,7 +162,7 @@ def test_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
 
 
 def test_nan_loss_is_skipped_when_configured(tmp_path, monkeypatch):
-  cfg = _fault_config(num_iterations=3, eval_every=3, on_nonfinite="skip")
+  cfg = _fault_config(num_steps=3, eval_every=3, on_nonfinite="skip")
   factor = _nan_factor({3})  # the 3rd update step: iteration 2's first epoch
   policy_loss = ppo.losses.ppo_policy_loss
 
@@ -182,7 +182,7 @@ def test_nan_loss_is_skipped_when_configured(tmp_path, monkeypatch):
 
 
 def test_nan_in_a_ppo_batch_stops_the_run(tmp_path, monkeypatch):
-  cfg = _fault_config(num_iterations=3)
+  cfg = _fault_config(num_steps=3)
   factor, prepare = _nan_factor({2}), ppo.prepare_batch
 
   def poisoned(*args):

@@ -113,7 +113,7 @@ def _tiny_config(**overrides):
   c.optimizer.warmup_steps = 5
   c.log_every = 10
   c.eval_every = 40
-  c.eval_batches = 1
+  c.eval_batch_size = 16
   c.checkpoint.every_steps = 20
   for k, v in overrides.items():
     node = c

@@ -53,7 +53,7 @@ def check_config(config):
   if mcfg.vocab_size != task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} must equal the vocabulary of "
                      f"task {config.task!r} ({task.vocab_size})")
-  for name in ("num_conversations", "batch_size", "turns", "candidates", "reply_tokens"):
+  for name in ("num_conversations", "batch_size", "num_turns", "candidates", "reply_tokens"):
     if config[name] <= 0:
       raise ValueError(f"config.{name} must be positive, got {config[name]}")
   if config.candidates < 2:
@@ -72,12 +72,12 @@ def check_config(config):
 
 
 def play(config, task, policy, rcfg, params, key) -> dict[str, jax.Array]:
-  """B conversations, `turns` turns each: {field: [T, B, ...]} plus `valid` [T, B]."""
+  """B conversations, `num_turns` turns each: {field: [T, B, ...]} plus `valid` [T, B]."""
   b, g = config.batch_size, config.candidates
   k_int, k_turns = jax.random.split(key)
   intent = task.sample_intents(k_int, b)
   conv, sim = rollout_lib.start(task, intent, rollout_lib.conversation_len(
-      task, rcfg.horizon(config.turns), config.reply_tokens))
+      task, rcfg.horizon(config.num_turns), config.reply_tokens))
   pstate = policy.init(params, conv, rollout_lib.opening_width(task))
 
   def pick(tree, rows):
@@ -102,7 +102,7 @@ def play(config, task, policy, rcfg, params, key) -> dict[str, jax.Array]:
                                          k_user)
     return (conv, sim, pick(cands.policy_state, best_rows)), record
 
-  _, records = jax.lax.scan(turn, (conv, sim, pstate), jnp.arange(config.turns))
+  _, records = jax.lax.scan(turn, (conv, sim, pstate), jnp.arange(config.num_turns))
   return records
 
 
@@ -112,7 +112,7 @@ def generate(config, task, mcfg, mesh, rcfg, params) -> dict[str, np.ndarray]:
   sc = sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=config.temperature,
                                stop_tokens=(task.eot_id,))
   policy = rollout_lib.lm_policy(model, sc, chunk_width=rollout_lib.chunk_width(task),
-                                 max_turns=rcfg.horizon(config.turns))
+                                 max_turns=rcfg.horizon(config.num_turns))
   play_fn = jax.jit(lambda p, k: play(config, task, policy, rcfg, p, k))
   chunks = -(-config.num_conversations // config.batch_size)
   root = jax.random.key(config.seed)
@@ -191,7 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   seconds = time.perf_counter() - t0
   gap = records["mr"].max(1) - records["mr"].min(1)
   meta = dict(task=config.task, policy=config.init_from or "random", candidates=config.candidates,
-              window=rcfg.window, samples=rcfg.samples, turns=config.turns, seed=config.seed,
+              window=rcfg.window, samples=rcfg.samples, turns=config.num_turns, seed=config.seed,
               conversations=config.num_conversations)
   path = builders.prepare(MRCandidates, config.data_dir, records=records, meta=meta,
                           validation_fraction=config.validation_fraction)

@@ -36,11 +36,6 @@ def make_task(name: str, sim: Mapping[str, Any] | slots_lib.SimConfig | None = N
 
 
 def config_task(config, **sim: Any):
-  """The task an experiment config names, its scripted user as the config sets it, with `sim`
-  fields on top. Two layouts name them today: `task` (a name) and `sim`, or `task.name` and
-  `task.sim`."""
-  if isinstance(config.task, str):
-    name, fields = config.task, config.sim.to_dict()
-  else:
-    name, fields = config.task.name, config.task.sim.to_dict()
-  return make_task(name, {**fields, **sim})
+  """The task an experiment config names (`config.task`), its scripted user as `config.sim`
+  sets it, with `sim` fields on top."""
+  return make_task(config.task, {**config.sim.to_dict(), **sim})

@@ -45,17 +45,17 @@ def check_config(config):
   d = config.dpo
   if d.source not in SOURCES:
     raise ValueError(f"config.dpo.source={d.source!r}; choose from {SOURCES}")
-  if d.candidates < 2:
-    raise ValueError(f"config.dpo.candidates={d.candidates} must be >= 2")
+  if config.candidates < 2:
+    raise ValueError(f"config.candidates={config.candidates} must be >= 2")
   if d.beta <= 0:
     raise ValueError(f"config.dpo.beta={d.beta} must be > 0")
-  if config.context_turns < 0 or config.context_turns >= config.turns:
+  if config.context_turns < 0 or config.context_turns >= config.num_turns:
     raise ValueError(f"config.context_turns={config.context_turns} must be in "
-                     f"[0, turns={config.turns})")
+                     f"[0, num_turns={config.num_turns})")
   if d.source == "offline":
-    meta = loader_lib.metadata(d.data_dir, engine.NAME)  # names the missing dataset if absent
+    meta = loader_lib.metadata(config.data_dir, engine.NAME)  # names the missing dataset if absent
     if meta.get("task") != config.task:
-      raise ValueError(f"config.dpo.data_dir={d.data_dir!r}: the {engine.NAME} dataset there was "
+      raise ValueError(f"config.data_dir={config.data_dir!r}: the {engine.NAME} dataset there was "
                        f"made for task {meta.get('task')!r}, not {config.task!r}")
   return task, cfg, mesh, rcfg
 
@@ -67,7 +67,7 @@ def check_config(config):
 
 def collect_pairs(config, task, policy, rcfg, params, ref_params, model, key):
   """Histories, G candidates, their MR, and the (best, worst) pair of each conversation."""
-  b, g = config.batch_size, config.dpo.candidates
+  b, g = config.batch_size, config.candidates
   k_int, k_ctx, k_cand, k_mr = jax.random.split(key, 4)
   intent = task.sample_intents(k_int, b)
   conv, sim = rollout_lib.start(task, intent, run_rl.max_len(config, task, rcfg))
@@ -83,7 +83,7 @@ def collect_pairs(config, task, policy, rcfg, params, ref_params, model, key):
   mr_BxG, best, worst = cands.mr_BxG, cands.best_B, cands.worst_B
   gap = jnp.take_along_axis(mr_BxG, best[:, None], 1)[:, 0] - jnp.take_along_axis(
       mr_BxG, worst[:, None], 1)[:, 0]
-  keep = (gap > config.dpo.min_gap) & ~conv.done_B
+  keep = (gap > config.min_gap) & ~conv.done_B
 
   def with_reply(idx):
     rows = cands.rows(idx)
@@ -117,7 +117,7 @@ def offline_pairs(config, model, ref_params, rec):
     return tokens, j < (hl_B + cl_B)[:, None], in_cand
 
   chosen, rejected = seq(best), seq(worst)
-  keep = gap > config.dpo.min_gap
+  keep = gap > config.min_gap
   batch = _pair_batch(model, ref_params, chosen, rejected, keep)
   return batch, _pair_stats(mr_BxG, gap, keep, batch)
 
@@ -166,7 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     policy = run_rl.rollout_policy(config, model, task, rcfg)
     collect = jax.jit(lambda p, r, k: collect_pairs(config, task, policy, rcfg, p, r, model, k))
   else:
-    data_iter = iter(loader_lib.make_loader(config.dpo.data_dir, engine.NAME, "train",
+    data_iter = iter(loader_lib.make_loader(config.data_dir, engine.NAME, "train",
                                             config.batch_size, seed=config.seed))
     if run.data_state is not None:
       data_iter.set_state(run.data_state)

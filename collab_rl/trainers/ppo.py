@@ -1,6 +1,6 @@
 """PPO (and GRPO/RLOO) over whole conversations with the user simulator.
 
-One iteration: play `turns` assistant turns per conversation against the simulator, scoring each
+One iteration: play `num_turns` assistant turns per conversation against the simulator, scoring each
 reply with the configured per-turn reward (MR with window w, a next-turn baseline, or R* of the
 whole conversation on its last turn); read values at each turn's assistant header; turn-level GAE
 (or a group baseline over repeated intents) broadcast to the turn's tokens; then `epochs` passes
@@ -45,9 +45,9 @@ def check_config(config):
     raise ValueError(f"config.ppo.advantage={config.ppo.advantage!r}; choose from {ADVANTAGES}")
   if "value" not in cfg.heads and config.ppo.advantage == "gae":
     raise ValueError("config.model.heads needs 'value' for advantage='gae' (or use grpo/rloo)")
-  if config.reward.kind == "mr" and rcfg.window > config.turns:
+  if config.reward.kind == "mr" and rcfg.window > config.num_turns:
     raise ValueError(f"config.reward.window={rcfg.window} is longer than the turn budget "
-                     f"config.turns={config.turns}")
+                     f"config.num_turns={config.num_turns}")
   for name in ("epochs", "minibatches"):
     if config.ppo[name] <= 0:
       raise ValueError(f"config.ppo.{name} must be positive, got {config.ppo[name]}")
@@ -68,8 +68,8 @@ def check_config(config):
 
 
 def collect(config, model, task, policy, rcfg, params, key):
-  """Plays `config.turns` turns; returns the final conversation and per-turn arrays [B, T]."""
-  b, t_max = config.batch_size, config.turns
+  """Plays `config.num_turns` turns; returns the final conversation and per-turn arrays [B, T]."""
+  b, t_max = config.batch_size, config.num_turns
   group = config.ppo.group_size if config.ppo.advantage != "gae" else 1
   k_int, k_play = jax.random.split(key)
   intent = task.sample_intents(k_int, b // group)

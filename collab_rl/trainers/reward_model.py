@@ -233,13 +233,14 @@ def check_config(config):
   task = registry.config_task(config)
   if mcfg.vocab_size < task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
-                     f"{config.task.name} vocabulary ({task.vocab_size} words)")
+                     f"{config.task} vocabulary ({task.vocab_size} words)")
   if mcfg.max_position_embeddings < model_width(task):
     raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} < "
                      f"the {model_width(task)} tokens the reward model reads")
   rewards.RewardConfig.from_config(config.reward)  # window 0..3, samples >= 1, cost >= 0
   mesh = run_lib.check_run(config)
-  run_lib.check_positive(config, ("num_steps", "log_every", "eval_every", "eval_batches"))
+  run_lib.check_positive(config, ("num_steps", "log_every", "eval_every", "eval_batch_size"))
+  run_lib.check_eval_batches(config)
   if config.candidates < 2:
     raise ValueError(f"config.candidates={config.candidates}: pairs need at least 2 per row")
   if config.min_gap < 0:
@@ -285,7 +286,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   run = run_lib.Run(config, workdir, b.abstract, b.create_fn)
   state = run.state
   held_out = [jax.block_until_ready(b.data_fn(jax.random.fold_in(run.keys.eval, i)))
-              for i in range(config.eval_batches)]
+              for i in range(config.eval_batch_size // config.batch_size)]
   min_gap = float(config.min_gap)
   history = run.baseline(lambda: evaluate(b, state.params, held_out, min_gap))
   for step in run.steps(int(state.step), config.num_steps, stop_after, "reward_model"):

@@ -216,14 +216,15 @@ def check_config(config):
   task = registry.config_task(config)
   if mcfg.vocab_size < task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
-                     f"{config.task.name} vocabulary ({task.vocab_size} words)")
+                     f"{config.task} vocabulary ({task.vocab_size} words)")
   mesh = run_lib.check_run(config)
   run_lib.check_positive(config, ("num_steps", "num_turns", "log_every", "eval_every",
-                                  "eval_batches"))
+                                  "eval_batch_size"))
+  run_lib.check_eval_batches(config)
   one_turn = 2 + task.request_width + 1 + task.answer_len + 2 + task.sim.max_user_len + 2
   if config.max_len < one_turn:
     raise ValueError(f"config.max_len={config.max_len} cannot hold one exchange of "
-                     f"{config.task.name} ({one_turn} tokens)")
+                     f"{config.task} ({one_turn} tokens)")
   view_len = config.max_len + simulators.goal_width(task)
   if mcfg.max_position_embeddings < view_len:
     raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} < "
@@ -242,7 +243,8 @@ def check_config(config):
 
 def evaluate(b: Built, config, params, eval_key) -> dict[str, float]:
   """Agreement on held-out episodes: keys from their own branch of the seed, never trained on."""
-  keys = [jax.random.fold_in(eval_key, i) for i in range(config.eval_batches + 1)]
+  n = config.eval_batch_size // config.batch_size
+  keys = [jax.random.fold_in(eval_key, i) for i in range(n + 1)]
   per_batch = [jax.device_get(b.agree_fn(params, b.data_fn(None, k).conv)) for k in keys[:-1]]
   out = {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
   if config.eval_rollout:

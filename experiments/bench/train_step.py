@@ -98,7 +98,7 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
   scored = int(np.asarray(batch["c_mask"]).sum() + np.asarray(batch["r_mask"]).sum())
   run.close()
   return {"config": "dpo_ambig_math.py (online)", "batch": config.batch_size,
-          "candidates": config.dpo.candidates, "columns": int(batch["c_tokens"].shape[1]),
+          "candidates": config.candidates, "columns": int(batch["c_tokens"].shape[1]),
           "collect_s": t_collect, "update_s": t_update,
           "update_tokens_per_s": positions / t_update,
           "assistant_tokens_per_s": scored / t_update,

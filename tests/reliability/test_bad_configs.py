@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from collab_rl import checkpoint as ckpt_lib
+from collab_rl import config_names
 from collab_rl import main as main_lib
 from collab_rl import sharding as sharding_lib
 from collab_rl.trainers import lm
@@ -29,14 +30,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LM, PPO = "experiments/lm_synthetic.py:runlocal", "experiments/ppo_ambig_math.py:runlocal"
 SFT, DPO = "experiments/sft_base.py:runlocal", "experiments/dpo_ambig_math.py:runlocal"
+SIM = "experiments/sim_sft.py:runlocal"
 # Keeps a config that wrongly passes its checks from training for long.
-SHORT = {LM: "--config.num_steps=2", PPO: "--config.num_iterations=1",
-         SFT: "--config.num_steps=2", DPO: "--config.num_iterations=1"}
+SHORT = {LM: "--config.num_steps=2", PPO: "--config.num_steps=1",
+         SFT: "--config.num_steps=2", DPO: "--config.num_steps=1", SIM: "--config.num_steps=2"}
 
 
 def load_config(spec: str, overrides: list[str]):
   """What `python -m collab_rl.main --config=SPEC OVERRIDES...` parses, on a private FlagValues."""
   argv = ["main", f"--config={os.path.join(ROOT, spec)}", *overrides]
+  config_names.check_overrides(argv)  # main's parse_flags does this first
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
                                   sys_argv=argv)
@@ -129,7 +132,23 @@ KINDS = {
                                              "config.max_len=8 cannot hold"),
     "context_turns_past_turns": Kind(DPO, ("--config.context_turns=9",),
                                      "config.context_turns=9"),
+    "eval_batch_not_batches": Kind(SIM, ("--config.eval_batch_size=20",),
+                                   "eval_batch_size=20 must be a multiple of config.batch_size"),
+    # Older names (collab_rl/config_names.py): on the command line, in a config file.
+    "old_name_on_the_command_line": Kind(PPO, ("--config.num_iterations=1",),
+                                         "config.num_iterations was renamed config.num_steps"),
+    "old_nested_name": Kind(DPO, ("--config.dpo.min_gap=0.2",),
+                            "config.dpo.min_gap was renamed config.min_gap"),
+    "old_name_in_a_config_file": Kind(PPO, (), "config.turns was renamed config.num_turns",
+                                      edit=lambda c: old_turns(c)),
 }
+
+
+def old_turns(config):
+  """A config file written before the rename: `turns`, no `num_turns`."""
+  with config.unlocked():
+    config.turns = config.num_turns
+    del config["num_turns"]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +190,7 @@ def test_bad_config_names_its_field_before_compiling_and_writes_nothing(
       config = load_config(kind.config, [SHORT[kind.config], *map(fill, kind.overrides)])
       if kind.edit:
         kind.edit(config)
+      config_names.check(config)  # as main does with the parsed config
       main_lib.entry_point(config.trainer)(config, str(workdir))
   assert re.search(kind.match, str(err.value)), str(err.value)
   assert counter.count == 0
