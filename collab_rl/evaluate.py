@@ -27,9 +27,8 @@ Rows beyond one per run:
 - `--users reactive,sharded,noisy,missing3,amb0.2,fresh` (`eval_users.py`; `--modes` is its old
   name): every row against each user the policy may never have met, labelled `<row>@<user>`
   (the reactive user, `sim.sharded=False`, gives the unlabelled rows). The sharded one also
-  reveals the next missing slot every turn (Lost-in-Conversation); its rows are played for
-  `SHARDED_ARMS` only, where the comparison means something: the base, its proactive prompt,
-  the Mediator-Assistant and the MR arm. Every other user plays every row. `--user_overrides
+  reveals the next missing slot every turn (Lost-in-Conversation). Every user plays every row,
+  so that each arm's loss against a user it never met is measured, not assumed. `--user_overrides
   name:field=value;...` defines an ad-hoc user. The scripted baselines meet the reactive user only.
 Every run's test score is checked against its own last greedy evaluation (metrics.jsonl): a gap
 over `MAX_GAP` is logged and kept in results.json (`settings.warnings`) and results.md, since it
@@ -71,7 +70,6 @@ BASELINES = {"oracle": rollout_lib.oracle_policy, "answer_now": rollout_lib.answ
 # The statistics live in results.py; these names are the ones callers (headline, tests) use.
 METRICS, summary, over_seeds = results_lib.METRICS, results_lib.summary, results_lib.over_seeds
 table, merge = results_lib.table, results_lib.merge
-SHARDED_ARMS = ("sft_base", "proactive_base", "mediator", "ppo_mr_w2")
 # Rows played from another arm's checkpoint with simulator overrides: row -> (arm, overrides).
 DERIVED_ROWS = {"proactive_base": ("sft_base", {"instruction_rate": 1.0})}
 
@@ -266,8 +264,6 @@ def rows_of(arm: str, users: Iterable[str | eval_users.User]
   out = []
   for user in eval_users.resolve(users):
     for name, sim in names:
-      if user.name == "sharded" and name.split("[")[0] not in SHARDED_ARMS:
-        continue  # a sweep point `ppo_mr_w2[w_int=0.1]` is played as its arm
       label = name if user.name == "reactive" else f"{name}@{user.name}"
       out.append((label, dataclasses.replace(user, sim={**sim, **user.sim})))
   return out
@@ -375,7 +371,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch", 256, "Episodes per jitted rollout.")
   flags.DEFINE_string("users", "reactive", "Users to play, e.g. reactive,sharded,noisy,"
                       "missing3,amb0.2,fresh (eval_users.py; sharded: one missing piece "
-                      "revealed per turn, played for SHARDED_ARMS only).")
+                      "revealed per turn).")
   flags.DEFINE_string("modes", "reactive", "Old name of --users.")
   flags.DEFINE_multi_string("user_overrides", [], "An ad-hoc user, name:field=value;field=value "
                             "(SimConfig fields; source=fresh for fresh episodes), played as "

@@ -87,8 +87,10 @@ def test_offline_dpo_trains_on_engine_pairs_and_resumes_its_data_position(engine
 def test_offline_dpo_without_data_or_for_another_task_fails_before_compiling(
     engine_data, tmp_path, compile_counter):
   cfg = _offline_config(tmp_path / "nowhere")
-  with compile_counter as counter, pytest.raises(FileNotFoundError, match="nowhere"):
+  with compile_counter as counter, pytest.raises(FileNotFoundError, match="nowhere") as err:
     dpo.train(cfg, str(tmp_path / "a"))
+  # The pairs are the data engine's output, not something `collab_rl.data prepare` builds.
+  assert "experiments/data_engine.py" in str(err.value) and "data prepare" not in str(err.value)
   cfg = _offline_config(engine_data[0].data_dir)
   cfg.task = "doc_edit"
   cfg.model.vocab_size = registry.make_task("doc_edit", cfg.sim.to_dict()).vocab_size

@@ -64,7 +64,10 @@ def test_runs_linked_into_a_sweep_are_found(runs, tmp_path):
   assert [(arm, seed) for _, arm, seed in found] == [("ppo_mr_w2[w_int=0.1]", 0),
                                                       ("sft_base", 0)]
   assert [r for r, _ in evaluate.rows_of("ppo_mr_w2[w_int=0.1]", ["reactive", "sharded"])] == [
-      "ppo_mr_w2[w_int=0.1]", "ppo_mr_w2[w_int=0.1]@sharded"]  # played as its arm
+      "ppo_mr_w2[w_int=0.1]", "ppo_mr_w2[w_int=0.1]@sharded"]
+  # Every user plays every row: a next-turn arm's loss against the sharded user is measured too.
+  assert [r for r, _ in evaluate.rows_of("ppo_ext", ["reactive", "sharded", "noisy"])] == [
+      "ppo_ext", "ppo_ext@sharded", "ppo_ext@noisy"]
 
 
 def test_relative_run_directories(runs, monkeypatch):

@@ -269,7 +269,8 @@ def test_evaluate_plays_a_mediator_run_in_both_modes(run, tmp_path):
 
 def test_evaluation_rows_per_arm_and_mode():
   sims = lambda rows: [(r, dict(u.sim)) for r, u in rows]
-  assert sims(evaluate.rows_of("ppo_ext", evaluate.MODES)) == [("ppo_ext", {"sharded": False})]
+  assert sims(evaluate.rows_of("ppo_ext", evaluate.MODES)) == [
+      ("ppo_ext", {"sharded": False}), ("ppo_ext@sharded", {"sharded": True})]
   assert [r for r, _ in evaluate.rows_of("sft_base", evaluate.MODES)] == [
       "sft_base", "proactive_base", "sft_base@sharded", "proactive_base@sharded"]
   assert dict(sims(evaluate.rows_of("sft_base", ["sharded"])))["proactive_base@sharded"] == {

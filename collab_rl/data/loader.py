@@ -30,11 +30,25 @@ class DataError(ValueError):
   """A prepared dataset that does not read back as written: names the file, record and field."""
 
 
+# Datasets that a job writes rather than `python -m collab_rl.data prepare`: the job's command.
+WRITTEN_BY = {
+    "mr_candidates": ("the data engine: `python -m collab_rl.main --config "
+                      "experiments/data_engine.py --config.init_from=<policy run>/checkpoints "
+                      "--config.data_dir={data_dir} --workdir <its run directory>`"),
+}
+
+
+def missing_hint(data_dir: str, name: str) -> str:
+  """How to make dataset `name` in `data_dir`: its job, else the `prepare` command."""
+  if name in WRITTEN_BY:
+    return "write it with " + WRITTEN_BY[name].format(data_dir=data_dir)
+  return f"run `python -m collab_rl.data prepare --task {name} --data_dir {data_dir}` first"
+
+
 def _builder(data_dir: str, name: str) -> tfds.core.DatasetBuilder:
   path = builders.dataset_dir(data_dir, name)
   if not os.path.exists(os.path.join(path, "dataset_info.json")):
-    raise FileNotFoundError(f"no prepared dataset at {path}; run `python -m collab_rl.data "
-                            f"prepare --task {name} --data_dir {data_dir}` first")
+    raise FileNotFoundError(f"no dataset at {path}; {missing_hint(data_dir, name)}")
   for file in ("dataset_info.json", "features.json"):  # tfds's own errors name neither
     try:
       with open(os.path.join(path, file), encoding="utf-8") as f:

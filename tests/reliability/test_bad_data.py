@@ -247,7 +247,7 @@ CORRUPTIONS = {
     "features_not_json": (overwrite("features.json", lambda b: b"\x00garbage"),
                           "features.json: unreadable, rebuild the dataset"),
     "info_deleted": (lambda path: os.remove(os.path.join(path, "dataset_info.json")),
-                     "no prepared dataset at"),
+                     "no dataset at"),
 }
 
 
