@@ -11,7 +11,9 @@
 
 Resume order, written once (`Run`): the workdir's latest checkpoint (with the data iterator
 position it saved: `Run.data_state`, `Run.resume`), else `config.init_from` (an earlier run's
-params, restored into this run's sharding: how ablations start from one common base), else fresh.
+params, restored into this run's sharding: how ablations start from one common base), else
+`config.init_from_hf` (a Hugging Face folder's weights, its config.json deciding the model's
+architecture, heads it lacks fresh), else fresh.
 
 Key streams: every key of a run is a branch of `jax.random.key(config.seed)`: 0 the initial
 params and 1 the train state's RNG (`train_state.fresh_init_fn`), 2 the training data
@@ -25,6 +27,8 @@ the bookkeeping after each update (non-finite stop, logging cadence, throughput,
 
 from __future__ import annotations
 
+import json
+import pathlib
 import re
 import time
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -39,6 +43,7 @@ from collab_rl import config_names
 from collab_rl import metrics as metrics_lib
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
+from collab_rl.models import hf as hf_lib
 from collab_rl.models import transformer
 
 # ------------------------------------------------------------------------------------------------
@@ -49,9 +54,39 @@ MODEL_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
 
 
-def check_model(model: ml_collections.ConfigDict) -> transformer.TransformerConfig:
-  """The model config, its sizes checked first: TransformerConfig divides by some of them, and a
-  zero width or layer count would otherwise surface only after compiling (or train nothing)."""
+# What a Hugging Face folder's config.json decides about the model; the heads, dtypes and remat
+# stay the run config's (a policy for PPO needs its value head, which no HF checkpoint has).
+HF_ARCHITECTURE = (*MODEL_SIZES, "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+                   "tie_word_embeddings", "attention_bias")
+
+
+def model_from_hf(config) -> None:
+  """With `config.init_from_hf` (a Hugging Face Llama/Qwen2 folder), `config.model`'s
+  architecture is read from the folder's config.json, so that the run (and the config saved with
+  its checkpoints, from which `evaluate` rebuilds the model) is the checkpoint's model."""
+  folder = config.get("init_from_hf")
+  if not folder:
+    return
+  if config.get("init_from"):
+    raise ValueError(f"config.init_from={config.init_from!r} and config.init_from_hf="
+                     f"{folder!r} are both set: a run starts from one of them")
+  path = pathlib.Path(folder) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"config.init_from_hf={folder!r}: no config.json there (expected a "
+                            "Hugging Face checkpoint folder: config.json and model.safetensors)")
+  cfg = hf_lib.config_from_hf(json.loads(path.read_text()), where=str(path))
+  with config.model.unlocked():  # a config may leave some architecture fields to the defaults
+    for name in HF_ARCHITECTURE:
+      value = getattr(cfg, name)
+      config.model[name] = dict(value) if name == "rope_scaling" and value else value
+
+
+def check_model(config) -> transformer.TransformerConfig:
+  """`config.model` (from `config.init_from_hf`'s config.json where set: `model_from_hf`), its
+  sizes checked first: TransformerConfig divides by some of them, and a zero width or layer
+  count would otherwise surface only after compiling (or train nothing)."""
+  model_from_hf(config)
+  model = config.model
   for name in (*MODEL_SIZES, "head_dim"):  # head_dim may be None: hidden_size // heads
     if model.get(name) is not None and model[name] <= 0:
       raise ValueError(f"config.model.{name} must be positive, got {model[name]}")
@@ -135,12 +170,36 @@ class Init(NamedTuple):
 
 
 def init_state(config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation) -> Init:
-  """`config.model` and the train state's factory, sharded by `config.partition_rules`."""
+  """`config.model` and the train state's factory, sharded by `config.partition_rules`. With
+  `config.init_from_hf` the factory's params are the folder's weights, with freshly initialised
+  heads where the model has heads the checkpoint lacks (PPO's value head); the RL trainers' frozen
+  reference (the starting policy) is then the loaded checkpoint too."""
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
   rules = sharding_lib.rules_from_config(config.get("partition_rules"))
   create_fn, abstract, shardings = state_lib.init_sharded(
       state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
+  if config.get("init_from_hf"):
+    dtype = transformer.TransformerConfig.from_dict(config.model.to_dict()).param_dtype
+    create_fn = _from_hf(create_fn, config.init_from_hf, dtype, mesh, rules)
   return Init(model, tx, create_fn, abstract, shardings)
+
+
+def _from_hf(create_fn, folder: str, dtype: str, mesh, rules):
+  """`create_fn` with its params replaced by the HF folder's wherever the folder has them."""
+
+  def create() -> state_lib.TrainState:
+    # Read anew on every call: a trainer that also keeps the starting params as its reference
+    # must not share buffers with the state that its update donates.
+    fresh = create_fn()
+    _, loaded = hf_lib.load_pretrained(folder, dtype=dtype, mesh=mesh, rules=rules)
+    loaded = {sharding_lib.path_str(p): x
+              for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.device_put(loaded[sharding_lib.path_str(p)], x.sharding).astype(x.dtype)
+        if sharding_lib.path_str(p) in loaded else x, fresh.params)
+    return fresh.replace(params=params)
+
+  return create
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,6 +227,8 @@ class Run:
     self.checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
     self.state, self.data_state, self.how = ckpt_lib.restore_or_init(
         self.checkpointer, abstract, create_fn, init_from=config.init_from or None)
+    if self.how == "fresh" and config.get("init_from_hf"):
+      self.how = f"init_from_hf {config.init_from_hf}"
     logging.info("%s: %s (%d params)", config.trainer, self.how,
                  transformer.count_params(self.state.params))
     self.keys = key_streams(config.seed)

@@ -52,7 +52,7 @@ NonFiniteError = state_lib.NonFiniteError  # a loss, gradient, reward or batch w
 def check_common(config):
   """The checks every RL config passes before anything compiles: (task, model cfg, mesh, rcfg)."""
   task = registry.config_task(config)
-  cfg = run_lib.check_model(config.model)  # sizes before anything divides by them
+  cfg = run_lib.check_model(config)  # sizes before anything divides by them
   if cfg.vocab_size != task.vocab_size:
     raise ValueError(f"config.model.vocab_size={cfg.vocab_size} must equal the vocabulary of "
                      f"task {config.task!r} ({task.vocab_size})")

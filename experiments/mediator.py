@@ -43,6 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The base: where the mediator's weights start ("": fresh) and the assistant it serves
   # (required: its WORKDIR/checkpoints, frozen, never saved here).
   c.init_from = ""
+  # A Hugging Face Llama/Qwen2 folder to start from instead (its config.json sets the model's
+  # architecture; heads it lacks, such as the value head, start fresh), or "".
+  c.init_from_hf = ""
   c.assistant_from = ""
 
   # Data: the SFT data's behaviour mixture (trainers/sft.py AskOrAnswerMix), cut after each

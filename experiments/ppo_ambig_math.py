@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, max_to_keep=3,
                                                 async_save=True))
   c.init_from = ""  # the SFT base's checkpoint directory
+  # A Hugging Face Llama/Qwen2 folder to start from instead (its config.json sets the model's
+  # architecture; heads it lacks, such as the value head, start fresh), or "".
+  c.init_from_hf = ""
   c.on_nonfinite = "stop"  # stop | skip: what a NaN/inf loss or gradient does (never applied)
 
   if opts["runlocal"]:

@@ -119,6 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # An earlier reward-model run's checkpoint directory (WORKDIR/checkpoints), or "". The params
   # must match leaf for leaf: an LM-only policy checkpoint has no reward head to restore.
   c.init_from = ""
+  # A Hugging Face Llama/Qwen2 folder to start from instead (its config.json sets the model's
+  # architecture; heads it lacks, such as the value head, start fresh), or "".
+  c.init_from_hf = ""
 
   if v["runlocal"]:
     c.model.hidden_size = 64

@@ -105,6 +105,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Another run's checkpoint directory (WORKDIR/checkpoints) to take params from, or "".
   c.init_from = ""
+  # A Hugging Face Llama/Qwen2 folder to start from instead (its config.json sets the model's
+  # architecture; heads it lacks, such as the value head, start fresh), or "".
+  c.init_from_hf = ""
 
   if v["runlocal"]:
     c.model.hidden_size = 64

@@ -40,6 +40,8 @@ def test_every_config_uses_todays_names(spec):
     assert "checkpoint.every_steps" in keys
   if config.trainer != "data_engine":  # a job that plays conversations, not a run of steps
     assert {"num_steps", "eval_every"} <= keys
+  if config.trainer != "data_engine":  # where a run's params start: a run, or an HF folder
+    assert {"init_from", "init_from_hf"} <= keys
   if config.trainer != "lm":  # every conversation config: a task name and its user beside it
     assert isinstance(config.task, str) and "sim" in keys
 

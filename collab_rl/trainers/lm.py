@@ -118,7 +118,7 @@ def build(config, mesh) -> Built:
 
 def check_config(config) -> jax.sharding.Mesh:
   """Every check that can fail on the config, before anything compiles. Returns the mesh."""
-  mcfg = run_lib.check_model(config.model)
+  mcfg = run_lib.check_model(config)
   mesh = run_lib.check_run(config)
   run_lib.check_positive(config, ("num_steps", "seq_len", "log_every", "eval_every"))
   if config.corpus.min_len < 2 or config.corpus.min_len > config.seq_len + 1:

@@ -76,7 +76,7 @@ def read_assistant_config(config) -> dict:
 
 def check_config(config):
   """Every check that can fail on the config, before anything compiles: (mesh, tasks, base)."""
-  mcfg = run_lib.check_model(config.model)
+  mcfg = run_lib.check_model(config)
   if "lm" not in mcfg.heads:
     raise ValueError(f"config.model.heads={mcfg.heads} must include 'lm' (the mediator writes)")
   run_lib.check_positive(config, ("num_steps", "num_turns", "eval_turns", "reply_tokens",

@@ -225,7 +225,7 @@ def build(config, mesh, task) -> Built:
 
 def check_config(config):
   """Every check that can fail on the config, before anything compiles. Returns (mesh, task)."""
-  mcfg = run_lib.check_model(config.model)
+  mcfg = run_lib.check_model(config)
   if "reward" not in mcfg.heads:
     raise ValueError(f"config.model.heads={mcfg.heads} must include 'reward'")
   if config.objective not in OBJECTIVES:

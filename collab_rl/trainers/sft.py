@@ -232,7 +232,7 @@ def episode_len(config, task) -> int:
 
 def check_config(config):
   """Every check that can fail on the config, before anything compiles. Returns (mesh, task)."""
-  mcfg = run_lib.check_model(config.model)
+  mcfg = run_lib.check_model(config)
   if "lm" not in mcfg.heads:
     raise ValueError(f"config.model.heads={mcfg.heads} must include 'lm' (the policy)")
   if not 0.0 <= config.ask_share <= 1.0:

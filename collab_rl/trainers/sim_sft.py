@@ -212,7 +212,7 @@ def build(config, mesh, task) -> Built:
 
 def check_config(config):
   """Every check that can fail on the config, before anything compiles. Returns (mesh, task)."""
-  mcfg = run_lib.check_model(config.model)
+  mcfg = run_lib.check_model(config)
   task = registry.config_task(config)
   if mcfg.vocab_size < task.vocab_size:
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
