@@ -12,6 +12,10 @@ end-of-turn token are ASSISTANT, so a loss masked to ASSISTANT trains exactly wh
 generates. The whole text is tokenized once (as `apply_chat_template` does) and each token takes
 the role of its first character.
 
+`Tokenizer.turn_frame(role)` gives the ids of a turn's header and end-of-turn wrapper (one or many
+tokens, from the template), checked to tokenize as the rendered text does: what a device rollout
+appends around each reply.
+
 `Tokenizer.for_words(words)` builds a word-level tokenizer for the verifiable tasks' vocabularies,
 with a small built-in chat template, so their conversations decode to readable text.
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jinja2
 import jinja2.ext
@@ -49,6 +53,15 @@ WORD_CHAT_TEMPLATE = (
     "<{{ message['role'] }}> {{ message['content'] | trim }} <eot>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+# What `Tokenizer.turn_frame` writes a turn with; the probe is content as a reply would start.
+_PROBE = "the answer is 42"
+
+
+class TurnFrame(NamedTuple):
+  header_ids: tuple[int, ...]  # opens a message of the role, after earlier turns
+  footer_ids: tuple[int, ...]  # closes it after its content (the end-of-turn token first)
+
 
 # ------------------------------------------------------------------------------------------------
 # Jinja, as transformers sets it up.
@@ -181,6 +194,52 @@ class Tokenizer:
       return self.special_tokens["eos_token"]
     raise ValueError("cannot tell the end-of-turn token from the chat template and there is no "
                      "eos_token; pass eot_token")
+
+  def turn_frame(self, role: str) -> TurnFrame:
+    """The ids a rollout writes around a `role` message that follows earlier turns (a user
+    message after an assistant reply, an assistant reply after a user message): the template's
+    header (one or many tokens) and its end-of-turn wrapper, computed once from the template so
+    that a jitted rollout appends ids and never renders text.
+
+    Checked against the template before anything uses it: a probe message written as header +
+    content + footer ids must tokenize as the rendered text does (as `encode_chat` tokenizes
+    what the model is trained on), and an assistant header must be the template's generation
+    prompt. Otherwise ValueError: the template does not fit this tokenizer.
+    """
+    if role not in ("user", "assistant"):
+      raise ValueError(f"turn_frame: role {role!r} is not 'user' or 'assistant'")
+    prior = [{"role": "user", "content": "hi"}]
+    if role == "user":
+      prior.append({"role": "assistant", "content": "ok"})
+    marker = "collab_rl_marker"
+    try:
+      before = self.render(prior)
+      full = self.render([*prior, {"role": role, "content": marker}])
+      probe_text = self.render([*prior, {"role": role, "content": _PROBE}])
+      gen = self.render(prior, add_generation_prompt=True)
+    except jinja2.exceptions.TemplateError as e:
+      raise ValueError(f"the chat template cannot render a {role} turn after {prior}: {e}") from e
+    if not full.startswith(before):
+      raise ValueError(f"the chat template is not prefix-stable at a {role} message: rendering "
+                       "one more message changed the text of the earlier ones")
+    if marker not in full[len(before):]:
+      raise ValueError(f"the chat template does not write a {role} message's content as it is "
+                       "given, so no ids can be written around it")
+    at = full.index(marker, len(before))
+    header, footer = full[len(before):at], full[at + len(marker):]
+    if role == "assistant" and gen[len(before):] != header:
+      raise ValueError(f"the chat template's generation prompt {gen[len(before):]!r} is not the "
+                       f"header {header!r} it writes before an assistant message")
+    frame = TurnFrame(tuple(self.encode(header)), tuple(self.encode(footer)))
+    framed = [*self.encode(before), *frame.header_ids, *self.encode(_PROBE), *frame.footer_ids]
+    rendered = self.encode(probe_text)
+    if framed != rendered:
+      raise ValueError(
+          f"the chat template does not fit this tokenizer: a {role} turn written as its header "
+          f"{list(frame.header_ids)} + content + footer {list(frame.footer_ids)} gives ids "
+          f"{framed}, the rendered text {rendered}; turns written on device would differ from "
+          "what the model is trained on")
+    return frame
 
   def encode_chat(self, messages: Sequence[Mapping[str, Any]],
                   add_generation_prompt: bool = False, **kwargs) -> tuple[np.ndarray, np.ndarray]:

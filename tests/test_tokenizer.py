@@ -156,6 +156,50 @@ def test_end_of_turn_and_stop_tokens(pair):
   assert ours.stop_tokens == (ours.eot_id, ref.eos_token_id)
 
 
+# What the templates write around a turn, as precomputed ids (multi-token headers).
+FRAMES = {"llama3": {"user": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+                     "assistant": ("<|start_header_id|>assistant<|end_header_id|>\n\n",
+                                   "<|eot_id|>")},
+          "qwen2": {"user": ("<|im_start|>user\n", "<|im_end|>\n"),
+                    "assistant": ("<|im_start|>assistant\n", "<|im_end|>\n")}}
+
+
+@pytest.mark.parametrize("role", ["user", "assistant"])
+def test_turn_frames_are_the_templates_headers_and_fit_the_tokenizer(pair, role):
+  style, ours, ref = pair
+  frame = ours.turn_frame(role)
+  header, footer = FRAMES[style][role]
+  assert list(frame.header_ids) == ref.encode(header, add_special_tokens=False)
+  assert list(frame.footer_ids) == ref.encode(footer, add_special_tokens=False)
+  assert len(frame.header_ids) > 1 and frame.footer_ids[0] == ours.eot_id
+  # A conversation written on device (frames around content ids) is what transformers renders.
+  messages = CONVERSATIONS[1]
+  ids = _ref_ids(ref, messages[:1])
+  for m in messages[1:]:
+    f = ours.turn_frame(m["role"])
+    ids += [*f.header_ids, *ours.encode(m["content"]), *f.footer_ids]
+  assert ids == _ref_ids(ref, messages)
+
+
+def test_a_template_that_does_not_fit_the_tokenizer_is_refused(pair):
+  style, ours, _ = pair
+  specials = {"bos_token": STYLES[style]["bos"], "eos_token": STYLES[style]["eos"]}
+  template = STYLES[style]["template"]
+  # A header that ends in a space: " the" is one BPE piece in the rendered text, but a space
+  # and "the" when ids are written around the content.
+  spaced = template.replace("<|end_header_id|>\n\n", "<|end_header_id|> ").replace(
+      "'\\n' + message.content", "' ' + message.content")
+  with pytest.raises(ValueError, match="does not fit this tokenizer: a user turn"):
+    tk.Tokenizer(ours.tokenizer, spaced, specials).turn_frame("user")
+  # A template that rewrites the content it is given.
+  upper = template.replace("message['content']", "(message['content'] | upper)").replace(
+      "message.content", "(message.content | upper)")
+  with pytest.raises(ValueError, match="does not write a user message's content as it is"):
+    tk.Tokenizer(ours.tokenizer, upper, specials).turn_frame("user")
+  with pytest.raises(ValueError, match="role 'system' is not"):
+    ours.turn_frame("system")
+
+
 def test_unknown_role_raises(pair):
   _, ours, _ = pair
   with pytest.raises(ValueError, match="message 1: role 'tool'"):
@@ -196,6 +240,13 @@ def test_word_vocabulary(words):
   assert ids == [words.token_to_id(w) for w in ["what", "is", "3", "+", "4", "?"]]
   assert words.decode(ids) == "what is 3 + 4 ?"
   assert words.decode(words.encode("banana")) == "<unk>"
+
+
+def test_word_frames_are_the_slot_tasks_single_token_headers(words):
+  user, assistant = words.turn_frame("user"), words.turn_frame("assistant")
+  assert user.header_ids == (words.token_to_id("<user>"),)
+  assert assistant.header_ids == (words.token_to_id("<assistant>"),)
+  assert user.footer_ids == assistant.footer_ids == (words.eot_id,)
 
 
 def test_word_chat_roles_and_text(words):
