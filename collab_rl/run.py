@@ -28,6 +28,7 @@ the bookkeeping after each update (non-finite stop, logging cadence, throughput,
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import time
@@ -222,8 +223,8 @@ class Run:
   `config.checkpoint.every_steps`), the metrics writer (process 0 writes) and the key streams."""
 
   def __init__(self, config, workdir: str, abstract: state_lib.TrainState,
-               create_fn: Callable[[], state_lib.TrainState]):
-    self.config = config
+               create_fn: Callable[[], state_lib.TrainState], *, tokenizer=None):
+    self.config, self.workdir, self.tokenizer = config, str(workdir), tokenizer
     self.checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
     self.state, self.data_state, self.how = ckpt_lib.restore_or_init(
         self.checkpointer, abstract, create_fn, init_from=config.init_from or None)
@@ -300,9 +301,30 @@ class Run:
     return {k: float(v) for k, v in scalars.items()}
 
   def save(self, step: int, state: state_lib.TrainState, data_state: dict | None = None) -> None:
-    """A checkpoint at the save interval, and always at the last step of this process."""
+    """A checkpoint at the save interval, and always at the last step of this process; at the
+    schedule's last step also the Hugging Face folder when `config.export_hf` (`export_hf`)."""
     self.checkpointer.save(step, state, data_state=data_state, config=self.config,
                            force=step == self.last)
+    if step == self.total and self.config.get("export_hf"):
+      self.export_hf(state)
+
+  def export_hf(self, state: state_lib.TrainState) -> str:
+    """`<workdir>/hf`: the trained model as a Hugging Face folder (config.json and
+    model.safetensors, with the run's tokenizer where the trainer gave one) that transformers
+    loads. Heads without an HF counterpart (value, reward) are left out; a run started from an
+    HF folder keeps that folder's other config keys (token ids). Every process calls it (the
+    gathers are collective); process 0 writes."""
+    folder = os.path.join(self.workdir, "hf")
+    model = transformer.Transformer(transformer.TransformerConfig.from_dict(
+        self.config.model.to_dict()))
+    source = self.config.get("init_from_hf")
+    hf_config = json.loads((pathlib.Path(source) / "config.json").read_text()) if source else None
+    hf_lib.save_pretrained(model, state.params, folder, hf_config=hf_config)
+    if self.tokenizer is not None and jax.process_index() == 0:
+      self.tokenizer.save(folder)
+    logging.info("%s: exported the model as a Hugging Face folder: %s", self.config.trainer,
+                 folder)
+    return folder
 
   def close(self) -> None:
     self.checkpointer.close()  # waits for the last asynchronous save

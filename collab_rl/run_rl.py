@@ -142,7 +142,7 @@ class Setup(NamedTuple):
 
 def build(config, workdir: str, task, mesh, rcfg) -> Setup:
   init = run_lib.init_state(config, mesh, run_lib.make_optimizer(config.optimizer))
-  run = run_lib.Run(config, workdir, init.abstract, init.create_fn)
+  run = run_lib.Run(config, workdir, init.abstract, init.create_fn, tokenizer=task.tokenizer)
   # The reference is the run's starting policy, rebuilt the same way on every resume (frozen
   # params are never saved with the train state).
   ref_params = (ckpt_lib.restore_params(config.init_from, init.abstract.params)

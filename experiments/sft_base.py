@@ -125,6 +125,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # A Hugging Face Llama/Qwen2 folder to start from instead (its config.json sets the model's
   # architecture; heads it lacks, such as the value head, start fresh), or "".
   c.init_from_hf = ""
+  # Also write the trained model as a Hugging Face folder (WORKDIR/hf: config.json,
+  # model.safetensors and the tokenizer) at the end of the run.
+  c.export_hf = False
 
   if v["runlocal"]:
     c.model.hidden_size = 64

@@ -20,7 +20,8 @@ from collab_rl import run as run_lib
 from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
-from collab_rl.models import transformer
+from collab_rl import tokenizer as tokenizer_lib
+from collab_rl.models import hf, transformer
 from collab_rl.trainers import dpo, ppo
 from experiments import dpo_ambig_math, ppo_ambig_math
 
@@ -41,8 +42,10 @@ def _tiny(cfg):
 def test_ppo_runs_resumes_and_logs(tmp_path):
   cfg = _tiny(ppo_ambig_math.get_config("runlocal"))
   cfg.ppo.minibatches = 1
+  cfg.export_hf = True
   first = ppo.train(cfg, str(tmp_path / "run"), stop_after=1)
   assert int(first["state"].step) == cfg.ppo.epochs  # one iteration of `epochs` minibatch steps
+  assert not (tmp_path / "run" / "hf").exists()  # stopped early: not the trained model yet
   out = ppo.train(cfg, str(tmp_path / "run"))
   assert out["how"] == "resumed step 1"
   final = out["final"]
@@ -52,6 +55,30 @@ def test_ppo_runs_resumes_and_logs(tmp_path):
               "rstar/r_int", "rstar/token_cost", "tokens_per_s"):
     assert np.isfinite(final[key]), key
   assert int(out["state"].step) == 2 * cfg.ppo.epochs
+  _check_hf_export(tmp_path / "run" / "hf", out["state"].params, cfg)
+
+
+def _check_hf_export(folder, params, cfg):
+  """The run's end wrote the policy as an HF folder that transformers loads with our logits."""
+  _, loaded = hf.load_pretrained(folder)
+  flat = lambda t: {sharding_lib.path_str(p): np.asarray(x)
+                    for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+  got, want = flat(loaded), flat(params)
+  assert set(got) < set(want) and not any("value_head" in k for k in got)
+  for k in got:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  tok = tokenizer_lib.Tokenizer.from_pretrained(folder)
+  assert tok.vocab_size == cfg.model.vocab_size
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  ids = np.asarray([tok.encode("calc 3 + ? - 6")] * 2)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+  with torch.no_grad():
+    ref_logits = ref(torch.tensor(ids)).logits.numpy()
+  model = transformer.Transformer(transformer.TransformerConfig.from_dict(
+      {**cfg.model.to_dict(), "heads": ("lm",)}))
+  ours = model.apply({"params": jax.device_get(loaded)}, jnp.asarray(ids)).logits_BxLxV
+  np.testing.assert_allclose(np.asarray(ours), ref_logits, atol=1e-4)
 
 
 def test_dpo_runs(tmp_path):

@@ -239,7 +239,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     return out
 
   eval_fn = jax.jit(eval_pair)
-  run = run_lib.Run(config, workdir, init.abstract, init.create_fn)
+  run = run_lib.Run(config, workdir, init.abstract, init.create_fn,
+                    tokenizer=tasks["reactive"].tokenizer)
   state = run.state
   # Held-out cuts of about `eval_batch_size` episodes per mode, in training-shaped batches.
   rounds = max(1, config.eval_batch_size // (config.batch_size // 2))

@@ -293,7 +293,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   mesh, task = check_config(config)
   b = build(config, mesh, task)
-  run = run_lib.Run(config, workdir, b.abstract, b.create_fn)
+  run = run_lib.Run(config, workdir, b.abstract, b.create_fn, tokenizer=task.tokenizer)
   state = run.state
   eval_batch = b.data_fn(jax.random.fold_in(run.keys.eval, 0))
   eval_key = jax.random.fold_in(run.keys.eval, 1)

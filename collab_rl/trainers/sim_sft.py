@@ -261,7 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   (resumed if it holds a checkpoint; `stop_after`: see `run.Run.steps`)."""
   mesh, task = check_config(config)
   b = build(config, mesh, task)
-  run = run_lib.Run(config, workdir, b.abstract, b.create_fn)
+  run = run_lib.Run(config, workdir, b.abstract, b.create_fn, tokenizer=task.tokenizer)
   state = run.state
   history = run.baseline(lambda: evaluate(b, config, state.params, run.keys.eval))
   for step in run.steps(int(state.step), config.num_steps, stop_after, "sim_sft"):
