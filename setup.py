@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.9,<3.12",
     "numpy>=2.0,<2.5",
     "jinja2>=3.1,<4",
+    # BLEU of the language tier's document records (tasks/verifiers.py).
+    "sacrebleu>=2.5,<2.7",
 ]
 
 EXTRAS_REQUIRE = {

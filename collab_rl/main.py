@@ -32,13 +32,14 @@ def trainers() -> dict[str, Callable[..., dict[str, Any]]]:
   and `jax.distributed.initialize` has run.
   """
   from collab_rl.data import engine
-  from collab_rl.trainers import dpo, lm, mediator, ppo, reward_model, sft, sim_sft
+  from collab_rl.trainers import dpo, lm, mediator, ppo, reward_model, sft, sft_records, sim_sft
 
   return {
       "lm": lm.train,
       "ppo": ppo.train,
       "dpo": dpo.train,
       "sft": sft.train,
+      "sft_records": sft_records.train,  # the language tier: CollabLLM records' conversations
       "reward_model": reward_model.train,
       "sim_sft": sim_sft.train,
       "mediator": mediator.train,

@@ -235,6 +235,8 @@ ASPECTS = {
     "interactivity": "how well it engages the user: asking a clarifying question when the "
                      "request is ambiguous or missing information, and not asking when it is "
                      "clear",
+    "accuracy": "whether the final answer it leaves the user with accomplishes the user's goal "
+                "as the reference answer does",
 }
 
 
@@ -263,19 +265,28 @@ def task_rating_words(task) -> tuple[str, ...]:
 def judge_messages(conversation: Sequence[Mapping[str, str]], aspect: str,
                    ratings: Sequence[str] = RATINGS_1_TO_10,
                    speakers: tuple[str, str] = ("User", "Assistant"), separator: str = ": ",
-                   instruction: str | None = None) -> list[dict[str, str]]:
+                   instruction: str | None = None, *, goal: str | None = None,
+                   reference: str | None = None, whole: bool = False) -> list[dict[str, str]]:
   """CollabLLM-style judge messages: the instruction as system, the conversation as user text.
 
   `instruction` replaces the English system prompt (e.g. for vocabularies without English).
+  `whole` rates the assistant's part of the whole conversation (CollabLLM's interactivity
+  judge), else its last reply, which must end the conversation. `goal` / `reference` tell the
+  judge what the user wanted (the helpfulness and accuracy judges); an interactivity judge is
+  given neither: it sees the conversation alone.
   """
   if aspect not in ASPECTS:
     raise ValueError(f"unknown aspect {aspect!r}; known: {sorted(ASPECTS)}")
-  if not conversation or conversation[-1].get("role") != "assistant":
+  if not conversation or (not whole and conversation[-1].get("role") != "assistant"):
     raise ValueError("the conversation to judge must end with the assistant's reply")
+  what = "the assistant's replies in this conversation" if whole else "the assistant's last reply"
+  word = "number" if all(r.isdigit() for r in ratings) else "rating"
+  context = "".join([f" The user's goal, which the assistant was not told: {goal}" if goal else "",
+                     f" The reference answer: {reference}" if reference else ""])
   system = instruction if instruction is not None else (
-      f"You are a judge of conversations between a user and an AI assistant. Rate the "
-      f"assistant's last reply for {aspect}: {ASPECTS[aspect]}. Rate it from {ratings[0]} "
-      f"(worst) to {ratings[-1]} (best). Reply with the number only.")
+      f"You are a judge of conversations between a user and an AI assistant. Rate {what} for "
+      f"{aspect}: {ASPECTS[aspect]}.{context} Rate it from {ratings[0]} (worst) to "
+      f"{ratings[-1]} (best). Reply with the {word} only.")
   names = {"user": speakers[0], "assistant": speakers[1]}
   lines = []
   for i, m in enumerate(conversation):
@@ -288,9 +299,11 @@ def judge_messages(conversation: Sequence[Mapping[str, str]], aspect: str,
 def judge_prompt(tokenizer: tokenizer_lib.Tokenizer, conversation: Sequence[Mapping[str, str]],
                  aspect: str, ratings: Sequence[str] = RATINGS_1_TO_10,
                  speakers: tuple[str, str] = ("User", "Assistant"), separator: str = ": ",
-                 instruction: str | None = None) -> np.ndarray:
-  """int32 ids of the rendered judge prompt, generation prompt last: the rating comes next."""
-  messages = judge_messages(conversation, aspect, ratings, speakers, separator, instruction)
+                 instruction: str | None = None, **context) -> np.ndarray:
+  """int32 ids of the rendered judge prompt, generation prompt last: the rating comes next.
+  `context`: `judge_messages`'s goal, reference and whole."""
+  messages = judge_messages(conversation, aspect, ratings, speakers, separator, instruction,
+                            **context)
   return tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
 
 

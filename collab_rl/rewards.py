@@ -58,24 +58,26 @@ class RewardConfig:
 
 
 def conversation_reward(simulator, conv: conv_lib.Conversation, sim, cfg: RewardConfig):
-  """R* per conversation, and its components (all [B])."""
-  r_ext = sim.score_B
+  """R* per conversation, and its components (all [B]), for a task scored on device
+  (`protocol.Task.device_scored`; the language tier scores on the host: `text_scores.py`)."""
+  scores = simulator.conversation_scores(conv, sim)
+  r_ext, r_int = scores["r_ext"], scores["r_int"]
   tokens = jnp.sum(conv.roles_BxL == ASSISTANT, axis=1)
   cost = jnp.minimum(cfg.token_cost * tokens, 1.0)
-  r_int = simulator.interactivity(conv.intent, sim)
   total = cfg.w_ext * r_ext - cost + cfg.w_int * r_int
   return total, {"r_ext": r_ext, "token_cost": cost, "r_int": r_int, "tokens_read": tokens}
 
 
-def multiturn_aware_reward(policy, simulator, params, conv, sim, policy_state, reply_BxN,
-                           reply_len_B, key, cfg: RewardConfig):
-  """MR of each row's candidate reply: (mean_B, std_B, components of the mean, [B, S] samples).
+def play_futures(policy, simulator, params, conv, sim, policy_state, reply_BxN, reply_len_B,
+                 key, cfg: RewardConfig):
+  """The S futures of each row's candidate reply, (conv, sim) of B x S rows (row b * S + s): the
+  user's answer to the reply, then `window` more exchanges (window 0: the reply as it stands).
 
   `conv` ends with the assistant header (the reply is not appended yet); `policy_state` is the
   policy's state after it wrote the reply (for an LM policy: its KV cache), so futures continue
   from it. With G candidates per turn, pass the B x G candidate rows as the batch.
   """
-  b, s = conv.batch, cfg.samples
+  s = cfg.samples
   conv, sim, pstate, reply_BxN, reply_len_B = rollout_lib.tile_rows(
       (conv, sim, policy_state, reply_BxN, reply_len_B), s)
   k_user, k_future = jax.random.split(key)
@@ -85,6 +87,16 @@ def multiturn_aware_reward(policy, simulator, params, conv, sim, policy_state, r
     out = rollout_lib.take_turns(policy, simulator, params, conv, sim, k_future, cfg.window,
                                  policy_state=pstate)
     conv, sim = out.conv, out.sim
+  return conv, sim
+
+
+def multiturn_aware_reward(policy, simulator, params, conv, sim, policy_state, reply_BxN,
+                           reply_len_B, key, cfg: RewardConfig):
+  """MR of each row's candidate reply: (mean_B, std_B, components of the mean, [B, S] samples),
+  its futures (`play_futures`) scored on device."""
+  b, s = conv.batch, cfg.samples
+  conv, sim = play_futures(policy, simulator, params, conv, sim, policy_state, reply_BxN,
+                           reply_len_B, key, cfg)
   total, parts = conversation_reward(simulator, conv, sim, cfg)
   total_BxS = total.reshape(b, s)
   parts = {k: v.reshape(b, s).astype(jnp.float32).mean(1) for k, v in parts.items()}

@@ -31,6 +31,7 @@ from collab_rl import conversation as conv_lib
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
 from collab_rl.models.transformer import KVCache, Transformer
+from collab_rl.tasks import protocol
 from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
 
 
@@ -98,10 +99,9 @@ def lm_policy(model: Transformer, cfg: sampling.SamplingConfig, *, chunk_width: 
 
 
 def chunk_width(task) -> int:
-  """What a conversation of `task` gains between two replies, at most: the reply's last token
-  (not in the policy's cache yet), `<user>`, the user's answer and its `<eot>`
-  (`max_user_len + 1`), `<assistant>`. The `chunk_width` of an `LMPolicy` that plays the task."""
-  return task.sim.max_user_len + 4
+  """What a conversation of `task` gains between two replies, at most (`protocol.Task`): the
+  `chunk_width` of an `LMPolicy` that plays the task."""
+  return task.chunk_width
 
 
 class _Scripted:
@@ -163,14 +163,14 @@ def answer_now_policy(task, key_for_guess: int = 0) -> _Scripted:
 
 
 def opening_width(task) -> int:
-  """Columns of the opening `<bos> <user> request <eot>`: what a policy prefills first."""
-  return 2 + task.request_width + 1
+  """Columns of the task's longest opening: what a policy prefills first."""
+  return task.opening_width
 
 
 def conversation_len(task, turns: int, reply_tokens: int) -> int:
   """Columns of a conversation of `turns` assistant turns, each reply and user answer at its
   budget (with headers and end-of-turn tokens): the opening, then the turns."""
-  return 4 + task.request_width + turns * (reply_tokens + task.sim.max_user_len + 4)
+  return task.conversation_len(turns, reply_tokens)
 
 
 def tile_rows(tree, times: int):
@@ -201,39 +201,50 @@ def _where_rows(mask_B, new, old):
       lambda n, o: jnp.where(mask_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
 
 
+def _frame(ids, b: int):
+  """A turn frame's ids (`protocol.Task.assistant_header`, ...) for every row: ([B, n], [B])."""
+  return (jnp.tile(jnp.asarray(ids, jnp.int32)[None, :], (b, 1)),
+          jnp.full((b,), len(ids), jnp.int32))
+
+
 def start(simulator, intent, max_len: int) -> tuple[conv_lib.Conversation, Any]:
-  """`<bos> <user> first request <eot>`, and the simulator's initial state."""
-  b = intent.values_BxK.shape[0]
-  conv = conv_lib.empty(b, max_len, intent)
-  ones = jnp.ones((b,), jnp.int32)
-  conv = conv_lib.append(conv, jnp.full((b, 1), simulator.bos_id), ones, CONTEXT)
-  conv = conv_lib.append(conv, jnp.full((b, 1), simulator.user_header_id), ones, CONTEXT)
-  req, req_len = simulator.first_request(intent)
-  conv = conv_lib.append(conv, req, req_len, USER, new_turn=False)
+  """The task's opening (for the slot tasks `<bos> <user> first request <eot>`), and the
+  simulator's initial state."""
+  conv = conv_lib.empty(protocol.batch_size(intent), max_len, intent)
+  for seg in simulator.opening(intent):
+    conv = conv_lib.append(conv, seg.tokens_BxN, seg.lengths_B, seg.role, new_turn=seg.new_turn)
   return conv, simulator.init_sim(intent)
 
 
 def open_reply(simulator, conv: conv_lib.Conversation) -> conv_lib.Conversation:
-  """Appends `<assistant>`: the conversation as the policy reads it when it writes its turn."""
-  b = conv.batch
-  return conv_lib.append(conv, jnp.full((b, 1), simulator.assistant_header_id),
-                         jnp.ones((b,), jnp.int32), CONTEXT)
+  """Appends the assistant header: the conversation as the policy reads it when it writes."""
+  return conv_lib.append(conv, *_frame(simulator.assistant_header, conv.batch), CONTEXT)
+
+
+def append_reply(simulator, conv, reply_BxN, reply_len_B) -> conv_lib.Conversation:
+  """The reply as the policy wrote it, then what the task closes a reply with (the rest of a
+  chat template's end of turn). Rows that are done gain nothing."""
+  reply_len_B = jnp.where(conv.done_B, 0, reply_len_B)
+  conv = conv_lib.append(conv, reply_BxN, reply_len_B, ASSISTANT, new_turn=False)
+  close = simulator.close_reply(reply_BxN, reply_len_B)
+  if close is not None:
+    conv = conv_lib.append(conv, close.tokens_BxN, close.lengths_B, close.role,
+                           new_turn=close.new_turn)
+  return conv
 
 
 def answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, key, append_user: bool = True):
   """The rest of the turn `open_reply` began: appends the policy's reply, the simulator answers
-  it, and (when `append_user`) `<user> answer` is appended and the rows it ended are marked done.
-  Rows that were already done gain nothing and keep their simulator state."""
-  b = conv.batch
+  it, and (when `append_user`) the user header and answer are appended and the rows it ended are
+  marked done. Rows that were already done gain nothing and keep their simulator state."""
   active = ~conv.done_B
   reply_len_B = jnp.where(active, reply_len_B, 0)
-  conv = conv_lib.append(conv, reply_BxN, reply_len_B, ASSISTANT, new_turn=False)
+  conv = append_reply(simulator, conv, reply_BxN, reply_len_B)
   user, user_len, done, new_sim = simulator.user_turn(conv.intent, sim, reply_BxN, reply_len_B,
                                                       key)
   sim = _where_rows(active, new_sim, sim)
   if append_user:
-    ones = jnp.ones((b,), jnp.int32)
-    conv = conv_lib.append(conv, jnp.full((b, 1), simulator.user_header_id), ones, CONTEXT)
+    conv = conv_lib.append(conv, *_frame(simulator.user_header, conv.batch), CONTEXT)
     conv = conv_lib.append(conv, user, user_len, USER, new_turn=False)
     conv = conv_lib.mark_done(conv, done & active)
   return conv, sim
@@ -280,10 +291,9 @@ def rollout(policy, simulator, params, key, batch: int, *, num_turns: int,
   conv, sim = start(simulator, intent, max_len)
   if mesh is not None:
     conv, sim = jax.lax.with_sharding_constraint((conv, sim), sharding_lib.batch_sharding(mesh))
-  # The opening is `<bos> <user> request <eot>`: only that many columns need prefilling.
-  prefix_width = 2 + int(simulator.first_request(intent)[0].shape[1])
+  # Only the opening's columns need prefilling.
   return take_turns(policy, simulator, params, conv, sim, k_turns, num_turns,
-                    prefix_width=prefix_width, watch=watch)
+                    prefix_width=opening_width(simulator), watch=watch)
 
 
 def make_rollout(policy, simulator, *, batch: int, num_turns: int, max_len: int, mesh=None):

@@ -32,11 +32,13 @@ from collab_rl import metrics as metrics_lib
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
 from collab_rl import run as run_lib
+from collab_rl import run_text
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry, scoring
+from collab_rl.tasks import text as text_lib
 
 ON_NONFINITE = ("stop", "skip")
 
@@ -50,17 +52,32 @@ NonFiniteError = state_lib.NonFiniteError  # a loss, gradient, reward or batch w
 
 
 def check_common(config):
-  """The checks every RL config passes before anything compiles: (task, model cfg, mesh, rcfg)."""
-  task = registry.config_task(config)
-  cfg = run_lib.check_model(config)  # sizes before anything divides by them
-  if cfg.vocab_size != task.vocab_size:
-    raise ValueError(f"config.model.vocab_size={cfg.vocab_size} must equal the vocabulary of "
-                     f"task {config.task!r} ({task.vocab_size})")
+  """The checks every RL config passes before anything compiles: (task, model cfg, mesh, rcfg).
+  The language tier's task (`config.task = "collabllm"`) reads its folders here; its records,
+  user weights and judge are loaded by `build`."""
   run_lib.check_positive(config, ("num_turns", "num_steps", "batch_size", "reply_tokens",
                                   "eval_batch_size", "eval_every", "log_every"))
   if config.on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; choose from {ON_NONFINITE}")
   rcfg = rewards.RewardConfig.from_config(config.reward)  # checks window, samples, token_cost
+  text = config.task == registry.TEXT_TASK
+  if text:
+    run_text.check(config)
+  task = registry.config_task(config, **(
+      {"max_turns": rcfg.horizon(config.num_turns)} if text else {}))
+  cfg = run_lib.check_model(config)  # sizes before anything divides by them
+  if text and cfg.vocab_size < task.vocab_size:
+    raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the policy "
+                     f"tokenizer's vocabulary ({task.vocab_size})")
+  if not text and cfg.vocab_size != task.vocab_size:
+    raise ValueError(f"config.model.vocab_size={cfg.vocab_size} must equal the vocabulary of "
+                     f"task {config.task!r} ({task.vocab_size})")
+  columns = max_len(config, task, rcfg)
+  if text and columns > cfg.max_position_embeddings:
+    raise ValueError(f"a conversation may reach {columns} tokens (sim.max_request_tokens + "
+                     f"{rcfg.horizon(config.num_turns)} turns of reply_tokens and "
+                     f"sim.max_user_len), more than config.model.max_position_embeddings="
+                     f"{cfg.max_position_embeddings}")
   mesh = run_lib.check_run(config, batches=("batch_size", "eval_batch_size"))
   rollout_policy(config, None, task, rcfg)  # SamplingConfig checks the temperature
   return task, cfg, mesh, rcfg
@@ -77,7 +94,7 @@ def rollout_policy(config, model, task, rcfg: rewards.RewardConfig,
   `config.temperature` (or `temperature`; 0 is greedy), with a cache for MR's futures too."""
   t = config.temperature if temperature is None else temperature
   sc = sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=t,
-                               greedy=t == 0.0, stop_tokens=(task.eot_id,))
+                               greedy=t == 0.0, stop_tokens=task.stop_tokens)
   return rollout_lib.lm_policy(model, sc, chunk_width=rollout_lib.chunk_width(task),
                                max_turns=rcfg.horizon(config.num_turns))
 
@@ -96,6 +113,7 @@ class Setup(NamedTuple):
   run: run_lib.Run  # resume order, checkpointer, writer, and the loop's steps (`steps`)
   evaluate: Callable[[Any], dict[str, float]]  # params -> greedy held-out metrics
   config: ml_collections.ConfigDict
+  world: run_text.World | None = None  # the language tier's records, user and scorer
 
   @property
   def checkpointer(self) -> ckpt_lib.Checkpointer:
@@ -148,6 +166,9 @@ def build(config, workdir: str, task, mesh, rcfg) -> Setup:
   ref_params = (ckpt_lib.restore_params(config.init_from, init.abstract.params)
                 if config.init_from else init.create_fn().params)
   greedy = rollout_policy(config, init.model, task, rcfg, temperature=0.0)
+  eval_key = jax.random.key(config.seed + 10_000)  # the same held-out episodes every time
+  if not task.device_scored:
+    return _build_text(config, task, mesh, rcfg, init, run, ref_params, greedy, eval_key)
 
   def episodes(params, key):
     ro = rollout_lib.rollout(greedy, task, params, key, config.eval_batch_size,
@@ -157,13 +178,44 @@ def build(config, workdir: str, task, mesh, rcfg) -> Setup:
             "reward": rewards.conversation_reward(task, ro.conv, ro.sim, rcfg)[0]}
 
   episodes = jax.jit(episodes)
-  eval_key = jax.random.key(config.seed + 10_000)  # the same held-out episodes every time
 
   def evaluate(params) -> dict[str, float]:
     m = sharding_lib.to_host(episodes(params, eval_key))
     return {**scoring.summarize(m), "reward": float(np.mean(m["reward"]))}
 
   return Setup(init.model, init.tx, run.state, ref_params, init.shardings, run, evaluate, config)
+
+
+def group_size(config) -> int:
+  """Conversations per intent: a group baseline's repeats (PPO grpo/rloo), else 1."""
+  ppo = config.get("ppo")
+  return ppo.group_size if ppo is not None and ppo.advantage != "gae" else 1
+
+
+def _build_text(config, task, mesh, rcfg, init, run, ref_params, greedy, eval_key) -> Setup:
+  """`build` for the language tier: its world (records from the checkpointed data position,
+  the user's weights, the scorer), and an evaluation that plays the fixed validation records
+  on device and scores them on the host."""
+  world = run_text.build(config, task, mesh, batch=config.batch_size // group_size(config),
+                         seed=config.seed)
+  run.resume(world.train)
+  eval_intent = world.encode(world.eval_records)
+
+  def episodes(params, user_params, intent, key):
+    ro = rollout_lib.rollout(greedy, task.bind(user_params), params, key, config.eval_batch_size,
+                             num_turns=config.num_turns, max_len=max_len(config, task, rcfg),
+                             intent=intent, mesh=mesh)
+    return text_lib.played(ro.conv, ro.sim)
+
+  episodes = jax.jit(episodes)
+
+  def evaluate(params) -> dict[str, float]:
+    conv, user = sharding_lib.to_host(episodes(params, world.user_params, eval_intent, eval_key))
+    m, stats = world.scorer.episode_metrics(conv, user, world.eval_records)
+    return {**scoring.summarize(m), "reward": float(np.mean(m["reward"])), **stats}
+
+  return Setup(init.model, init.tx, run.state, ref_params, init.shardings, run, evaluate, config,
+               world)
 
 
 # ------------------------------------------------------------------------------------------------

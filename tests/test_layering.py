@@ -17,8 +17,8 @@ FLOORS = {
     "sampling": 2, "checkpoint": 2, "metrics": 2, "train_state": 2,
     "tasks": 3, "simulators": 3, "rollout": 3, "mediator": 3,
     "rewards": 4, "reward_model": 4, "advantages": 4, "losses": 4, "data": 4, "sft": 4,
-    "results": 4, "eval_users": 4,
-    "run": 5, "run_rl": 5,  # the run scaffold under the trainers
+    "results": 4, "eval_users": 4, "text_scores": 4,
+    "run": 5, "run_rl": 5, "run_text": 5,  # the run scaffold under the trainers
     "trainers": 6, "evaluate": 6,
     "main": 7,
 }

@@ -126,7 +126,7 @@ def metadata(data_dir: str, name: str) -> dict[str, Any]:
   return dict(_builder(data_dir, name).info.metadata or {})
 
 
-def _read(source, text: bool, indices_B: np.ndarray) -> dict[str, Any]:
+def read_batch(source, text: bool, indices_B: np.ndarray) -> dict[str, Any]:
   """Records at `indices_B`, batched: arrays stacked; for text records, the numbers stacked and
   everything else (strings, metadata dicts, turn lists) kept as lists."""
   indices = [int(i) for i in indices_B]
@@ -186,7 +186,7 @@ def make_loader(data_dir: str, name: str, split: str, global_batch_size: int, *,
   ds = ds[process_index::process_count].batch(global_batch_size // process_count,
                                               drop_remainder=True)
   text = name == builders.CollabLLM.name
-  ds = ds.map(functools.partial(_read, source, text))
+  ds = ds.map(functools.partial(read_batch, source, text))
   # One reader thread suffices for batched reads; grain's default (16 threads, 500 elements
   # ahead) would read hundreds of batches ahead of a resumed or short-lived iterator.
   options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)

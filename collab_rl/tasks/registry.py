@@ -16,7 +16,8 @@ TASKS = {
 
 def task_class(name: str):
   if name not in TASKS:
-    raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+    raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)} (and {TEXT_TASK!r}, the "
+                     "language tier, from a config)")
   module, cls = TASKS[name]
   return getattr(importlib.import_module(module), cls)
 
@@ -35,7 +36,14 @@ def make_task(name: str, sim: Mapping[str, Any] | slots_lib.SimConfig | None = N
   return task_class(name)(sim)
 
 
+TEXT_TASK = "collabllm"  # CollabLLM records against an LM user (tasks/text.py)
+
+
 def config_task(config, **sim: Any):
-  """The task an experiment config names (`config.task`), its scripted user as `config.sim`
-  sets it, with `sim` fields on top."""
+  """The task an experiment config names (`config.task`), its user as `config.sim` sets it, with
+  `sim` fields on top. `collabllm` is the language tier (`text.from_config`), whose replies a
+  conversation may reach are `max_turns` (`sim` field; default `config.num_turns`)."""
+  if config.task == TEXT_TASK:
+    from collab_rl.tasks import text  # pylint: disable=g-import-not-at-top  (loads no weights)
+    return text.from_config(config, max_turns=sim.get("max_turns"))
   return make_task(config.task, {**config.sim.to_dict(), **sim})

@@ -67,6 +67,8 @@ def after_asking(m: dict) -> dict[str, dict]:
   (`score_after_ask_<n>`, [n] per-episode scores), and the share of conversations in which an
   answer repeated one the user had rejected (`repeats_rejected`). Values are the per-episode
   arrays under "x"; "mean" is their mean (nan where no conversation qualifies)."""
+  if "num_missing" not in m:  # the language tier: records do not count missing pieces
+    return {}
   amb, asked = np.asarray(m["ambiguous"], bool), np.asarray(m["asked_first"], bool)
   n_missing = np.asarray(m["num_missing"])
   out = {}
@@ -92,5 +94,12 @@ def summarize(metrics: dict) -> dict[str, float]:
       "interactivity": float(m["interactivity"].mean()),
   }
   out.update({k: v["mean"] for k, v in after_asking(m).items()})
-  out.update(ask_answer_summary(amb, m["asked_first"], m["answered_first"]))
+  # Language-tier records may not say whether their request is ambiguous: the ask/answer
+  # summary counts the ones that do.
+  known = m["ambiguity_known"].astype(bool) if "ambiguity_known" in m else np.ones_like(amb)
+  out.update(ask_answer_summary(amb[known], m["asked_first"][known],
+                                m["answered_first"][known]))
+  for k in ("user_ended", "user_confused", "user_cut"):  # what an LM user did
+    if k in m:
+      out[k] = float(m[k].mean())
   return out

@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from collab_rl import tokenizer as tokenizer_lib
+from collab_rl.tasks import protocol
 from collab_rl.tasks import users as users_lib
+from collab_rl.tokenizer import CONTEXT, USER
 
 # Words every slot task shares, after the tokenizer's specials.
 CONTROL_WORDS = ("ask", "answer", "?", "is", "thanks", "wrong", "known", "unclear", "what", "also",
@@ -109,9 +111,13 @@ def pack(segments: Sequence[tuple[jax.Array, jax.Array]], width: int) -> tuple[j
 
 
 class SlotTask:
-  """Base of the verifiable tasks. Subclasses give slots, templates and `metric`."""
+  """Base of the verifiable tasks. Subclasses give slots, templates and `metric`.
+
+  The task protocol (`protocol.py`): single-token headers (`<assistant>`, `<user>`), the
+  opening `<bos> <user> request <eot>`, nothing after a reply, and scores on device."""
 
   name: str = "slots"
+  device_scored = True
   slots: tuple[Slot, ...] = ()
   # Templates: literal words, or an int k standing for slot k's value.
   request_template: tuple[str | int, ...] = ()
@@ -154,6 +160,43 @@ class SlotTask:
       self.token_slot_V[tid(s.name)] = i
     self.num_values_K = np.array([len(s.values) for s in self.slots], np.int32)
     self.answer_len = len(self.answer_template)
+    self.stop_tokens = (self.eot_id,)
+    self.assistant_header, self.user_header = (self.assistant_header_id,), (self.user_header_id,)
+
+  # ---------------------------------------------------------------------------------------------
+  # What the rollout writes, and the sizes it allocates (protocol.Task).
+  # ---------------------------------------------------------------------------------------------
+
+  @property
+  def opening_width(self) -> int:
+    """Columns of the opening `<bos> <user> request <eot>`: what a policy prefills first."""
+    return 2 + self.request_width + 1
+
+  @property
+  def chunk_width(self) -> int:
+    """The reply's last token (not in the policy's cache yet), `<user>`, the user's answer and
+    its `<eot>` (`max_user_len + 1`), `<assistant>`."""
+    return self.sim.max_user_len + 4
+
+  def conversation_len(self, turns: int, reply_tokens: int) -> int:
+    """The opening, then `turns` replies and user answers at their budgets (with headers and
+    end-of-turn tokens)."""
+    return 4 + self.request_width + turns * (reply_tokens + self.sim.max_user_len + 4)
+
+  def opening(self, intent: Intent) -> list[protocol.Segment]:
+    b = intent.values_BxK.shape[0]
+    ones = jnp.ones((b,), jnp.int32)
+    req, req_len = self.first_request(intent)
+    return [protocol.Segment(jnp.full((b, 1), self.bos_id), ones, CONTEXT, True),
+            protocol.Segment(jnp.full((b, 1), self.user_header_id), ones, CONTEXT, True),
+            protocol.Segment(req, req_len, USER, False)]
+
+  def close_reply(self, reply_BxN: jax.Array, len_B: jax.Array) -> None:
+    return None  # a reply ends with its own `<eot>`; a cut one is left as it is
+
+  def conversation_scores(self, conv, sim: "SimState") -> dict[str, jax.Array]:
+    """R_ext (the latest answer's metric) and R_int (interactivity) of each conversation."""
+    return {"r_ext": sim.score_B, "r_int": self.interactivity(conv.intent, sim)}
 
   # ---------------------------------------------------------------------------------------------
   # Intents and the first request.

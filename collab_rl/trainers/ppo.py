@@ -27,6 +27,7 @@ from collab_rl import rollout as rollout_lib
 from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl.tasks import scoring
+from collab_rl.tasks import text as text_lib
 from collab_rl.tokenizer import ASSISTANT
 
 REWARDS = ("mr", "next_turn_ext", "next_turn_ext_int", "helpfulness", "final")
@@ -67,16 +68,24 @@ def check_config(config):
 # ------------------------------------------------------------------------------------------------
 
 
-def collect(config, model, task, policy, rcfg, params, key):
-  """Plays `config.num_turns` turns; returns the final conversation and per-turn arrays [B, T]."""
+def collect(config, model, task, policy, rcfg, params, key, intent=None):
+  """Plays `config.num_turns` turns of `intent` (default: fresh episodes sampled on device);
+  returns the final conversation and simulator state, each turn's rewards and [B, T] arrays.
+
+  A task scored on device (`protocol.Task.device_scored`) gives rewards_TxB; the language tier
+  gives instead, per turn, the conversations its rewards are read from (`text.played`: MR's
+  B x S futures, or the conversation ending with the reply for next-turn rewards), which the
+  host scores (`score_pending`) once for the whole batch.
+  """
   b, t_max = config.batch_size, config.num_turns
-  group = config.ppo.group_size if config.ppo.advantage != "gae" else 1
+  group = run_rl.group_size(config)
   k_int, k_play = jax.random.split(key)
-  intent = task.sample_intents(k_int, b // group)
-  intent = jax.tree_util.tree_map(lambda x: jnp.repeat(x, group, axis=0), intent)
+  if intent is None:
+    intent = task.sample_intents(k_int, b // group)
+    intent = jax.tree_util.tree_map(lambda x: jnp.repeat(x, group, axis=0), intent)
   conv, sim = rollout_lib.start(task, intent, run_rl.max_len(config, task, rcfg))
   pstate = policy.init(params, conv, rollout_lib.opening_width(task))
-  kind = config.reward.kind
+  kind, host = config.reward.kind, not task.device_scored
 
   def turn(carry, t):
     conv, sim, pstate = carry
@@ -85,7 +94,12 @@ def collect(config, model, task, policy, rcfg, params, key):
     header_pos = conv.cursor_B
     conv = rollout_lib.open_reply(task, conv)
     reply, _, reply_len, pstate = policy(params, conv, sim, pstate, k_pol)
-    if kind == "mr":
+    if host and kind == "mr":
+      r = text_lib.played(*rewards.play_futures(policy, task, params, conv, sim, pstate, reply,
+                                                reply_len, k_rew, rcfg))
+    elif host and kind != "final":
+      r = text_lib.played(rollout_lib.append_reply(task, conv, reply, reply_len), sim)
+    elif kind == "mr":
       r = rewards.multiturn_aware_reward(policy, task, params, conv, sim, pstate, reply,
                                          reply_len, k_rew, rcfg)[0]
     elif kind == "next_turn_ext":
@@ -98,22 +112,24 @@ def collect(config, model, task, policy, rcfg, params, key):
       r = jnp.zeros((b,))
     conv, sim = rollout_lib.answer_reply(task, conv, sim, reply, reply_len, k_user)
     done = conv.done_B & active
-    return (conv, sim, pstate), (jnp.where(active, r, 0.0), done, active, header_pos)
+    if not host:
+      r = jnp.where(active, r, 0.0)
+    return (conv, sim, pstate), (r, done, active, header_pos)
 
-  (conv, sim, _), (r_TxB, done_TxB, valid_TxB, pos_TxB) = jax.lax.scan(
+  (conv, sim, _), (r_T, done_TxB, valid_TxB, pos_TxB) = jax.lax.scan(
       turn, (conv, sim, pstate), jnp.arange(t_max))
-  rewards_BxT, valid_BxT = r_TxB.T, valid_TxB.T
-  if kind == "final":  # R* of the whole conversation, paid on each row's last turn
+  valid_BxT = valid_TxB.T
+  if not host and kind == "final":  # R* of the whole conversation, paid on each row's last turn
     total, _ = rewards.conversation_reward(task, conv, sim, rcfg)
     last = jnp.sum(valid_BxT, 1) - 1
-    rewards_BxT = jax.nn.one_hot(last, t_max) * total[:, None]
-  return conv, sim, rewards_BxT, done_TxB.T, valid_BxT, pos_TxB.T
+    r_T = (jax.nn.one_hot(last, t_max) * total[:, None]).T
+  return conv, sim, r_T, done_TxB.T, valid_BxT, pos_TxB.T
 
 
-def prepare_batch(config, model, task, policy, rcfg, params, ref_params, key):
-  """Collection + values, old and reference log-probs, advantages: everything the update needs."""
-  conv, sim, rewards_BxT, done_BxT, valid_BxT, pos_BxT = collect(config, model, task, policy,
-                                                                 rcfg, params, key)
+def finish_batch(config, model, params, ref_params, conv, rewards_BxT, done_BxT, valid_BxT,
+                 pos_BxT):
+  """Values, old and reference log-probs, advantages of collected conversations: everything
+  the update needs."""
   valid_BxL = conv_lib.valid_mask(conv)
   out = model.apply({"params": params}, conv.tokens_BxL, valid_BxL=valid_BxL)
   old_logp_BxL = losses.token_logprobs(out.logits_BxLxV, conv.tokens_BxL)
@@ -135,17 +151,81 @@ def prepare_batch(config, model, task, policy, rcfg, params, ref_params, key):
   adv_BxL = adv_lib.broadcast_to_tokens(adv_BxT, turn_idx_BxL)
   if p.whiten:
     adv_BxL = adv_lib.whiten(adv_BxL, mask_BxL)
-  batch = dict(tokens_BxL=conv.tokens_BxL, valid_BxL=valid_BxL, mask_BxL=mask_BxL,
-               old_logprobs_BxL=old_logp_BxL, ref_logprobs_BxL=ref_logp_BxL,
-               advantages_BxL=adv_BxL, header_pos_BxT=pos_BxT, old_values_BxT=values_BxT,
-               returns_BxT=ret_BxT, turn_valid_BxT=valid_BxT)
+  return dict(tokens_BxL=conv.tokens_BxL, valid_BxL=valid_BxL, mask_BxL=mask_BxL,
+              old_logprobs_BxL=old_logp_BxL, ref_logprobs_BxL=ref_logp_BxL,
+              advantages_BxL=adv_BxL, header_pos_BxT=pos_BxT, old_values_BxT=values_BxT,
+              returns_BxT=ret_BxT, turn_valid_BxT=valid_BxT)
+
+
+def prepare_batch(config, model, task, policy, rcfg, params, ref_params, key):
+  """Collection + `finish_batch` for a task scored on device, in one jitted call."""
+  conv, sim, r_TxB, done_BxT, valid_BxT, pos_BxT = collect(config, model, task, policy, rcfg,
+                                                           params, key)
+  rewards_BxT = r_TxB.T
+  batch = finish_batch(config, model, params, ref_params, conv, rewards_BxT, done_BxT, valid_BxT,
+                       pos_BxT)
   stats = {f"episode/{k}": v for k, v in scoring.episode_metrics(task, conv, sim).items()}
   stats.update({"reward/per_turn": rewards_BxT.sum(1), "reward/turns": valid_BxT.sum(1)})
   # R* of the collected conversations and its components, whatever reward drives the update.
   total, parts = rewards.conversation_reward(task, conv, sim, rcfg)
   stats.update({"rstar/total": total, **{f"rstar/{k}": v for k, v in parts.items()},
-                "tokens/conversation": valid_BxL.sum(1)})
+                "tokens/conversation": batch["valid_BxL"].sum(1)})
   return batch, stats
+
+
+# ------------------------------------------------------------------------------------------------
+# The language tier: collection on device, rewards on the host, the rest on device.
+# ------------------------------------------------------------------------------------------------
+
+
+def score_pending(world, kind: str, rcfg, pending, valid_BxT, records) -> tuple[np.ndarray, dict]:
+  """rewards_BxT of a language-tier collection: each turn's pending conversations (`collect`)
+  scored on the host in one call, MR's S futures averaged; turns a row did not play score 0
+  and are not scored at all."""
+  conv, _ = sharding_lib.to_host(pending)
+  valid_BxT = np.asarray(valid_BxT)
+  b, t = valid_BxT.shape
+  per = conv.tokens_BxL.shape[1] // b  # S futures per row for MR, else 1
+  flat = jax.tree_util.tree_map(lambda x: x.reshape((t * b * per,) + x.shape[2:]), conv)
+  live = np.repeat(valid_BxT.T.reshape(-1), per)
+  live_conv = jax.tree_util.tree_map(lambda x: x[live], flat)
+  stats = {}
+  if kind == "helpfulness":
+    r, stats = world.scorer.helpfulness(live_conv, records)
+  elif kind == "next_turn_ext":
+    r = world.scorer.score(live_conv, records, with_int=False)[1]["r_ext"]
+  else:
+    r, _, stats = world.scorer.score(live_conv, records)
+  out = np.zeros((t * b * per,), np.float32)
+  out[live] = r
+  return out.reshape(t, b, per).mean(-1).T, stats
+
+
+def text_iteration(config, world, collect_fn, finish_fn, rcfg, params, ref_params, key):
+  """One language-tier batch: records -> collection (jit) -> host rewards -> `finish_batch`
+  (jit); returns the batch and the stats `prepare_batch` gives, as host means."""
+  intent, records = world.next_batch(run_rl.group_size(config))
+  conv, user, pending, done_BxT, valid_BxT, pos_BxT = collect_fn(params, world.user_params, key,
+                                                                 intent)
+  kind = config.reward.kind
+  played_conv, counts = sharding_lib.to_host((conv, user))
+  m, stats = world.scorer.episode_metrics(played_conv, counts, records)
+  if kind == "final":  # R* of the whole conversation, paid on each row's last turn
+    valid = np.asarray(valid_BxT)
+    rewards_BxT = np.eye(config.num_turns, dtype=np.float32)[valid.sum(1) - 1] * m["reward"][:,
+                                                                                         None]
+  else:
+    rewards_BxT, more = score_pending(world, kind, rcfg, pending, valid_BxT, records)
+    stats.update(more)
+  batch = finish_fn(params, ref_params, conv, jnp.asarray(rewards_BxT), done_BxT, valid_BxT,
+                    pos_BxT)
+  means = {f"episode/{k}": float(np.mean(v)) for k, v in m.items()
+           if k not in ("reward",) and np.isfinite(np.mean(v))}
+  means.update({"reward/per_turn": float(rewards_BxT.sum(1).mean()),
+                "reward/turns": float(np.asarray(valid_BxT).sum(1).mean()),
+                "rstar/total": float(m["reward"].mean()),
+                "tokens/conversation": float(np.asarray(conv.cursor_B).mean()), **stats})
+  return batch, means
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,9 +263,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None) -> dict[str, Any]:
   task, mcfg, mesh, rcfg = check_config(config)
   run = run_rl.build(config, workdir, task, mesh, rcfg)
-  model, state = run.model, run.state
+  model, state, world = run.model, run.state, run.world
   policy = run_rl.rollout_policy(config, model, task, rcfg)
-  prep = jax.jit(lambda p, r, k: prepare_batch(config, model, task, policy, rcfg, p, r, k))
+  if world is None:
+    prep = jax.jit(lambda p, r, k: prepare_batch(config, model, task, policy, rcfg, p, r, k))
+  else:
+    def collect_played(p, u, k, intent):
+      conv, sim, pending, *per_turn = collect(config, model, task.bind(u), policy, rcfg, p, k,
+                                              intent)
+      return (*text_lib.played(conv, sim), pending, *per_turn)
+    collect_fn = jax.jit(collect_played)
+    finish_fn = jax.jit(lambda p, r, conv, *per_turn: finish_batch(config, model, p, r, conv,
+                                                                   *per_turn))
   step = run_rl.jit_update(run, mesh, lambda p, mb: ppo_loss(model, config, p, mb))
 
   it0 = int(state.step) // (config.ppo.epochs * config.ppo.minibatches)
@@ -194,7 +283,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   for it in run.steps(it0, stop_after, f"ppo[{config.reward.kind}]"):
     t0 = time.perf_counter()
     key = jax.random.fold_in(state.key, it)
-    batch, stats = jax.block_until_ready(prep(state.params, run.ref_params, key))
+    if world is None:
+      batch, stats = jax.block_until_ready(prep(state.params, run.ref_params, key))
+      stats = run_rl.host_means(stats)
+    else:
+      batch, stats = text_iteration(config, world, collect_fn, finish_fn, rcfg, state.params,
+                                    run.ref_params, key)
     t_collect = time.perf_counter() - t0
     ms = []
     for epoch in range(config.ppo.epochs):
@@ -208,11 +302,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     bad_steps = int(sum(m.pop("nonfinite") for m in ms))
     # Means over the iteration's minibatch steps (skipped ones included: they show what broke).
     ms = run_rl.host_means({k: np.stack([m[k] for m in ms]) for k in ms[0]})
-    scalars = {**ms, **run_rl.host_means(stats), "nonfinite/skipped": bad_steps,
+    scalars = {**ms, **stats, "nonfinite/skipped": bad_steps,
                "time/collect_s": t_collect, "time/iteration_s": time.perf_counter() - t0}
     # Conversation tokens collected and trained on per second of the whole iteration.
     scalars["tokens_per_s"] = (scalars["tokens/conversation"] * config.batch_size
                                / scalars["time/iteration_s"])
-    history.update(run.end_iteration(it, state, scalars, bad_steps))
+    data_state = None if world is None else world.train.get_state()
+    history.update(run.end_iteration(it, state, scalars, bad_steps, data_state))
   run.close()
   return {"state": state, "final": history, "how": run.how}

@@ -1,0 +1,113 @@
+"""The language tier: a Hugging Face Llama/Qwen2 policy trained on CollabLLM records against an LM
+user, CollabLLM's own experiment in JAX (issue 19).
+
+  python -m collab_rl.data prepare --task collabllm --input records.jsonl --data_dir DATA
+  python -m collab_rl.main --config experiments/collabllm.py:ppo_mr --workdir runs/mr \\
+      --config.init_from_hf=POLICY_HF --config.sim.user_from=USER_HF --config.data_dir=DATA
+
+Variants (after the colon): ppo_mr (MR, w = `window`, the method), ppo_ext / ppo_ext_int /
+ppo_helpfulness (next-turn rewards), sft (SFT on the records' conversations: the passive base,
+or the user simulator with `side=user`), runlocal (tiny sizes). `window=`, `side=` take values.
+The policy's architecture comes from `init_from_hf`'s config.json; the user (`sim.user_from`)
+may be the same folder. `config.export_hf` writes the trained policy as a Hugging Face folder
+(WORKDIR/hf), which is how an SFT run hands its model to RL (`init_from_hf=<sft run>/hf`).
+Expected (CollabLLM's finding, and the verifiable tier's): next-turn rewards keep the policy
+passive; MR learns to ask when the request is ambiguous and to answer when it is clear.
+"""
+
+import ml_collections
+
+from experiments import variants
+
+REWARDS = {"ppo_mr": "mr", "ppo_ext": "next_turn_ext", "ppo_ext_int": "next_turn_ext_int",
+           "ppo_helpfulness": "helpfulness", "ppo_final": "final"}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  opts = variants.parse(arg, "collabllm", options={
+      "window": ("2", None), "side": ("assistant", ("assistant", "user"))},
+      flags=("runlocal", *REWARDS, "sft"))
+  sft = opts["sft"]
+  arm = next((a for a in REWARDS if opts[a]), "ppo_mr")
+  c = ml_collections.ConfigDict()
+  c.trainer = "sft_records" if sft else "ppo"
+  c.seed = 0
+
+  c.task = "collabllm"  # the language tier (collab_rl/tasks/text.py)
+  c.data_dir = ""  # prepared records: python -m collab_rl.data prepare --task collabllm
+  c.tokenizer = ""  # the policy's tokenizer folder ("": init_from_hf's)
+  c.sim = ml_collections.ConfigDict(dict(  # the LM user (tasks/text.py UserConfig)
+      user_from="",  # its Hugging Face folder (may be the policy's)
+      max_user_len=48,  # tokens of one user turn
+      temperature=1.0,  # its sampling temperature (0: greedy)
+      prompt="collabllm",  # collabllm (CollabLLM's role-play prompt) | short (small models)
+      show_target=True,  # the reference answer is in the user's prompt, as in CollabLLM
+      max_request_tokens=256,  # the policy's opening: template prefix + first request
+      max_prompt_tokens=1024))  # the user's prompt: instructions, goal, first request
+  c.judge = ml_collections.ConfigDict(dict(
+      folder="",  # an LM judge's Hugging Face folder ("": none; then w_int must be 0)
+      ratings="1,2,3,4,5,6,7,8,9",  # single-token ratings, worst first
+      min_mass=0.5))  # warn when the judge puts less probability on its ratings
+  c.metric = "auto"  # the task score of records without a verifier: auto | answer | bleu | ...
+
+  # The policy's architecture is read from init_from_hf's config.json (run.model_from_hf).
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=0, hidden_size=0, intermediate_size=0, num_hidden_layers=0,
+      num_attention_heads=0, num_key_value_heads=0, max_position_embeddings=0,
+      heads=("lm",) if sft else ("lm", "value"), dtype="float32", remat=False))
+
+  c.num_turns = 3  # assistant turns per conversation
+  c.reply_tokens = 48  # budget of one assistant reply
+  c.temperature = 1.0  # sampling temperature of the rollouts
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.kind = REWARDS[arm]  # mr | next_turn_ext | next_turn_ext_int | helpfulness | final
+  c.reward.window = int(opts["window"])  # MR's forward turns
+  c.reward.samples = 3  # MR's futures per reply
+  c.reward.w_ext = 1.0  # weight of the task score in R*
+  c.reward.w_int = 0.0  # weight of the interactivity judge in R* (needs judge.folder)
+  c.reward.token_cost = 5e-4  # lambda per token read (the paper's)
+
+  c.ppo = ml_collections.ConfigDict(dict(
+      advantage="gae", group_size=4, gamma=1.0, lam=0.95, clip_eps=0.2, vf_coef=0.5,
+      vf_clip=0.5, kl_coef=0.05, ent_coef=0.0, epochs=2, minibatches=2, whiten=True))
+
+  # SFT on the records' conversations (trainers/sft_records.py): the loss on the assistant's
+  # tokens; side=user trains the user simulator on the same conversations, seen from the user's
+  # chat (its prompt with the goal, roles swapped).
+  c.side = opts["side"]
+  c.max_len = 512  # SFT sequence length (longer conversations are cut, and counted)
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3 if sft else 1e-5, warmup_steps=20 if sft else 5, b1=0.9, b2=0.999,
+      weight_decay=0.0, grad_clip=1.0, final_lr_fraction=0.1))
+  c.mesh_shape = (-1, 1, 1)  # (data, fsdp, model)
+  c.partition_rules = ml_collections.FieldReference(None, field_type=list)
+  c.batch_size = 32 if sft else 16  # sequences per SFT step / conversations per iteration
+  c.num_steps = 1000 if sft else 100  # SFT steps / RL iterations
+  c.log_every = 10 if sft else 1
+  c.eval_every = 100 if sft else 10
+  c.eval_batch_size = 32  # held-out records per evaluation (the validation split's first)
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100 if sft else 10, max_to_keep=3,
+                                                async_save=True))
+  c.init_from = ""  # an earlier run's checkpoints (same architecture), or:
+  c.init_from_hf = ""  # the policy's Hugging Face folder (architecture, weights, tokenizer)
+  c.export_hf = True  # WORKDIR/hf at the end: the trained policy, loadable by transformers
+  c.on_nonfinite = "stop"
+
+  if opts["runlocal"]:
+    c.num_turns = 2
+    c.reply_tokens = 16
+    c.sim.max_user_len = 12
+    c.sim.max_request_tokens = 64
+    c.sim.max_prompt_tokens = 256
+    c.max_len = 128
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.num_steps = 2
+    c.eval_every = 2
+    c.reward.samples = 2
+    c.reward.window = min(c.reward.window, 1)
+    c.ppo.minibatches = 1
+    c.checkpoint.every_steps = 1
+  return c
