@@ -349,6 +349,11 @@ def main(argv):
   if not runs:
     raise SystemExit(f"error: no run with a finished checkpoint under {f.workdir}")
   out = f.out or f.workdir
+  from collab_rl import evaluate_text  # pylint: disable=g-import-not-at-top
+  runs = evaluate_text.take_language_runs(runs, out, episodes=f.episodes, turns=f.turns,
+                                          batch=f.batch, split=f.split, data_dir=f.data_dir)
+  if not runs:
+    return
   if f["modes"].present and f["users"].present:
     raise SystemExit("error: --modes is the old name of --users: give one of them")
   names = f.modes if f["modes"].present else f.users
@@ -379,6 +384,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("baselines", "oracle,answer_now", "Scripted reference policies to add.")
   flags.DEFINE_bool("done_only", False, "Only runs the sweep marked finished (`DONE`), not "
                     "the latest checkpoint of one cut short.")
+  flags.DEFINE_string("split", "test", "Language-tier runs: the records' split they play.")
+  flags.DEFINE_string("data_dir", "", "Language-tier runs: prepared records to play instead of "
+                      "each run's own config.data_dir.")
   flags.DEFINE_list("merge", [], "results.json files to merge into one comparison in --out "
                     "(e.g. one evaluation per seed run in parallel); plays nothing.")
   app.run(main)

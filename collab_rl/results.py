@@ -27,7 +27,10 @@ COLUMNS = {"score": "task score", "tokens_read_k": "tokens (k)", "interactivity"
            "tokens_per_solved_k": "tokens/solved (k)",
            "score_after_ask_1": "score after asking (1 missing)",
            "score_after_ask_2": "score after asking (2 missing)",
-           "repeats_rejected": "repeats a rejected answer"}
+           "repeats_rejected": "repeats a rejected answer",
+           # the language tier (evaluate_text.py)
+           "reward": "R*", "user_ended": "user ended the chat",
+           "user_confused": "user wrote the assistant's part"}
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262}
 # Rows of the scripted reference policies: the same test episodes in every evaluation.
@@ -38,6 +41,9 @@ def summary(m: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any
   """Each metric's mean and 95% interval over the episodes of one run."""
   amb = m["ambiguous"].astype(bool)
   ask, ans = m["asked_first"].astype(bool), m["answered_first"].astype(bool)
+  if "ambiguity_known" in m:  # language-tier records that do not say are left out of these
+    known = m["ambiguity_known"].astype(bool)
+    amb, ask, ans = amb[known], ask[known], ans[known]
   per_ep = {"score": m["score"], "tokens_read_k": m["tokens_read"] / 1000,
             "interactivity": m["interactivity"], "turns": m["turns"],
             "ask_when_ambiguous": ask[amb], "answer_when_clear": ans[~amb]}
@@ -56,7 +62,7 @@ def summary(m: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any
   solved = max(int(m["solved"].sum()), 1)
   out["tokens_per_solved_k"] = {"mean": float(m["tokens_read"].sum() / solved / 1000),
                                 "ci": float("nan")}
-  out["episodes"] = int(len(amb))
+  out["episodes"] = int(len(m["score"]))
   return out
 
 
@@ -64,7 +70,8 @@ def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
   """Mean of the seed means and its t interval (nan with one seed)."""
   out = {}
   nan = {"mean": float("nan"), "ci": float("nan")}
-  for k in METRICS:  # a metric that evaluations written before it lack is nan
+  extra = [k for k, v in per_seed[0].items() if isinstance(v, dict) and k not in METRICS]
+  for k in (*METRICS, *extra):  # a metric that evaluations written before it lack is nan
     x = np.array([s.get(k, nan)["mean"] for s in per_seed], np.float64)
     n = len(x)
     half = _T975.get(n - 1, 1.96) * x.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
@@ -74,15 +81,15 @@ def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
+def table(results: dict[str, dict[str, Any]], metrics=METRICS) -> str:
   """Markdown, one row per (task, arm): seed mean +- interval over seeds (episodes if 1 seed)."""
-  head = "| task | arm | seeds | " + " | ".join(COLUMNS[k] for k in METRICS) + " |"
-  lines = [head, "|" + " --- |" * (len(METRICS) + 3)]
+  head = "| task | arm | seeds | " + " | ".join(COLUMNS[k] for k in metrics) + " |"
+  lines = [head, "|" + " --- |" * (len(metrics) + 3)]
   for key in sorted(results):
     r = results[key]
     task, arm = key.split(":", 1)
     cells = []
-    for k in METRICS:
+    for k in metrics:
       mean, ci = r["over_seeds"][k]["mean"], r["over_seeds"][k]["ci"]
       if r["over_seeds"]["seeds"] == 1:
         ci = r["per_seed"][0].get(k, {"ci": float("nan")})["ci"]
@@ -117,9 +124,12 @@ def merge(paths: Iterable[str], out: str | None = None) -> dict[str, Any]:
   return results
 
 
-def write(out: str, settings: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
-  """`results.json` (settings and results) and `results.md` (the table, then any warnings)."""
+def write(out: str, settings: dict[str, Any], results: dict[str, dict[str, Any]],
+          metrics=METRICS) -> None:
+  """`results.json` (settings and results) and `results.md` (the table of `metrics`, then any
+  warnings)."""
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"settings": settings, "results": results}, f, indent=1)
   with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(table(results) + "".join(f"\n> warning: {w}\n" for w in settings["warnings"]))
+    f.write(table(results, metrics)
+            + "".join(f"\n> warning: {w}\n" for w in settings["warnings"]))
