@@ -12,21 +12,40 @@ Phases: rollouts hold the policy's and the simulator's KV caches; the PPO update
 and remat activations (each layer's input, plus fp32 logits and their gradient for one
 microbatch). They never coexist, so peak = persistent + the larger phase. XLA's temporaries (one
 layer's recompute, collective buffers) are not in the table: that is what the headroom is for.
+
+  python -m experiments.memory_plan --collabllm            # the language tier, per slice
+  python -m experiments.memory_plan --collabllm --nojudge --slices=v5e-64
+
+`--collabllm` plans experiments/collabllm_8b.py (`slice=` each of --slices) instead: its policy
+and value head (the config's dtypes), the frozen reference (the starting params as the train
+state holds them), the LM user and the optional judge (Llama-3.1-8B-Instruct's config.json, as
+the workers load them), the rollout state of the policy and the user (`rollout.start` and the
+policy's `init` on a `TextTask` built from the config, x (1 + S) rows for MR's futures), the
+pass that computes the batch's old and reference log-probs, and the update.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
+import ml_collections
 
+from collab_rl import rewards
+from collab_rl import rollout as rollout_lib
 from collab_rl import run as run_lib
+from collab_rl import run_rl
 from collab_rl import sharding
+from collab_rl import tokenizer as tokenizer_lib
 from collab_rl import train_state as state_lib
-from collab_rl.models import attention, transformer
+from collab_rl.models import attention, hf, transformer
+from collab_rl.tasks import text as text_lib
+from experiments import collabllm_8b
 from experiments import lm_synthetic
 from experiments import pods
 
@@ -37,7 +56,12 @@ _ROLLOUT_ROWS = flags.DEFINE_integer("rollout_rows", 512, "KV-cache rows decoded
                                      "global (conversations x MR futures).")
 _TRAIN_ROWS = flags.DEFINE_integer("train_rows_per_chip", 1, "Conversations per chip in one "
                                    "gradient microbatch.")
+_COLLABLLM = flags.DEFINE_bool("collabllm", False, "Plan experiments/collabllm_8b.py (the "
+                                "language tier) on --slices (default: COLLABLLM_SLICES).")
+_JUDGE = flags.DEFINE_bool("judge", True, "With --collabllm: its `judge` variant, an 8B LM judge.")
 _OUT = flags.DEFINE_string("out", None, "Also write the Markdown here.")
+
+COLLABLLM_SLICES = ("v5litepod-64", "v4-64", "v5litepod-256")
 
 GIB = 2**30
 
@@ -61,11 +85,27 @@ def _specs(shardings):
   return jax.tree_util.tree_map(lambda s: s.spec, shardings)
 
 
+def _mesh(shape) -> AbstractMesh:
+  return AbstractMesh(tuple(shape), sharding.AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+@functools.lru_cache(maxsize=None)  # the same per-chip shapes recur from slice to slice
+def _update_bytes(cfg: transformer.TransformerConfig, rows: int, length: int) -> tuple:
+  """(remat activations of an update on `rows` x `length` tokens, its fp32 logits): each layer's
+  input is kept for the backward pass; the logits and their gradient coexist."""
+  model = transformer.Transformer(cfg)
+  fwd = jax.eval_shape(lambda p, t: model.apply({"params": p}, t, heads=("lm",)),
+                       _abstract_params(model), jax.ShapeDtypeStruct((rows, length), jnp.int32))
+  hidden = math.prod(fwd.hidden_BxLxD.shape) * jnp.dtype(fwd.hidden_BxLxD.dtype).itemsize
+  logits = math.prod(fwd.logits_BxLxV.shape) * jnp.dtype(fwd.logits_BxLxV.dtype).itemsize
+  return cfg.num_hidden_layers * hidden + 2 * logits, logits
+
+
 def plan_slice(accelerator: str, context: int, rollout_rows: int, train_rows: int) -> dict:
   """Per-chip bytes of every component on `accelerator`'s 8B mesh."""
   s = pods.get_slice(accelerator)
   shape = pods.policy_8b_mesh(s)
-  mesh = AbstractMesh(shape, sharding.AXES, axis_types=(AxisType.Auto,) * len(shape))
+  mesh = _mesh(shape)
   batch_ways = shape[0] * shape[1]
   if rollout_rows % batch_ways:
     raise ValueError(f"--rollout_rows={rollout_rows} is not a multiple of data x fsdp = "
@@ -93,12 +133,7 @@ def plan_slice(accelerator: str, context: int, rollout_rows: int, train_rows: in
   out["kv_caches"] = 2 * _bytes_per_chip(cache, pods.kv_cache_specs(cache), mesh)
 
   # The update: shapes of one chip's microbatch (its shard of the global batch).
-  fwd = jax.eval_shape(
-      lambda p, t: policy.apply({"params": p}, t, heads=("lm",)), state.params,
-      jax.ShapeDtypeStruct((train_rows, context), jnp.int32))
-  hidden = math.prod(fwd.hidden_BxLxD.shape) * jnp.dtype(fwd.hidden_BxLxD.dtype).itemsize
-  logits = math.prod(fwd.logits_BxLxV.shape) * jnp.dtype(fwd.logits_BxLxV.dtype).itemsize
-  out["activations"] = policy.cfg.num_hidden_layers * hidden + 2 * logits
+  out["activations"], _ = _update_bytes(policy.cfg, train_rows, context)
 
   out["persistent"] = sum(out[k] for k in ("params", "adam", "reference", "simulator",
                                            "reward_model"))
@@ -138,11 +173,171 @@ def markdown(plans: list[dict], context: int, rollout_rows: int, train_rows: int
   return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------
+# The language tier: experiments/collabllm_8b.py.
+# ------------------------------------------------------------------------------------------------
+
+
+class Llama3Tokenizer:
+  """What `TextTask` reads of a tokenizer, as Llama-3.1-Instruct's tokenizer.json has it: the
+  vocabulary, the stop token and the chat template's turn frames (`<|start_header_id|>` role
+  `<|end_header_id|>` "\\n\\n" ... `<|eot_id|>`), the only things its sizes depend on. No
+  download: `encode` gives bytes, which only the TERMINATE and confusion patterns read."""
+
+  vocab_size = 128_256
+  eot_id = 128_009  # <|eot_id|>, also Llama-3.1-Instruct's eos
+  stop_tokens = (128_009,)
+  ROLE_IDS = {"system": 9_125, "user": 882, "assistant": 78_191}
+  tokenizer = types.SimpleNamespace(get_vocab=lambda with_added_tokens=True: {})
+
+  def turn_frame(self, role: str) -> tokenizer_lib.TurnFrame:
+    return tokenizer_lib.TurnFrame((128_006, self.ROLE_IDS[role], 128_007, 271), (128_009,))
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode())
+
+
+@functools.lru_cache(maxsize=None)  # slice-independent shapes, computed once
+def _rl_state(cfg: transformer.TransformerConfig, optimizer: tuple) -> state_lib.TrainState:
+  tx = run_lib.make_optimizer(ml_collections.ConfigDict(dict(optimizer)))  # the RL trainers'
+  return jax.eval_shape(lambda: state_lib.create(
+      transformer.init_params(transformer.Transformer(cfg), jax.random.key(0)), tx,
+      jax.random.key(1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _user_params(cfg: transformer.TransformerConfig):
+  return _abstract_params(transformer.Transformer(cfg))
+
+
+def collabllm_config(accelerator: str, judge: bool):
+  return collabllm_8b.get_config(f"slice={accelerator}" + (",judge" if judge else ""))
+
+
+def plan_collabllm(accelerator: str, judge: bool = True) -> dict:
+  """Per-chip bytes of experiments/collabllm_8b.py on `accelerator` (its `judge` variant with an
+  8B judge when `judge`)."""
+  config = collabllm_config(accelerator, judge)
+  s = pods.get_slice(accelerator)
+  shape = pods.check_mesh(config.mesh_shape, s)
+  mesh = _mesh(shape)
+  ways = shape[0] * shape[1]
+  rules = sharding.rules_from_config(config.partition_rules)
+  # What the workers build: the user (and judge) from config.json as it is (bf16 weights); the
+  # policy with config.json's architecture and the config's heads, dtypes, remat.
+  hf_cfg = hf.config_from_hf(pods.LLAMA31_8B_INSTRUCT_HF)
+  arch = {k: getattr(hf_cfg, k) for k in run_lib.HF_ARCHITECTURE}
+  policy = _model({**config.model.to_dict(), **arch})
+  user = transformer.Transformer(hf_cfg)
+  state = _rl_state(policy.cfg, tuple(sorted(config.optimizer.items())))
+  specs = _specs(state_lib.state_shardings(state, mesh, rules))
+  out = {"slice": s, "mesh": shape, "config": config, "policy": policy.cfg, "user_cfg": hf_cfg,
+         "policy_params": transformer.count_params(state.params)}
+  out["params"] = _bytes_per_chip(state.params, specs.params, mesh)
+  out["adam"] = _bytes_per_chip(state.opt_state, specs.opt_state, mesh)
+  out["grads"] = out["params"]
+  out["reference"] = out["params"]  # run_rl.build: the starting params, as the state holds them
+  user_params = _user_params(hf_cfg)
+  out["user_params"] = transformer.count_params(user_params)
+  out["user"] = _bytes_per_chip(user_params, sharding.param_specs(user_params, rules, mesh), mesh)
+  out["judge"] = out["user"] if config.reward.w_int > 0 else 0  # hf.load_pretrained, bf16
+
+  # Rollout: the conversations' and the user's state as `rollout.start` and the policy's `init`
+  # make them; MR's S futures tile every row (`rollout.tile_rows`) beside the B originals.
+  rcfg = rewards.RewardConfig.from_config(config.reward)
+  horizon = rcfg.horizon(config.num_turns)
+  task = text_lib.TextTask(Llama3Tokenizer(), user, Llama3Tokenizer(),
+                           text_lib.UserConfig(**config.sim.to_dict()),
+                           reply_tokens=config.reply_tokens, max_turns=horizon)
+  rollout_policy = run_rl.rollout_policy(config, policy, task, rcfg)
+  max_len = run_rl.max_len(config, task, rcfg)
+  b, ucfg = config.batch_size, task.ucfg
+  row = lambda *shape: jax.ShapeDtypeStruct((b, *shape), jnp.int32)
+  intent = text_lib.TextIntent(row(), row(ucfg.max_request_tokens), row(ucfg.max_request_tokens),
+                               row(), row(ucfg.max_prompt_tokens), row(), row())
+
+  def begin(params, u_params, intent):
+    bound = task.bind(u_params)
+    conv, sim = rollout_lib.start(bound, intent, max_len)
+    return conv, sim, rollout_policy.init(params, conv, rollout_lib.opening_width(bound))
+
+  conv, sim, pstate = jax.eval_shape(begin, state.params, user_params, intent)
+  copies = 1 + rcfg.samples if config.reward.kind == "mr" else 1
+  per_chip = lambda tree: _bytes_per_chip(tree, pods.kv_cache_specs(tree), mesh)
+  out["policy_kv"] = copies * per_chip((conv, pstate))
+  out["user_kv"] = copies * per_chip(sim)
+  out.update(rows=b // ways, copies=copies, max_len=max_len, view_len=task.view_len,
+             policy_cache=pstate.cache.valid_BxS.shape[1], user_cache=sim.cache.valid_BxS.shape[1])
+  # XLA's largest temporary (not in the peak): one layer's attention scores while the user
+  # prefills its prompt against its cache (compute dtype).
+  out["prefill_scores"] = (user.cfg.num_attention_heads * ucfg.max_prompt_tokens
+                           * out["user_cache"] * jnp.dtype(user.cfg.dtype).itemsize)  # a row
+
+  # ppo.finish_batch: old (and then reference) log-probs of the whole batch, fp32 logits and
+  # their log-softmax, without microbatches.
+  _, logits = _update_bytes(policy.cfg, b // ways, max_len)
+  out["logprob_pass"] = 2 * logits
+  # The update: one minibatch, split over the chips.
+  out["train_rows"] = b // config.ppo.minibatches // ways
+  out["activations"], _ = _update_bytes(policy.cfg, out["train_rows"], max_len)
+
+  out["persistent"] = sum(out[k] for k in ("params", "adam", "reference", "user", "judge"))
+  out["peak"] = out["persistent"] + max(out["policy_kv"] + out["user_kv"], out["logprob_pass"],
+                                        out["grads"] + out["activations"])
+  return out
+
+
+COLLABLLM_COLUMNS = (("policy params", "params"), ("AdamW", "adam"), ("grads", "grads"),
+                     ("reference", "reference"), ("LM user", "user"), ("judge", "judge"),
+                     ("policy KV", "policy_kv"), ("user KV", "user_kv"),
+                     ("log-prob pass", "logprob_pass"), ("activations", "activations"),
+                     ("peak", "peak"))
+
+
+def markdown_collabllm(plans: list[dict]) -> str:
+  p = plans[0]
+  c, cfg = p["config"], p["policy"]
+  judged = any(q["judge"] for q in plans)
+  lines = [
+      f"`experiments/collabllm_8b.py:slice=SLICE{',judge' if judged else ''}` "
+      f"({c.reward.kind}, w = {c.reward.window}, S = {c.reward.samples}): Llama-3.1-8B-Instruct "
+      f"policy ({p['policy_params'] / 1e9:.2f}B params with its value head, {cfg.param_dtype} "
+      f"master weights + AdamW, {cfg.dtype} compute{', remat' if cfg.remat else ''}); its frozen "
+      f"reference is the starting params as the train state holds them ({cfg.param_dtype}). The "
+      f"LM user is the same checkpoint loaded again as it is stored, {p['user_cfg'].dtype} "
+      f"({p['user_params'] / 1e9:.2f}B: a second copy even when `sim.user_from` is the policy's "
+      "folder)" + ("; the judge a third copy." if judged else "; no judge.")
+      + f" Rollout: each conversation and its MR futures ({p['copies']} rows), the policy's KV "
+      f"cache {p['policy_cache']} tokens a row (conversations of {p['max_len']} columns), the "
+      f"user's {p['user_cache']} (its chat: {p['view_len']}). Log-prob pass: old and reference "
+      f"log-probs of a chip's conversations. Update: {p['train_rows']} x {p['max_len']} tokens "
+      f"a chip per step. Not counted: XLA's temporaries, the largest being one layer's "
+      f"attention scores in the user's prompt prefill ({p['prefill_scores'] / GIB:.2f} GiB a "
+      "conversation). GiB per chip:",
+      "",
+      "| slice | chips / hosts | mesh (data, fsdp, model) | batch (a chip) | "
+      + " | ".join(title for title, _ in COLLABLLM_COLUMNS) + " | HBM | headroom |",
+      "| --- | --- | --- | ---: | "
+      + " | ".join("---:" for _ in range(len(COLLABLLM_COLUMNS) + 2)) + " |",
+  ]
+  for q in plans:
+    s = q["slice"]
+    cells = [f"{q[key] / GIB:.2f}" for _, key in COLLABLLM_COLUMNS]
+    lines.append(f"| {s.accelerator_type} | {s.chips} / {s.hosts} | {q['mesh']} | "
+                 f"{q['config'].batch_size} ({q['rows']}) | " + " | ".join(cells)
+                 + f" | {s.hbm_gib:g} | {s.hbm_gib - q['peak'] / GIB:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
   del argv
-  plans = [plan_slice(a, _CONTEXT.value, _ROLLOUT_ROWS.value, _TRAIN_ROWS.value)
-           for a in _SLICES.value]
-  text = markdown(plans, _CONTEXT.value, _ROLLOUT_ROWS.value, _TRAIN_ROWS.value)
+  if _COLLABLLM.value:
+    slices = _SLICES.value if flags.FLAGS["slices"].present else COLLABLLM_SLICES
+    text = markdown_collabllm([plan_collabllm(a, _JUDGE.value) for a in slices])
+  else:
+    plans = [plan_slice(a, _CONTEXT.value, _ROLLOUT_ROWS.value, _TRAIN_ROWS.value)
+             for a in _SLICES.value]
+    text = markdown(plans, _CONTEXT.value, _ROLLOUT_ROWS.value, _TRAIN_ROWS.value)
   print(text, end="")
   if _OUT.value:
     with open(_OUT.value, "w", encoding="utf-8") as f:

@@ -138,3 +138,18 @@ def kv_cache_specs(cache):
       return P(sharding.BATCH_AXES, "model", None, None)
     return P(sharding.BATCH_AXES) if x.ndim else P()  # valid/positions [B, S]; index
   return jax.tree_util.tree_map(spec, cache)
+
+
+# Llama-3.1-8B-Instruct's config.json (meta-llama/Llama-3.1-8B-Instruct on the Hugging Face Hub),
+# as published: what `init_from_hf` and `sim.user_from` read on the workers. The same sizes as
+# Llama-3-8B; Llama-3.1 adds its RoPE scaling and a 128k context. Weights are bf16 (16 GB).
+LLAMA31_8B_INSTRUCT_HF = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False,
+    mlp_bias=False, hidden_act="silu", bos_token_id=128_000,
+    eos_token_id=[128_001, 128_008, 128_009], vocab_size=128_256, hidden_size=4096,
+    intermediate_size=14_336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=131_072, rms_norm_eps=1e-5,
+    rope_theta=500_000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192),
+    tie_word_embeddings=False, torch_dtype="bfloat16")

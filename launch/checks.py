@@ -2,8 +2,8 @@
 
 The config exactly as `collab_rl.main` will load it on the workers (file, variant, overrides),
 checked against the slice: an unknown field, a mesh that does not use the slice's chips, a batch
-that does not split over data x fsdp or over the hosts. And sweeps: a sweep file's arms turned
-into one job each.
+that does not split over data x fsdp or over the hosts, and for the language tier a folder the
+workers will not have (`check_folders`). And sweeps: a sweep file's arms turned into one job each.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from absl import flags as absl_flags
 from ml_collections import config_flags
 
 from collab_rl import config_names
+from collab_rl.tasks import registry
 from experiments import pods
 from launch import gcloud
 
@@ -90,8 +91,59 @@ def mesh_args(mesh: str, accelerator: pods.Slice) -> list[str]:
   return [f"--config.mesh_shape=({','.join(map(str, shape))})"]
 
 
+def parse_stage(spec: str) -> tuple[str, str]:
+  """--stage=LOCAL=gs://SOURCE -> (LOCAL normalised, SOURCE)."""
+  local, sep, source = spec.partition("=")
+  if not sep or not source.startswith("gs://") or not os.path.isabs(local) or local == "/":
+    raise LaunchError(f"--stage={spec!r}: give LOCAL=gs://SOURCE with an absolute folder LOCAL "
+                      "(e.g. --stage=/tmp/llama31=gs://BUCKET/models/Llama-3.1-8B-Instruct)")
+  return os.path.normpath(local), source.rstrip("/")
+
+
+# What the language tier reads as local folders on every worker (safetensors and tokenizer.json:
+# run.py, tasks/text.py, text_scores.py; prepared records: run_text.py), never from gs://.
+TEXT_FOLDERS = ("init_from_hf", "tokenizer", "sim.user_from", "judge.folder", "data_dir")
+
+
+def _field(config, dotted: str):
+  for part in dotted.split("."):
+    config = config.get(part) if config is not None else None
+  return config
+
+
+def check_folders(config, job: gcloud.Job) -> None:
+  """A language-tier config's folders: set where the run needs them (the records, the user, the
+  policy's tokenizer: init_from_hf's unless `tokenizer`, the judge when `reward.w_int` > 0), and
+  on the workers, which start with only the code: under a folder `--stage` copies there."""
+  if config.get("task") != registry.TEXT_TASK:
+    return
+  needed = {"data_dir", "sim.user_from"}
+  if not config.get("tokenizer"):  # the policy's tokenizer is then init_from_hf's
+    needed.add("init_from_hf")
+  if (_field(config, "reward.w_int") or 0) > 0:
+    needed.add("judge.folder")
+  staged = [local for local, _ in job.stage]
+  for name in TEXT_FOLDERS:
+    value = _field(config, name)
+    if not value:
+      if name in needed:
+        raise LaunchError(f"config.{name} is not set: {job.config} needs it on every worker "
+                          f"(--stage=/tmp/NAME=gs://... and --config.{name}=/tmp/NAME)")
+      continue
+    if value.startswith("gs://"):
+      local = "/tmp/" + value.rstrip("/").rsplit("/", 1)[-1]
+      raise LaunchError(f"config.{name}={value!r}: the workers read it as a local folder, not "
+                        f"from GCS; copy it there with --stage={local}={value} and pass "
+                        f"--config.{name}={local}")
+    path = os.path.normpath(value)
+    if not any(path == local or path.startswith(local.rstrip("/") + "/") for local in staged):
+      raise LaunchError(f"config.{name}={value!r} is not on the workers (a fresh TPU VM has only "
+                        f"the code): give a folder under a --stage=LOCAL=gs://... "
+                        f"(staged: {staged or 'none'})")
+
+
 def check_job(job: gcloud.Job) -> None:
-  """Config, mesh and batch against the slice, on this machine."""
+  """Config, mesh, batch and the language tier's folders against the slice, on this machine."""
   config = load_config(job.config, job.main_args)
   s = job.accelerator
   if "mesh_shape" in config:
@@ -106,6 +158,7 @@ def check_job(job: gcloud.Job) -> None:
     if batch is not None and batch % s.hosts:
       raise LaunchError(f"config.batch_size={batch} of {job.config} does not split over the "
                         f"{s.hosts} hosts of {s.accelerator_type}")
+  check_folders(config, job)
 
 
 def load_sweep(spec: str) -> list[dict]:

@@ -39,6 +39,8 @@ class Job:
   project: str | None = None
   spot: bool = False
   queued: bool = False
+  # (local folder on every worker, gs:// source): copied there before each run (`stage_command`)
+  stage: tuple[tuple[str, str], ...] = ()
 
 
 def _where(job: Job) -> list[str]:
@@ -101,6 +103,13 @@ def install_command(python: str = "3.11") -> str:
       + " ".join(shlex.quote(p) for p in TPU_PACKAGES),
   ]
   return " && ".join(steps)
+
+
+def stage_command(job: Job) -> str:
+  """Copies each staged gs:// folder onto the worker (rsync: a restart copies what is missing).
+  What the library reads as local paths (Hugging Face folders, prepared records) gets there so."""
+  return " && ".join(f"mkdir -p {shlex.quote(local)} && gcloud storage rsync --recursive "
+                     f"{shlex.quote(source)} {shlex.quote(local)}" for local, source in job.stage)
 
 
 def main_argv(job: Job) -> list[str]:

@@ -7,7 +7,9 @@
   python -m launch.tpu delete --name=lm-v5e --zone=us-west4-a
   python -m launch.tpu sweep  --sweep=experiments/collab_arms_sweep.py --name=abl ...
 
-Flags after `--` go to `python -m collab_rl.main` on every worker. `--dry-run` prints every
+Flags after `--` go to `python -m collab_rl.main` on every worker. `--stage=LOCAL=gs://SRC`
+(repeatable) copies a GCS folder onto every worker before each run: what the library reads as
+local folders (Hugging Face checkpoints, prepared records). `--dry-run` prints every
 command (gcloud and local) instead of running it. The config and its overrides are loaded here
 first, so that an unknown field, a mesh that does not fit the slice or a batch that does not split
 over its hosts fails on this machine, before anything is created.
@@ -105,6 +107,9 @@ def install(shell: Shell, job: gcloud.Job, archive: str) -> None:
 
 
 def run(shell: Shell, job: gcloud.Job, *, check: bool = True) -> int:
+  """The staged folders onto every worker (`--stage`), then training on all of them."""
+  if job.stage:
+    shell.run(gcloud.on_workers(job, gcloud.stage_command(job)))
   return shell.run(gcloud.on_workers(job, gcloud.run_command(job)), check=check)
 
 
@@ -214,6 +219,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   train = argparse.ArgumentParser(add_help=False)
   train.add_argument("--workdir", required=True, help="gs://... (sweeps: one folder per arm)")
   train.add_argument("--mesh", default="", help="data,fsdp,model or 8b (default: the config's)")
+  train.add_argument("--stage", action="append", default=[], metavar="LOCAL=gs://SRC",
+                     help="copy a GCS folder to LOCAL on every worker before each run "
+                          "(repeatable): Hugging Face folders, prepared records")
   train.add_argument("main_args", nargs="*", help="after --: more collab_rl.main flags")
   loop = argparse.ArgumentParser(add_help=False)
   loop.add_argument("--max_restarts", type=int, default=20, help="recreations after preemption")
@@ -253,7 +261,8 @@ def job_from_args(args: argparse.Namespace, config: str = "") -> gcloud.Job:
   runtime = getattr(args, "runtime_version", None) or (s.runtime_version if s else "")
   return gcloud.Job(name=args.name, zone=args.zone, accelerator=s, runtime_version=runtime,
                     config=config, workdir=workdir, main_args=main_args,
-                    project=args.project, spot=getattr(args, "spot", False), queued=args.queued)
+                    project=args.project, spot=getattr(args, "spot", False), queued=args.queued,
+                    stage=tuple(checks.parse_stage(x) for x in getattr(args, "stage", [])))
 
 
 def main(argv: Sequence[str]) -> None:

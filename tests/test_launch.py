@@ -58,6 +58,76 @@ def test_dry_run_of_a_spot_v5e_256_sweep(queued, capsys):
     assert ("--force" in delete) == queued and "--quiet" in delete
 
 
+STAGE = ["--stage=/tmp/llama31=gs://bkt/models/Llama-3.1-8B-Instruct",
+         "--stage=/tmp/collabllm=gs://bkt/collabllm_data"]
+FOLDERS = ["--config.init_from_hf=/tmp/llama31", "--config.sim.user_from=/tmp/llama31",
+           "--config.data_dir=/tmp/collabllm"]
+
+
+def _collabllm_8b(accelerator, flags=(), main_args=FOLDERS, variant=""):
+  return ["watch", "--name=cllm", "--zone=us-west4-a", f"--accelerator={accelerator}", "--spot",
+          f"--config=experiments/collabllm_8b.py:slice={accelerator}{variant}",
+          "--workdir=gs://bkt/cllm", *STAGE, "--dry-run", *flags, "--", *main_args]
+
+
+@pytest.mark.parametrize("accelerator, chips, mesh, batch", [
+    ("v5litepod-64", 64, "(1, 64, 1)", 64), ("v4-64", 32, "(1, 32, 1)", 64)])
+def test_dry_run_of_llama_8b_collabllm(accelerator, chips, mesh, batch, capsys):
+  tpu.main(_collabllm_8b(accelerator))
+  commands = _commands(capsys.readouterr().out)
+  verbs = [(c[3], c[4]) for c in commands]
+  assert verbs == [("tpu-vm", "create"), ("tpu-vm", "scp"), ("tpu-vm", "ssh"), ("tpu-vm", "ssh"),
+                   ("tpu-vm", "ssh"), ("tpu-vm", "delete")], verbs
+  create, scp, install, stage, train, delete = commands
+  s = pods.get_slice(accelerator)
+  assert {f"--accelerator-type={accelerator}", f"--version={s.runtime_version}", "--spot",
+          "--zone=us-west4-a"} <= set(create)
+  assert all("--worker=all" in c for c in (scp, install, stage, train))
+  assert "jax[tpu]" in install[-2]
+  # Every worker copies the checkpoint and the records to the folders the config names, then runs.
+  assert next(a for a in stage if a.startswith("--command=")) == (
+      "--command=mkdir -p /tmp/llama31 && gcloud storage rsync --recursive "
+      "gs://bkt/models/Llama-3.1-8B-Instruct /tmp/llama31 && mkdir -p /tmp/collabllm && "
+      "gcloud storage rsync --recursive gs://bkt/collabllm_data /tmp/collabllm")
+  command = next(a for a in train if a.startswith("--command="))
+  main_argv = shlex.split(command.split("&&", 1)[1].split("2>&1")[0])
+  assert main_argv[1:] == ["-m", "collab_rl.main",
+                           f"--config=experiments/collabllm_8b.py:slice={accelerator}",
+                           "--workdir=gs://bkt/cllm", "--distributed", *FOLDERS]
+  assert delete[-1] == "--quiet"
+  # The config the workers load: the 8B mesh for this slice, one conversation a chip per update
+  # step (two a chip per iteration on v4's 32 GiB, one on v5e's 16), bf16 compute over fp32
+  # master weights.
+  config = checks.load_config(f"experiments/collabllm_8b.py:slice={accelerator}", FOLDERS)
+  assert (str(tuple(config.mesh_shape)), config.batch_size) == (mesh, batch)
+  assert mesh == str(pods.policy_8b_mesh(accelerator))
+  assert config.batch_size // config.ppo.minibatches == chips == config.eval_batch_size
+  assert (config.model.dtype, config.model.param_dtype, config.model.remat) == (
+      "bfloat16", "float32", True)
+  assert (config.reward.kind, config.reward.window, config.reward.samples) == ("mr", 2, 3)
+
+
+@pytest.mark.parametrize("flags, main_args, variant, match", [
+    ([], FOLDERS[:2] + ["--config.data_dir=gs://bkt/collabllm_data"], "",
+     "config.data_dir='gs://bkt/collabllm_data': the workers read it as a local folder, not from "
+     "GCS; copy it there with --stage=/tmp/collabllm_data=gs://bkt/collabllm_data"),
+    ([], FOLDERS[:2] + ["--config.data_dir=/home/me/data"], "",
+     "config.data_dir='/home/me/data' is not on the workers"),
+    ([], FOLDERS[1:], "", "config.init_from_hf is not set"),
+    ([], FOLDERS, ",judge", "config.judge.folder is not set"),
+    (["--stage=llama=gs://bkt/x"], FOLDERS, "", "--stage='llama=gs://bkt/x': give LOCAL=gs://"),
+    (["--accelerator=v4-64"], FOLDERS, "", "config.mesh_shape=(1, 64, 1) of experiments/"
+     "collabllm_8b.py:slice=v5litepod-64: mesh shape {'data': 1, 'fsdp': 64, 'model': 1} needs "
+     "64 devices"),
+])
+def test_bad_llama_8b_input_names_the_field(flags, main_args, variant, match):
+  argv = _collabllm_8b("v5litepod-64", main_args=main_args, variant=variant)
+  for f in flags:  # a later flag wins in argparse
+    argv.insert(argv.index("--"), f)
+  with pytest.raises(checks.LaunchError, match=re.escape(match)):
+    tpu.main(argv)
+
+
 @pytest.mark.parametrize("flags, main_args, match", [
     (["--accelerator=v9-8"], MAIN_ARGS, "--accelerator: unknown accelerator type 'v9-8'"),
     (["--mesh=3,5,1"], MAIN_ARGS, "--mesh=3,5,1: mesh shape {'data': 3, 'fsdp': 5, 'model': 1} "
@@ -179,7 +249,8 @@ def test_slices_and_meshes():
 
 
 def test_readme_memory_plan_is_the_scripts_output():
-  """The README's table is what experiments/memory_plan.py prints with its defaults."""
+  """The README's tables are what experiments/memory_plan.py prints with its defaults, and with
+  --collabllm (experiments/collabllm_8b.py on v5e-64, v4-64 and v5e-256)."""
   defaults = dict(context=4096, rollout_rows=512, train_rows=1)
   plans = [memory_plan.plan_slice(a, **defaults) for a in ("v4-64", "v5e-256")]
   v4 = plans[0]
@@ -189,3 +260,21 @@ def test_readme_memory_plan_is_the_scripts_output():
   assert v4["adam"] == pytest.approx(2 * v4["params"], rel=1e-3)
   readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
   assert memory_plan.markdown(plans, **defaults) in readme
+
+  text = [memory_plan.plan_collabllm(a) for a in memory_plan.COLLABLLM_SLICES]
+  v5e, v4 = text[:2]
+  # The same checks worked out by hand for Llama-3.1-8B on 64 chips: fp32 policy and reference,
+  # bf16 user and judge (the same 8B weights, no value head), norms replicated; a KV cache row
+  # holds 32 layers x (k, v) x 8 heads x 128 dims in bf16 a token, for each conversation and 3
+  # futures of it; v4's chips hold two conversations.
+  assert v5e["params"] == v5e["reference"] == pytest.approx(v5e["policy_params"] * 4 / 64,
+                                                            rel=3e-3)
+  assert v5e["user"] == v5e["judge"] == pytest.approx(v5e["user_params"] * 2 / 64, rel=3e-3)
+  kv_token = 32 * 2 * 8 * 128 * 2
+  assert (v5e["rows"], v4["rows"], v5e["copies"], v5e["max_len"]) == (1, 2, 4, 4028)  # <= 4096
+  assert v5e["policy_kv"] == pytest.approx(4 * v5e["policy_cache"] * kv_token, rel=1e-3)
+  assert v5e["user_kv"] == pytest.approx(4 * v5e["user_cache"] * kv_token, rel=1e-3)
+  assert v4["user_kv"] == 2 * v5e["user_kv"]
+  assert v5e["logprob_pass"] == 2 * 4028 * 128_256 * 4
+  assert all(p["peak"] / memory_plan.GIB < p["slice"].hbm_gib for p in text)
+  assert memory_plan.markdown_collabllm(text) in readme

@@ -1,0 +1,93 @@
+"""Llama-3.1-8B-Instruct trained with MR against a Llama-3.1-8B-Instruct user on a TPU slice:
+experiments/collabllm.py at CollabLLM's sizes (issue 19).
+
+  python -m launch.tpu watch --name=cllm-8b --zone=us-west4-a --accelerator=v5litepod-64 --spot \\
+      --config=experiments/collabllm_8b.py:slice=v5litepod-64 --workdir=gs://BUCKET/cllm-8b \\
+      --stage=/tmp/llama31=gs://BUCKET/models/Llama-3.1-8B-Instruct \\
+      --stage=/tmp/collabllm=gs://BUCKET/collabllm_data \\
+      -- --config.init_from_hf=/tmp/llama31 --config.sim.user_from=/tmp/llama31 \\
+      --config.data_dir=/tmp/collabllm
+
+`slice=` names the launcher's --accelerator (v5litepod-64 by default; v4-64, v5litepod-256, ...):
+it sets the mesh (pods.policy_8b_mesh) and the batch (one conversation per chip in each update
+step; two per iteration where a chip has 32 GiB, one on v5e). The records are prepared here
+(`python -m collab_rl.data prepare --task collabllm --input records.jsonl --data_dir D`, then
+`gcloud storage rsync -r D gs://...`). The library reads the Hugging Face folders and the records
+as local paths, so `--stage=LOCAL=gs://...` copies them onto every worker before each run (again
+after each preemption); the launcher refuses a gs:// folder, an unset one or one it does not
+stage. `--dry-run` prints every command.
+The per-chip memory plan: `python -m experiments.memory_plan --collabllm`.
+
+Variants (after the colon, with slice=): collabllm.py's reward arms (ppo_mr, the default;
+ppo_ext, ppo_ext_int, ppo_helpfulness, ppo_final), `window=` (MR's forward turns, 2) and `judge`
+(R_int from an LM judge, weight 1 as in CollabLLM's R*: add --config.judge.folder=/tmp/llama31).
+Expected: collabllm.py's result at scale: MR learns to ask when the request is ambiguous and to
+answer when it is clear; the next-turn arms stay passive.
+"""
+
+import ml_collections
+
+from experiments import collabllm
+from experiments import pods
+from experiments import variants
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  opts = variants.parse(arg, "collabllm_8b", flags=(*collabllm.REWARDS, "judge"), options={
+      "slice": ("v5litepod-64", None), "window": ("2", None)})
+  arm = next((a for a in collabllm.REWARDS if opts[a]), "ppo_mr")
+  c = collabllm.get_config(f"{arm},window={opts['window']}")
+  s = pods.get_slice(opts["slice"])  # an unknown accelerator type fails here, naming the known
+
+  # bf16 compute with fp32 master weights (AdamW's updates at lr 1e-6 vanish in bf16), every
+  # layer rematerialised: a 4k-token conversation's activations then fit a v5e chip's 16 GiB.
+  # The architecture fields stay 0: init_from_hf's config.json sets them (run.model_from_hf).
+  c.model.dtype = "bfloat16"  # compute, and the rollout's KV caches
+  c.model.param_dtype = "float32"  # the policy's (and its value head's) master weights
+  c.model.remat = True  # recompute each layer in the backward pass
+
+  # Params over fsdp (partition_rules None: the Llama rules, pods.RULES_8B), conversations over
+  # data x fsdp: (1, 64, 1) on v5e-64, (1, 32, 1) on v4-64, (4, 64, 1) on v5e-256. The launcher
+  # checks it against --accelerator.
+  c.mesh_shape = pods.policy_8b_mesh(s)
+  rows = c.mesh_shape[0] * c.mesh_shape[1]
+
+  # CollabLLM's sizes. A conversation reaches sim.max_request_tokens + (num_turns + window) x
+  # (reply_tokens + max_user_len + 10 template ids) = 512 + 6 x 586 = 4028 <= 4096 columns.
+  c.num_turns = 4  # assistant turns per conversation
+  c.reply_tokens = 384  # one reply's budget (a longer one is cut, its end of turn added)
+  c.temperature = 1.0  # the policy's sampling temperature in rollouts
+  c.sim.max_user_len = 192  # one user turn's budget
+  c.sim.temperature = 1.0  # the user's sampling temperature (its futures differ per sample)
+  c.sim.prompt = "collabllm"  # CollabLLM's role-play prompt (an 8B user follows it)
+  c.sim.show_target = True  # the reference answer is in the user's prompt, as in CollabLLM
+  # Llama-3.1's template opens with its dated system header (~25 ids), then the request; a
+  # longer request (a whole document) fails naming its record: raise this, lower reply_tokens.
+  c.sim.max_request_tokens = 512
+  c.sim.max_prompt_tokens = 2048  # role-play instructions + goal + reference answer
+
+  c.reward.window = int(opts["window"])  # MR's forward turns (the paper's w = 2)
+  c.reward.samples = 3  # S futures per reply: B x S rows decode beside the B conversations
+  c.reward.token_cost = 5e-4  # lambda per token read (the paper's; 1e-4 for documents)
+  c.reward.w_int = 1.0 if opts["judge"] else 0.0  # R_int needs --config.judge.folder
+
+  # Conversations a chip: 2 where a chip has 32 GiB or more (v4, v5p, v6e), 1 on v5e's 16 GiB.
+  # The rollout holds each with its S futures in both KV caches, and XLA copies the user's
+  # caches around its prefill (README "Scale out"; python -m experiments.memory_plan --collabllm).
+  per_chip = 2 if s.hbm_gib >= 32 else 1
+  c.batch_size = per_chip * rows  # conversations per iteration
+  c.eval_batch_size = rows  # validation records per evaluation (one per chip)
+  c.ppo.minibatches = per_chip  # so each update step trains one 4k-token conversation per chip
+  c.ppo.epochs = 2  # passes over each iteration's conversations
+  c.ppo.kl_coef = 0.05  # k3 KL to the frozen reference (the starting policy)
+  c.optimizer.learning_rate = 1e-6  # an 8B policy's PPO step
+  c.optimizer.warmup_steps = 10  # optimizer steps (epochs x minibatches per iteration)
+  c.num_steps = 200  # iterations: 200 x batch_size conversations
+  c.log_every = 1
+  c.eval_every = 20  # a greedy pass over the validation records, scored on the host
+  # Spot slices are preempted: a checkpoint every 10 iterations (96 GB: fp32 params + AdamW),
+  # the last two kept; frozen params (reference, user, judge) are never saved.
+  c.checkpoint.every_steps = 10
+  c.checkpoint.max_to_keep = 2
+  c.export_hf = True  # WORKDIR/hf at the end: the trained policy, for transformers or a next run
+  return c
