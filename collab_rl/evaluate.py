@@ -351,7 +351,8 @@ def main(argv):
   out = f.out or f.workdir
   from collab_rl import evaluate_text  # pylint: disable=g-import-not-at-top
   runs = evaluate_text.take_language_runs(runs, out, episodes=f.episodes, turns=f.turns,
-                                          batch=f.batch, split=f.split, data_dir=f.data_dir)
+                                          batch=f.batch, split=f.split, data_dir=f.data_dir,
+                                          user_from=f.user_from)
   if not runs:
     return
   if f["modes"].present and f["users"].present:
@@ -387,6 +388,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("split", "test", "Language-tier runs: the records' split they play.")
   flags.DEFINE_string("data_dir", "", "Language-tier runs: prepared records to play instead of "
                       "each run's own config.data_dir.")
+  flags.DEFINE_string("user_from", "", "Language-tier runs: the LM user's folder, for runs whose "
+                      "config names none (an SFT base).")
   flags.DEFINE_list("merge", [], "results.json files to merge into one comparison in --out "
                     "(e.g. one evaluation per seed run in parallel); plays nothing.")
   app.run(main)

@@ -47,12 +47,17 @@ def is_text_run(config: dict) -> bool:
   return config.get("task") == run_text.RECORDS
 
 
-def load(run_dir: str, *, turns: int, data_dir: str | None = None):
-  """(config, task, policy model, params) of a language-tier run's latest checkpoint."""
+def load(run_dir: str, *, turns: int, data_dir: str | None = None,
+         user_from: str | None = None):
+  """(config, task, policy model, params) of a language-tier run's latest checkpoint; its
+  records and LM user replaced by `data_dir` / `user_from` where given (an SFT base names no
+  user of its own)."""
   checkpoints = os.path.join(os.path.abspath(run_dir), "checkpoints")
   config = ml_collections.ConfigDict(ckpt_lib.read_config(checkpoints))
   if data_dir:
     config.data_dir = data_dir
+  if user_from:
+    config.sim.user_from = user_from
   task = text_lib.from_config(config, max_turns=turns)
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
   abstract = jax.eval_shape(lambda: transformer.init_params(model, jax.random.key(0)))
@@ -84,7 +89,7 @@ def play(config, task, model, params, records, *, turns: int, batch: int, seed: 
 
 def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: int, turns: int,
                   batch: int, split: str = "test", data_dir: str | None = None,
-                  samples: int = 3) -> dict[str, Any]:
+                  user_from: str | None = None, samples: int = 3) -> dict[str, Any]:
   """Plays and scores every language-tier run (see the module docstring); writes into `out`."""
   runs = list(runs)
   per_arm: dict[str, list] = collections.defaultdict(list)
@@ -92,7 +97,8 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
   rng = np.random.default_rng(0)
   users: dict[str, Any] = {}  # user folder -> params, loaded once for all runs
   for run_dir, arm, seed in metrics_lib.progress(runs, desc="evaluate (language)"):
-    config, task, model, params = load(run_dir, turns=turns, data_dir=data_dir)
+    config, task, model, params = load(run_dir, turns=turns, data_dir=data_dir,
+                                       user_from=user_from)
     records = run_text.first_records(config.data_dir, split, episodes)
     if len(records) < batch or episodes % batch:
       raise ValueError(f"--episodes={episodes} must be a positive multiple of --batch={batch}")
@@ -130,6 +136,7 @@ def take_language_runs(runs, out: str, **kwargs) -> list[tuple[str, str, int]]:
   if text:
     text_out = os.path.join(out, "language") if rest else out
     kwargs["data_dir"] = kwargs.get("data_dir") or None
+    kwargs["user_from"] = kwargs.get("user_from") or None
     print(results_lib.table(evaluate_runs(text, text_out, **kwargs), METRICS))
     print(f"wrote {text_out}/results.json, results.md and samples/")
   return rest

@@ -141,11 +141,13 @@ def write(path: str, recs: Iterable[dict]) -> str:
 
 
 def corpus(recs: Iterable[dict]) -> list[str]:
-  """Texts a tokenizer for these records is trained on: every message, goal and answer, and
-  the fixed prompts around them (the user's instructions, the stage direction)."""
-  out = [text_lib.SHORT_PROMPT, text_lib.SHORT_TARGET, text_lib.simulators.OPENING,
-         text_lib.simulators.ROLE_PLAY_PROMPT]
+  """Texts a tokenizer for these records is trained on: every message, and the user's short
+  role-play prompt as each record fills it in (its instructions then count as often as the
+  records, so that byte-pair merges cover them), and CollabLLM's longer prompt once."""
+  out = [text_lib.simulators.ROLE_PLAY_PROMPT]
   for r in recs:
-    out += [r["single_turn_prompt"], r["single_turn_completion"],
-            *[t["content"] for t in r.get("turns", [])]]
+    target = text_lib.SHORT_TARGET.format(target=r["single_turn_completion"])
+    out += [text_lib.SHORT_PROMPT.format(goal=r["single_turn_prompt"], target_line=target,
+                                         marker=text_lib.TERMINATE),
+            text_lib.simulators.OPENING, *[t["content"] for t in r.get("turns", [])]]
   return out

@@ -19,7 +19,7 @@ FLOORS = {
     "rewards": 4, "reward_model": 4, "advantages": 4, "losses": 4, "data": 4, "sft": 4,
     "results": 4, "eval_users": 4, "text_scores": 4,
     "run": 5, "run_rl": 5, "run_text": 5,  # the run scaffold under the trainers
-    "trainers": 6, "evaluate": 6,
+    "trainers": 6, "evaluate": 6, "evaluate_text": 6,
     "main": 7,
 }
 

@@ -1,0 +1,294 @@
+"""The language tier on tiny random Hugging Face checkpoints made here (Llama-3 and Qwen2 chat
+templates): the device rollout against an LM user, the goal kept from the policy, MR's batched
+futures against single futures played one by one, PPO and SFT on records, resume, the HF export,
+and bad input failing before anything compiles."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from collab_rl import rewards
+from collab_rl import rollout as rollout_lib
+from collab_rl import run_rl
+from collab_rl import sampling
+from collab_rl import text_scores
+from collab_rl.data import builders
+from collab_rl.models import hf
+from collab_rl.tasks import text as text_lib
+from collab_rl.tasks import verifiers
+from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
+from experiments import collabllm, english_tasks, hf_models
+
+TURNS, REPLY = 2, 12
+
+
+def _records(n: int, seed: int = 0) -> list[dict]:
+  return english_tasks.records("sft", n, seed)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """Records (prepared), and per chat style a tiny random folder used as policy and user."""
+  root = tmp_path_factory.mktemp("text")
+  recs = _records(48)
+  jsonl = english_tasks.write(str(root / "records.jsonl"), recs)
+  builders.prepare_collabllm(jsonl, str(root / "data"), validation_fraction=0.25,
+                             test_fraction=0.25)
+  texts = english_tasks.corpus(recs)
+  folders = {}
+  for style in ("llama3", "qwen2"):
+    tok = hf_models.train_tokenizer(texts, style, vocab_size=400)
+    cfg = hf_models.model_config(tok, style, hidden_size=32, intermediate_size=64)
+    folders[style] = hf_models.save_folder(root / style, tok, cfg, seed=3)
+  return {"root": root, "data": str(root / "data"), "records": recs, **folders}
+
+
+def _config(world, style: str = "llama3", arm: str = "ppo_mr") -> ml_collections.ConfigDict:
+  c = collabllm.get_config(f"{arm},runlocal")
+  c.init_from_hf = world[style]
+  c.sim.user_from = world[style]
+  c.data_dir = world["data"]
+  c.num_turns, c.reply_tokens = TURNS, REPLY
+  c.sim.prompt = "short"
+  c.sim.max_user_len = 10
+  c.sim.max_request_tokens = 96  # Qwen2 opens with its default system prompt
+  c.sim.max_prompt_tokens = 256
+  c.batch_size = c.eval_batch_size = 8
+  return c
+
+
+def _task(world, style="llama3", **sim):
+  c = _config(world, style)
+  c.sim.update(sim)
+  return text_lib.from_config(c, max_turns=TURNS + 1)
+
+
+def _policy(task, model, greedy=False):
+  sc = sampling.SamplingConfig(max_new_tokens=REPLY, greedy=greedy, stop_tokens=task.stop_tokens)
+  return rollout_lib.lm_policy(model, sc, chunk_width=task.chunk_width, max_turns=TURNS + 1)
+
+
+def _play(task, model, params, user_params, records, key, policy=None):
+  policy = policy or _policy(task, model)
+  run = jax.jit(lambda p, u, i, k: rollout_lib.rollout(
+      policy, task.bind(u), p, k, len(records), num_turns=TURNS,
+      max_len=task.conversation_len(TURNS, REPLY), intent=i))
+  return run(params, user_params, task.encode(records), key)
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen2"])
+def test_rollout_writes_each_template_and_ends_every_turn(world, style):
+  task = _task(world, style)
+  model, params = hf.load_pretrained(world[style])
+  ro = _play(task, model, params, params, world["records"][:4], jax.random.key(0))
+  conv = jax.device_get(ro.conv)
+  toks, roles = np.asarray(conv.tokens_BxL), np.asarray(conv.roles_BxL)
+  asst_h, user_h = list(task.assistant_header), list(task.user_header)
+  for b in range(4):
+    n = int(conv.cursor_B[b])
+    row, rl = toks[b, :n].tolist(), roles[b, :n]
+    # The opening is the policy template's rendering of the first request (nothing else).
+    want, want_roles = text_lib._opening(task.tokenizer,  # pylint: disable=protected-access
+                                         text_lib.first_request(world["records"][b]))
+    assert row[:len(want)] == want.tolist() and (rl[:len(want)] == want_roles).all()
+    # Every reply follows the assistant header, every user turn the user header and ends with
+    # the template's end of turn: the rollout wrote whole template turns around what it sampled.
+    starts = [i for i in range(n) if rl[i] == ASSISTANT and rl[i - 1] != ASSISTANT]
+    assert len(starts) == TURNS or conv.done_B[b]
+    for i in starts:
+      assert row[i - len(asst_h):i] == asst_h and (rl[i - len(asst_h):i] == CONTEXT).all()
+    ends = [i for i in range(len(want), n) if rl[i] == USER and (i + 1 == n or rl[i + 1] != USER)]
+    for i in ends:
+      assert row[i - len(task.user_footer) + 1:i + 1] == list(task.user_footer)
+  assert not np.asarray(conv.overflow_B).any()
+  assert int(np.asarray(ro.sim.turns_B).min()) >= 1
+
+
+def test_the_goal_never_reaches_the_policy(world):
+  """Two goals, one first request: with a user whose words cannot depend on its prompt (its
+  attention and MLP outputs zeroed) and greedy sampling on both sides, the policy's
+  conversations are identical bit for bit, while the goal is in the user's own chat."""
+  task = _task(world, temperature=0.0)
+  model, params = hf.load_pretrained(world["llama3"])
+  deaf = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros_like(x) if any(getattr(k, "key", "") in ("o_proj", "down_proj")
+                                            for k in p) else x, params)
+  rec = world["records"][0]
+  other = {**rec, "single_turn_prompt": "Please compute 9 * 9 * 9.",
+           "single_turn_completion": "The answer is 9 * 9 * 9."}
+  ro = _play(task, model, params, deaf, [rec, other], jax.random.key(1),
+             policy=_policy(task, model, greedy=True))
+  conv, view = jax.device_get(ro.conv), jax.device_get(ro.sim.view)
+  np.testing.assert_array_equal(conv.tokens_BxL[0], conv.tokens_BxL[1])
+  goals = [list(p) for p in text_lib._variants(  # pylint: disable=protected-access
+      task.tokenizer, "9 * 9 * 9")]
+  flat = lambda r: np.asarray(view.tokens_BxL[r, :int(view.cursor_B[r])]).tolist()
+  has = lambda seq: any(seq[i:i + len(g)] == g for g in goals for i in range(len(seq)))
+  assert has(flat(1)) and not has(flat(0))
+  assert not has(np.asarray(conv.tokens_BxL[1]).tolist())
+
+
+def test_mr_futures_equal_single_futures_played_one_by_one(world):
+  """MR's B x S futures (tiled caches, one batched call) against each future replayed from
+  scratch as a batch-1 rollout, greedy on both sides: the same conversations, the same R*."""
+  task = _task(world, temperature=0.0)
+  model, params = hf.load_pretrained(world["llama3"])
+  policy = _policy(task, model, greedy=True)
+  recs = world["records"][:3]
+  cfg = rewards.RewardConfig(window=1, samples=2, w_int=0.0)
+  columns = task.conversation_len(TURNS, REPLY)
+  bound = task.bind(params)
+
+  @jax.jit
+  def futures(intent, key):
+    conv, sim = rollout_lib.start(bound, intent, columns)
+    pstate = policy.init(params, conv, task.opening_width)
+    conv = rollout_lib.open_reply(bound, conv)
+    reply, _, n, pstate = policy(params, conv, sim, pstate, key)
+    return text_lib.played(*rewards.play_futures(policy, bound, params, conv, sim, pstate,
+                                                  reply, n, key, cfg))
+
+  batched, _ = jax.device_get(futures(task.encode(recs), jax.random.key(2)))
+  scorer = text_scores.TextScorer(task, cfg)
+  want_total = scorer.score(batched, recs)[0]
+  for b, rec in enumerate(recs):
+    one = jax.device_get(_play(task, model, params, params, [rec], jax.random.key(5),
+                               policy=policy).conv)
+    for s in range(cfg.samples):
+      r = b * cfg.samples + s
+      n = int(batched.cursor_B[r])
+      assert int(one.cursor_B[0]) >= n
+      np.testing.assert_array_equal(batched.tokens_BxL[r, :n], one.tokens_BxL[0, :n])
+  assert want_total.shape == (len(recs) * cfg.samples,)
+
+
+def test_ppo_trains_resumes_bit_exactly_and_exports_for_transformers(world, tmp_path):
+  from collab_rl.trainers import ppo  # pylint: disable=g-import-not-at-top
+  c = _config(world)
+  user_before = jax.device_get(hf.load_pretrained(world["llama3"])[1])
+  first = ppo.train(c, str(tmp_path / "a"), stop_after=1)
+  assert first["how"] == f"init_from_hf {world['llama3']}"
+  resumed = ppo.train(_config(world), str(tmp_path / "a"))
+  straight = ppo.train(_config(world), str(tmp_path / "b"))
+  assert resumed["how"] == "resumed step 1"
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
+                         jax.device_get(straight["state"].params))
+  start = jax.device_get(first["state"].params)
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                                 jax.device_get(straight["state"].params)["layers_0"], start[
+                                     "layers_0"])
+  assert max(jax.tree_util.tree_leaves(moved)) > 0  # the policy changed
+  # The user is frozen: its folder's weights are what it played with, untouched.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, user_before,
+                         jax.device_get(hf.load_pretrained(world["llama3"])[1]))
+  final = straight["final"]
+  for k in ("eval/score", "eval/ask_when_ambiguous", "policy_loss", "rstar/total"):
+    assert np.isfinite(final[k]), k
+  _same_logits_in_transformers(tmp_path / "b" / "hf", straight["state"].params)
+
+
+def _same_logits_in_transformers(folder, params):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  model, loaded = hf.load_pretrained(folder)
+  tok = text_lib.tokenizer_lib.Tokenizer.from_pretrained(folder)
+  ids = np.asarray([tok.encode_chat([{"role": "user", "content": "Please compute 3 + ? * 2."}],
+                                    add_generation_prompt=True)[0]])
+  ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+  with torch.no_grad():
+    want = ref(torch.tensor(ids)).logits.numpy()
+  got = np.asarray(model.apply({"params": loaded}, jnp.asarray(ids)).logits_BxLxV)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  ours = np.asarray(model.apply({"params": {k: v for k, v in params.items()
+                                            if k != "value_head"}}, jnp.asarray(ids)).logits_BxLxV)
+  np.testing.assert_allclose(got, ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["assistant", "user"])
+def test_sft_on_records_lowers_the_loss(world, tmp_path, side):
+  from collab_rl.trainers import sft_records  # pylint: disable=g-import-not-at-top
+  c = collabllm.get_config(f"sft,runlocal,side={side}")
+  c.init_from_hf, c.data_dir = world["llama3"], world["data"]
+  c.sim.prompt, c.max_len = "short", 320
+  c.num_steps, c.eval_every, c.log_every = 12, 12, 4
+  c.optimizer.learning_rate = 3e-3
+  out = sft_records.train(c, str(tmp_path / side))
+  rows = [json.loads(line) for line in open(tmp_path / side / "metrics.jsonl")]
+  assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.5
+  assert rows[-1]["truncated"] == 0.0
+  assert (tmp_path / side / "hf" / "model.safetensors").exists()
+  assert out["how"] == f"init_from_hf {world['llama3']}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: clear errors before anything compiles.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_folders_and_budgets_fail_before_compiling(world, tmp_path, compile_counter):
+  with compile_counter as counter:
+    c = _config(world)
+    c.sim.user_from = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="sim.user_from=.*nowhere.*no config.json"):
+      run_rl.check_common(c)
+    c = _config(world)
+    c.judge.folder = str(tmp_path / "nojudge")
+    task = text_lib.from_config(c)
+    from collab_rl import run_text  # pylint: disable=g-import-not-at-top
+    with pytest.raises(FileNotFoundError, match="judge folder.*nojudge"):
+      run_text.make_scorer(c, task)
+    with pytest.raises(ValueError, match="not a single token"):
+      text_scores.load_judge(world["llama3"], ("excellent", "terrible"))
+    c = _config(world)
+    c.reward.w_int = 0.1
+    with pytest.raises(ValueError, match="w_int=0.1 scores interactivity with an LM judge"):
+      run_text.make_scorer(c, text_lib.from_config(c))
+    long = {**world["records"][0], "line": 7, "source": "x.jsonl",
+            "turns": [{"role": "user", "content": "Please compute " + "1 + " * 60 + "1."}]}
+    with pytest.raises(ValueError, match=r"x.jsonl:7: the policy's opening is \d+ tokens"):
+      _task(world).encode([long])
+    c = _config(world)
+    c.sim.user_from = world["qwen2"]  # another vocabulary
+    with pytest.raises(ValueError, match="another vocabulary than the policy's"):
+      text_lib.from_config(c)
+    c = _config(world)
+    c.data_dir = str(tmp_path / "nodata")
+    with pytest.raises(FileNotFoundError, match="prepare --task collabllm"):
+      run_rl.check_common(c)
+  assert counter.count == 0
+
+
+def test_user_end_and_confusion_are_found_on_tokens(world):
+  task = _task(world)
+  tok = task.tokenizer
+  for text in ("Thanks, that is right. [[TERMINATE CHAT]]", "[[TERMINATE CHAT]]",
+               "ok\n[[TERMINATE CHAT]] bye"):
+    ids = jnp.asarray([tok.encode(text)])
+    hit = [text_lib._contains(ids, jnp.asarray([ids.shape[1]]), p)  # pylint: disable=protected-access
+           for p in task.end_patterns]
+    assert bool(jnp.any(jnp.stack(hit))), text
+  ids = jnp.asarray([tok.encode("Sure! As an AI, here is the answer.")])
+  assert any(bool(text_lib._contains(ids, jnp.asarray([ids.shape[1]]), p)[0])  # pylint: disable=protected-access
+             for p in task.confusion_patterns)
+  ids = jnp.asarray([tok.encode("The second number is 7.")])
+  assert not any(bool(text_lib._contains(ids, jnp.asarray([ids.shape[1]]), p)[0])  # pylint: disable=protected-access
+                 for p in [*task.end_patterns, *task.confusion_patterns])
+
+
+def test_verifiers_score_text():
+  assert verifiers.answer_match("Sure. The answer is 3 + 7 * 2.", "3 + 7 * 2") == 1.0
+  assert verifiers.answer_match("The answer is 3 + 7 * 3.", "3 + 7 * 2") == 0.0
+  assert verifiers.answer_match("so \\boxed{42}", "The answer is 42.") == 1.0
+  assert verifiers.bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+  assert 0 < verifiers.bleu("the cat sat on a mat", "the cat sat on the mat") < 1
+  assert verifiers.verifier({"tests": "assert f() == 1"}) == "tests"
+  assert verifiers.verifier({"answer": "1"}) == "answer"
+  assert verifiers.verifier({}) == "bleu" and verifiers.verifier({}, "judge") == "judge"
+  with pytest.raises(ValueError, match="verifier='nope'"):
+    verifiers.verifier({"verifier": "nope"})
