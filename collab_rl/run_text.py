@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from collab_rl import rewards
@@ -79,6 +80,25 @@ class World(NamedTuple):
     """Records -> the task's ids, as global arrays on the mesh."""
     intent = self.task.encode(records)
     return intent if self.mesh is None else sharding_lib.shard_batch(intent, self.mesh)
+
+  def score(self, pending, live_N: np.ndarray, records, kind: str = "mr"
+            ) -> tuple[np.ndarray, dict[str, float]]:
+    """Rewards of the played conversations `pending` (`text.played` of N rows, on the host or
+    device) under reward `kind`: R* (mr, next_turn_ext_int), the task score alone
+    (next_turn_ext) or the helpfulness judge; rows not `live_N` are not scored and get 0."""
+    conv, _ = sharding_lib.to_host(pending)
+    live = np.asarray(live_N, bool)
+    conv = jax.tree_util.tree_map(lambda x: x[live], conv)
+    stats = {}
+    if kind == "helpfulness":
+      r, stats = self.scorer.helpfulness(conv, records)
+    elif kind == "next_turn_ext":
+      r = self.scorer.score(conv, records, with_int=False)[1]["r_ext"]
+    else:
+      r, _, stats = self.scorer.score(conv, records)
+    out = np.zeros(live.shape, np.float32)
+    out[live] = r
+    return out, stats
 
   def next_batch(self, group: int = 1) -> tuple[text_lib.TextIntent, list[dict]]:
     """The next train batch (each record `group` times in a row, for group baselines)."""

@@ -6,8 +6,9 @@ user, CollabLLM's own experiment in JAX (issue 19).
       --config.init_from_hf=POLICY_HF --config.sim.user_from=USER_HF --config.data_dir=DATA
 
 Variants (after the colon): ppo_mr (MR, w = `window`, the method), ppo_ext / ppo_ext_int /
-ppo_helpfulness (next-turn rewards), sft (SFT on the records' conversations: the passive base,
-or the user simulator with `side=user`), runlocal (tiny sizes). `window=`, `side=` take values.
+ppo_helpfulness (next-turn rewards), dpo_online (DPO on MR-ranked candidates sampled now), sft
+(SFT on the records' conversations: the passive base, or the user simulator with `side=user`),
+runlocal (tiny sizes). `window=`, `side=` take values.
 The policy's architecture comes from `init_from_hf`'s config.json; the user (`sim.user_from`)
 may be the same folder. `config.export_hf` writes the trained policy as a Hugging Face folder
 (WORKDIR/hf), which is how an SFT run hands its model to RL (`init_from_hf=<sft run>/hf`).
@@ -26,11 +27,11 @@ REWARDS = {"ppo_mr": "mr", "ppo_ext": "next_turn_ext", "ppo_ext_int": "next_turn
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   opts = variants.parse(arg, "collabllm", options={
       "window": ("2", None), "side": ("assistant", ("assistant", "user"))},
-      flags=("runlocal", *REWARDS, "sft"))
-  sft = opts["sft"]
+      flags=("runlocal", *REWARDS, "sft", "dpo_online"))
+  sft, dpo = opts["sft"], opts["dpo_online"]
   arm = next((a for a in REWARDS if opts[a]), "ppo_mr")
   c = ml_collections.ConfigDict()
-  c.trainer = "sft_records" if sft else "ppo"
+  c.trainer = "sft_records" if sft else "dpo" if dpo else "ppo"
   c.seed = 0
 
   c.task = "collabllm"  # the language tier (collab_rl/tasks/text.py)
@@ -54,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=0, hidden_size=0, intermediate_size=0, num_hidden_layers=0,
       num_attention_heads=0, num_key_value_heads=0, max_position_embeddings=0,
-      heads=("lm",) if sft else ("lm", "value"), dtype="float32", remat=False))
+      heads=("lm", "value") if arm.startswith("ppo") and not (sft or dpo) else ("lm",),
+      dtype="float32", remat=False))
 
   c.num_turns = 3  # assistant turns per conversation
   c.reply_tokens = 48  # budget of one assistant reply
@@ -67,6 +69,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reward.w_ext = 1.0  # weight of the task score in R*
   c.reward.w_int = 0.0  # weight of the interactivity judge in R* (needs judge.folder)
   c.reward.token_cost = 5e-4  # lambda per token read (the paper's)
+
+  # DPO (trainers/dpo.py): G candidates per conversation after `context_turns` turns, ranked
+  # by MR; (best, worst) pairs whose MR gap passes `min_gap`.
+  c.dpo = ml_collections.ConfigDict(dict(source="online", beta=0.1))
+  c.candidates = 4
+  c.min_gap = 0.05
+  c.context_turns = 0
 
   c.ppo = ml_collections.ConfigDict(dict(
       advantage="gae", group_size=4, gamma=1.0, lam=0.95, clip_eps=0.2, vf_coef=0.5,

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from collab_rl import conversation as conv_lib
 from collab_rl import losses
@@ -31,6 +32,7 @@ from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl.data import engine
 from collab_rl.data import loader as loader_lib
+from collab_rl.tasks import text as text_lib
 from collab_rl.tokenizer import ASSISTANT
 
 SOURCES = ("online", "offline")
@@ -65,11 +67,11 @@ def check_config(config):
 # ------------------------------------------------------------------------------------------------
 
 
-def collect_pairs(config, task, policy, rcfg, params, ref_params, model, key):
-  """Histories, G candidates, their MR, and the (best, worst) pair of each conversation."""
-  b, g = config.batch_size, config.candidates
-  k_int, k_ctx, k_cand, k_mr = jax.random.split(key, 4)
-  intent = task.sample_intents(k_int, b)
+def play_history(config, task, policy, rcfg, params, k_int, k_ctx, intent=None):
+  """`context_turns` turns of fresh conversations (from `k_int`, or `intent`), ending with the
+  assistant header: (conv, sim, the policy's state), what G candidates are sampled after."""
+  b = config.batch_size
+  intent = task.sample_intents(k_int, b) if intent is None else intent
   conv, sim = rollout_lib.start(task, intent, run_rl.max_len(config, task, rcfg))
   pstate = policy.init(params, conv, rollout_lib.opening_width(task))
   if config.context_turns:
@@ -77,18 +79,46 @@ def collect_pairs(config, task, policy, rcfg, params, ref_params, model, key):
                                  policy_state=pstate)
     conv, sim = out.conv, out.sim
     pstate = policy.init(params, conv)  # the context, prefilled once more for the candidates
-  conv = rollout_lib.open_reply(task, conv)
-  cands = rewards.ranked_candidates(policy, task, params, conv, sim, pstate, g, k_cand, k_mr,
-                                    rcfg)
-  mr_BxG, best, worst = cands.mr_BxG, cands.best_B, cands.worst_B
+  return rollout_lib.open_reply(task, conv), sim, pstate
+
+
+def collect_pairs(config, task, policy, rcfg, params, ref_params, model, key):
+  """Histories, G candidates, their MR, and the (best, worst) pair of each conversation: all on
+  device, for a task scored there."""
+  k_int, k_ctx, k_cand, k_mr = jax.random.split(key, 4)
+  conv, sim, pstate = play_history(config, task, policy, rcfg, params, k_int, k_ctx)
+  cands = rewards.ranked_candidates(policy, task, params, conv, sim, pstate, config.candidates,
+                                    k_cand, k_mr, rcfg)
+  return pairs(config, model, ref_params, conv, cands.tokens_BGxN, cands.lengths_BG,
+               cands.mr_BxG)
+
+
+def candidate_futures(config, task, policy, rcfg, params, key, intent):
+  """The language tier's first half of `collect_pairs`: histories of `intent`, G candidates
+  and their B x G x S futures (`text.played`), which the host scores."""
+  k_ctx, k_cand, k_mr = jax.random.split(key, 3)
+  conv, sim, pstate = play_history(config, task, policy, rcfg, params, k_ctx, k_ctx,
+                                   intent)
+  conv_g, sim_g, pstate_g = rollout_lib.tile_rows((conv, sim, pstate), config.candidates)
+  reply, _, reply_len, pstate_g = policy(params, conv_g, sim_g, pstate_g, k_cand)
+  futures = rewards.play_futures(policy, task, params, conv_g, sim_g, pstate_g, reply,
+                                 reply_len, k_mr, rcfg)
+  return text_lib.played(conv, sim)[0], reply, reply_len, text_lib.played(*futures)
+
+
+def pairs(config, model, ref_params, conv, tokens_BGxN, lengths_BG, mr_BxG):
+  """The (best, worst) candidate of each conversation by MR, kept when their gap passes
+  `min_gap` and the conversation was still going: each as the history + the candidate, scored
+  on the candidate's tokens alone."""
+  g = config.candidates
+  best, worst = jnp.argmax(mr_BxG, 1), jnp.argmin(mr_BxG, 1)
   gap = jnp.take_along_axis(mr_BxG, best[:, None], 1)[:, 0] - jnp.take_along_axis(
       mr_BxG, worst[:, None], 1)[:, 0]
   keep = (gap > config.min_gap) & ~conv.done_B
 
   def with_reply(idx):
-    rows = cands.rows(idx)
-    full = conv_lib.append(conv, cands.tokens_BGxN[rows], cands.lengths_BG[rows], ASSISTANT,
-                           new_turn=False)
+    rows = jnp.arange(conv.batch) * g + idx
+    full = conv_lib.append(conv, tokens_BGxN[rows], lengths_BG[rows], ASSISTANT, new_turn=False)
     # The candidate is the last assistant message: its tokens are the only ones scored.
     cand = (full.roles_BxL == ASSISTANT) & (full.turns_BxL == full.num_turns_B[:, None] - 1)
     return full.tokens_BxL, conv_lib.valid_mask(full), cand
@@ -161,21 +191,34 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   run = run_rl.build(config, workdir, task, mesh, rcfg)
   model, state = run.model, run.state
   step = run_rl.jit_update(run, mesh, lambda p, b: dpo_loss(model, config, p, b))
-  data_iter = None
-  if config.dpo.source == "online":
+  data_iter, world = None, run.world
+  if config.dpo.source == "online" and world is None:
     policy = run_rl.rollout_policy(config, model, task, rcfg)
     collect = jax.jit(lambda p, r, k: collect_pairs(config, task, policy, rcfg, p, r, model, k))
+  elif config.dpo.source == "online":
+    policy = run_rl.rollout_policy(config, model, task, rcfg)
+    futures = jax.jit(lambda p, u, k, i: candidate_futures(config, task.bind(u), policy, rcfg, p,
+                                                           k, i))
+    pair_fn = jax.jit(lambda r, *args: pairs(config, model, r, *args))
+
+    def collect(params, ref_params, key):
+      intent, records = world.next_batch()
+      conv, reply, reply_len, fut = futures(params, world.user_params, key, intent)
+      b, g, s = config.batch_size, config.candidates, rcfg.samples
+      live = np.repeat(~np.asarray(sharding_lib.to_host(conv.done_B)), g * s)
+      mr, _ = world.score(fut, live, records)
+      return pair_fn(ref_params, conv, reply, reply_len, jnp.asarray(mr.reshape(b, g, s).mean(-1)))
   else:
     data_iter = iter(loader_lib.make_loader(config.data_dir, engine.NAME, "train",
                                             config.batch_size, seed=config.seed))
     if run.data_state is not None:
       data_iter.set_state(run.data_state)
-    pairs = jax.jit(lambda r, rec: offline_pairs(config, model, r, rec))
+    offline = jax.jit(lambda r, rec: offline_pairs(config, model, r, rec))
 
     def collect(params, ref_params, key):
       del params, key  # the pairs were ranked when the data was made
       fields = {k: v for k, v in next(data_iter).items() if k in engine.FIELDS}
-      return pairs(ref_params, sharding_lib.shard_batch(fields, mesh))
+      return offline(ref_params, sharding_lib.shard_batch(fields, mesh))
 
   start = int(state.step)
   history = run.baseline(start)
@@ -191,8 +234,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     scalars.update({"nonfinite/skipped": bad_steps, "time/collect_s": t_collect,
                     "time/iteration_s": seconds,
                     "tokens_per_s": scalars["tokens/trained"] / seconds})
+    position = data_iter if data_iter is not None else world.train if world else None
     history.update(run.end_iteration(
         it, state, scalars, bad_steps,
-        data_state=None if data_iter is None else data_iter.get_state()))
+        data_state=None if position is None else position.get_state()))
   run.close()
   return {"state": state, "final": history, "how": run.how}

@@ -178,30 +178,20 @@ def prepare_batch(config, model, task, policy, rcfg, params, ref_params, key):
 # ------------------------------------------------------------------------------------------------
 
 
-def score_pending(world, kind: str, rcfg, pending, valid_BxT, records) -> tuple[np.ndarray, dict]:
-  """rewards_BxT of a language-tier collection: each turn's pending conversations (`collect`)
-  scored on the host in one call, MR's S futures averaged; turns a row did not play score 0
-  and are not scored at all."""
-  conv, _ = sharding_lib.to_host(pending)
+def score_pending(world, kind: str, pending, valid_BxT, records) -> tuple[np.ndarray, dict]:
+  """rewards_BxT of a language-tier collection: each turn's pending conversations (`collect`,
+  leaves [T, N, ...]) scored on the host in one call, MR's S futures averaged; turns a row did
+  not play score 0 and are not scored at all."""
   valid_BxT = np.asarray(valid_BxT)
   b, t = valid_BxT.shape
-  per = conv.tokens_BxL.shape[1] // b  # S futures per row for MR, else 1
-  flat = jax.tree_util.tree_map(lambda x: x.reshape((t * b * per,) + x.shape[2:]), conv)
-  live = np.repeat(valid_BxT.T.reshape(-1), per)
-  live_conv = jax.tree_util.tree_map(lambda x: x[live], flat)
-  stats = {}
-  if kind == "helpfulness":
-    r, stats = world.scorer.helpfulness(live_conv, records)
-  elif kind == "next_turn_ext":
-    r = world.scorer.score(live_conv, records, with_int=False)[1]["r_ext"]
-  else:
-    r, _, stats = world.scorer.score(live_conv, records)
-  out = np.zeros((t * b * per,), np.float32)
-  out[live] = r
-  return out.reshape(t, b, per).mean(-1).T, stats
+  n = pending[0].tokens_BxL.shape[1]
+  per = n // b  # S futures per row for MR, else 1
+  flat = jax.tree_util.tree_map(lambda x: x.reshape((t * n,) + x.shape[2:]), pending)
+  r, stats = world.score(flat, np.repeat(valid_BxT.T.reshape(-1), per), records, kind)
+  return r.reshape(t, b, per).mean(-1).T, stats
 
 
-def text_iteration(config, world, collect_fn, finish_fn, rcfg, params, ref_params, key):
+def text_iteration(config, world, collect_fn, finish_fn, params, ref_params, key):
   """One language-tier batch: records -> collection (jit) -> host rewards -> `finish_batch`
   (jit); returns the batch and the stats `prepare_batch` gives, as host means."""
   intent, records = world.next_batch(run_rl.group_size(config))
@@ -215,7 +205,7 @@ def text_iteration(config, world, collect_fn, finish_fn, rcfg, params, ref_param
     rewards_BxT = np.eye(config.num_turns, dtype=np.float32)[valid.sum(1) - 1] * m["reward"][:,
                                                                                          None]
   else:
-    rewards_BxT, more = score_pending(world, kind, rcfg, pending, valid_BxT, records)
+    rewards_BxT, more = score_pending(world, kind, pending, valid_BxT, records)
     stats.update(more)
   batch = finish_fn(params, ref_params, conv, jnp.asarray(rewards_BxT), done_BxT, valid_BxT,
                     pos_BxT)
@@ -287,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       batch, stats = jax.block_until_ready(prep(state.params, run.ref_params, key))
       stats = run_rl.host_means(stats)
     else:
-      batch, stats = text_iteration(config, world, collect_fn, finish_fn, rcfg, state.params,
+      batch, stats = text_iteration(config, world, collect_fn, finish_fn, state.params,
                                     run.ref_params, key)
     t_collect = time.perf_counter() - t0
     ms = []
