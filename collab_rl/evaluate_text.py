@@ -34,6 +34,7 @@ from collab_rl import run_rl
 from collab_rl import run_text
 from collab_rl import sharding as sharding_lib
 from collab_rl import text_scores
+from collab_rl.data import loader as loader_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import text as text_lib
 
@@ -99,13 +100,13 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
   for run_dir, arm, seed in metrics_lib.progress(runs, desc="evaluate (language)"):
     config, task, model, params = load(run_dir, turns=turns, data_dir=data_dir,
                                        user_from=user_from)
-    records = run_text.first_records(config.data_dir, split, episodes)
+    records = loader_lib.first_records(config.data_dir, split, episodes)
     if len(records) < batch or episodes % batch:
       raise ValueError(f"--episodes={episodes} must be a positive multiple of --batch={batch}")
     folder = task.ucfg.user_from
     if folder not in users:
       users[folder] = text_lib.load_user_params(task)
-    scorer = run_text.make_scorer(config, task)
+    scorer = text_scores.from_config(config, task)
     m, chats = play(config, task, model, params, records, turns=turns, batch=batch, seed=seed,
                     scorer=scorer, user_params=users[folder])
     s = results_lib.summary(m, rng)

@@ -17,45 +17,14 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
-from collab_rl import rewards
 from collab_rl import sharding as sharding_lib
 from collab_rl import text_scores
 from collab_rl.data import loader as loader_lib
 from collab_rl.tasks import text as text_lib
 
 RECORDS = "collabllm"  # the prepared dataset's name (data/builders.py CollabLLM)
-
-
-def records_of(batch: dict[str, Any], source: str) -> list[dict[str, Any]]:
-  """A loader batch (a dict of per-field lists) as one dict per record, each naming its
-  `source` and `line` (what errors about a record cite)."""
-  n = len(batch["single_turn_prompt"])
-  return [{**{k: (v[i].item() if isinstance(v, np.ndarray) else v[i]) for k, v in batch.items()},
-           "source": source} for i in range(n)]
-
-
-def first_records(data_dir: str, split: str, n: int) -> list[dict[str, Any]]:
-  """The first `n` records of a split, in file order (fixed evaluation episodes)."""
-  src = loader_lib.data_source(data_dir, RECORDS, split)
-  if len(src) < n:
-    raise ValueError(f"{RECORDS}/{split} in {data_dir} has {len(src)} records, fewer than the "
-                     f"{n} an evaluation plays")
-  return records_of(loader_lib.read_batch(src, True, np.arange(n)),
-                    f"{data_dir}/{RECORDS}/{split}")
-
-
-def make_scorer(config, task: text_lib.TextTask, mesh=None) -> text_scores.TextScorer:
-  """The scorer of `config` (its judge loaded when `config.judge.folder` is set)."""
-  j = config.judge
-  judge = None
-  if j.folder:
-    judge = text_scores.load_judge(j.folder, tuple(j.ratings.split(",")), min_mass=j.min_mass,
-                                   mesh=mesh)
-  return text_scores.TextScorer(task, rewards.RewardConfig.from_config(config.reward), judge,
-                                metric=config.metric)
 
 
 def check(config) -> None:
@@ -83,26 +52,12 @@ class World(NamedTuple):
 
   def score(self, pending, live_N: np.ndarray, records, kind: str = "mr"
             ) -> tuple[np.ndarray, dict[str, float]]:
-    """Rewards of the played conversations `pending` (`text.played` of N rows, on the host or
-    device) under reward `kind`: R* (mr, next_turn_ext_int), the task score alone
-    (next_turn_ext) or the helpfulness judge; rows not `live_N` are not scored and get 0."""
-    conv, _ = sharding_lib.to_host(pending)
-    live = np.asarray(live_N, bool)
-    conv = jax.tree_util.tree_map(lambda x: x[live], conv)
-    stats = {}
-    if kind == "helpfulness":
-      r, stats = self.scorer.helpfulness(conv, records)
-    elif kind == "next_turn_ext":
-      r = self.scorer.score(conv, records, with_int=False)[1]["r_ext"]
-    else:
-      r, _, stats = self.scorer.score(conv, records)
-    out = np.zeros(live.shape, np.float32)
-    out[live] = r
-    return out, stats
+    """`text_scores.score_live` with this world's scorer."""
+    return text_scores.score_live(self.scorer, pending, live_N, records, kind)
 
   def next_batch(self, group: int = 1) -> tuple[text_lib.TextIntent, list[dict]]:
     """The next train batch (each record `group` times in a row, for group baselines)."""
-    records = records_of(next(self.train), self.source)
+    records = loader_lib.records_of(next(self.train), self.source)
     records = [r for r in records for _ in range(group)]
     return self.encode(records), records
 
@@ -112,8 +67,8 @@ def build(config, task: text_lib.TextTask, mesh, *, batch: int, seed: int) -> Wo
   check(config)
   source = f"{config.data_dir}/{RECORDS}/train"
   train = iter(loader_lib.make_loader(config.data_dir, RECORDS, "train", batch, seed=seed))
-  evals = first_records(config.data_dir, "validation", config.eval_batch_size)
+  evals = loader_lib.first_records(config.data_dir, "validation", config.eval_batch_size)
   task.encode(evals)  # a record that does not fit its budgets fails before anything compiles
-  return World(task, text_lib.load_user_params(task, mesh), make_scorer(config, task, mesh),
-               train, source, evals, mesh)
+  return World(task, text_lib.load_user_params(task, mesh),
+               text_scores.from_config(config, task, mesh), train, source, evals, mesh)
 

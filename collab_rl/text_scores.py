@@ -228,3 +228,34 @@ class TextScorer:
         "user_ended": np.asarray(sim.ended_B, bool),
         "user_confused": np.asarray(sim.confused_B) > 0, "user_cut": np.asarray(sim.cut_B) > 0,
     }, stats
+
+
+def score_live(scorer: TextScorer, pending, live_N, records, kind: str = "mr"
+               ) -> tuple[np.ndarray, dict[str, float]]:
+  """Rewards of played conversations (`text.played` of N rows, on the host or the device)
+  under reward `kind`: R* (mr, next_turn_ext_int, final), the task score alone
+  (next_turn_ext) or the helpfulness judge; rows not `live_N` are not scored and get 0."""
+  conv, _ = sharding_lib.to_host(pending)
+  live = np.asarray(live_N, bool)
+  conv = jax.tree_util.tree_map(lambda x: x[live], conv)
+  stats = {}
+  if kind == "helpfulness":
+    r, stats = scorer.helpfulness(conv, records)
+  elif kind == "next_turn_ext":
+    r = scorer.score(conv, records, with_int=False)[1]["r_ext"]
+  else:
+    r, _, stats = scorer.score(conv, records)
+  out = np.zeros(live.shape, np.float32)
+  out[live] = r
+  return out, stats
+
+
+def from_config(config, task, mesh=None) -> TextScorer:
+  """The scorer of an experiment config: `reward`'s weights, `metric`, and the judge of
+  `judge.folder` where one is set (loaded here; a bad folder or rating word fails here)."""
+  j = config.judge
+  judge = None
+  if j.folder:
+    judge = load_judge(j.folder, tuple(j.ratings.split(",")), min_mass=j.min_mass, mesh=mesh)
+  return TextScorer(task, rewards.RewardConfig.from_config(config.reward), judge,
+                    metric=config.metric)

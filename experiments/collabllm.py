@@ -6,7 +6,8 @@ user, CollabLLM's own experiment in JAX (issue 19).
       --config.init_from_hf=POLICY_HF --config.sim.user_from=USER_HF --config.data_dir=DATA
 
 Variants (after the colon): ppo_mr (MR, w = `window`, the method), ppo_ext / ppo_ext_int /
-ppo_helpfulness (next-turn rewards), dpo_online (DPO on MR-ranked candidates sampled now), sft
+ppo_helpfulness (next-turn rewards), dpo_online (DPO on MR-ranked candidates sampled now),
+data_engine then dpo_offline (the candidates written to data_dir first, then read back), sft
 (SFT on the records' conversations: the passive base, or the user simulator with `side=user`),
 runlocal (tiny sizes). `window=`, `side=` take values.
 The policy's architecture comes from `init_from_hf`'s config.json; the user (`sim.user_from`)
@@ -27,11 +28,13 @@ REWARDS = {"ppo_mr": "mr", "ppo_ext": "next_turn_ext", "ppo_ext_int": "next_turn
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   opts = variants.parse(arg, "collabllm", options={
       "window": ("2", None), "side": ("assistant", ("assistant", "user"))},
-      flags=("runlocal", *REWARDS, "sft", "dpo_online"))
-  sft, dpo = opts["sft"], opts["dpo_online"]
+      flags=("runlocal", *REWARDS, "sft", "dpo_online", "dpo_offline", "data_engine"))
+  sft, engine = opts["sft"], opts["data_engine"]
+  dpo = opts["dpo_online"] or opts["dpo_offline"]
   arm = next((a for a in REWARDS if opts[a]), "ppo_mr")
   c = ml_collections.ConfigDict()
-  c.trainer = "sft_records" if sft else "dpo" if dpo else "ppo"
+  c.trainer = ("sft_records" if sft else "dpo" if dpo else "data_engine" if engine
+               else "ppo")
   c.seed = 0
 
   c.task = "collabllm"  # the language tier (collab_rl/tasks/text.py)
@@ -55,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=0, hidden_size=0, intermediate_size=0, num_hidden_layers=0,
       num_attention_heads=0, num_key_value_heads=0, max_position_embeddings=0,
-      heads=("lm", "value") if arm.startswith("ppo") and not (sft or dpo) else ("lm",),
+      heads=("lm", "value") if not (sft or dpo or engine) else ("lm",),
       dtype="float32", remat=False))
 
   c.num_turns = 3  # assistant turns per conversation
@@ -72,10 +75,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # DPO (trainers/dpo.py): G candidates per conversation after `context_turns` turns, ranked
   # by MR; (best, worst) pairs whose MR gap passes `min_gap`.
-  c.dpo = ml_collections.ConfigDict(dict(source="online", beta=0.1))
+  # The data engine (data/engine.py) writes such candidates for `num_conversations` of the
+  # train split's records into data_dir/mr_candidates, which dpo_offline reads.
+  c.dpo = ml_collections.ConfigDict(dict(source="offline" if opts["dpo_offline"] else "online",
+                                         beta=0.1))
   c.candidates = 4
   c.min_gap = 0.05
   c.context_turns = 0
+  c.num_conversations = 256
+  c.validation_fraction = 0.05
 
   c.ppo = ml_collections.ConfigDict(dict(
       advantage="gae", group_size=4, gamma=1.0, lam=0.95, clip_eps=0.2, vf_coef=0.5,

@@ -240,15 +240,14 @@ def test_bad_folders_and_budgets_fail_before_compiling(world, tmp_path, compile_
     c = _config(world)
     c.judge.folder = str(tmp_path / "nojudge")
     task = text_lib.from_config(c)
-    from collab_rl import run_text  # pylint: disable=g-import-not-at-top
     with pytest.raises(FileNotFoundError, match="judge folder.*nojudge"):
-      run_text.make_scorer(c, task)
+      text_scores.from_config(c, task)
     with pytest.raises(ValueError, match="not a single token"):
       text_scores.load_judge(world["llama3"], ("excellent", "terrible"))
     c = _config(world)
     c.reward.w_int = 0.1
     with pytest.raises(ValueError, match="w_int=0.1 scores interactivity with an LM judge"):
-      run_text.make_scorer(c, text_lib.from_config(c))
+      text_scores.from_config(c, text_lib.from_config(c))
     long = {**world["records"][0], "line": 7, "source": "x.jsonl",
             "turns": [{"role": "user", "content": "Please compute " + "1 + " * 60 + "1."}]}
     with pytest.raises(ValueError, match=r"x.jsonl:7: the policy's opening is \d+ tokens"):

@@ -17,6 +17,7 @@ dataset is written by `builders.prepare`, so a failed build leaves nothing behin
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Mapping
@@ -34,9 +35,12 @@ from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
+from collab_rl import text_scores
 from collab_rl.data import builders
-from collab_rl.models import transformer
+from collab_rl.data import loader
+from collab_rl.models import hf, transformer
 from collab_rl.tasks import registry
+from collab_rl.tasks import text as text_lib
 
 NAME = "mr_candidates"
 FIELDS = ("history_tokens", "history_roles", "history_len", "candidates", "candidate_len", "mr",
@@ -48,9 +52,15 @@ FIELDS = ("history_tokens", "history_roles", "history_len", "candidates", "candi
 
 
 def check_config(config):
-  task = registry.config_task(config)
-  mcfg = transformer.TransformerConfig.from_dict(config.model.to_dict())
-  if mcfg.vocab_size != task.vocab_size:
+  text = config.task == registry.TEXT_TASK
+  if text:
+    loader.metadata(config.data_dir, builders.CollabLLM.name)  # names its prepare command
+  rcfg = rewards.RewardConfig.from_config(config.reward)
+  task = registry.config_task(config, **({"max_turns": rcfg.horizon(config.num_turns)}
+                                         if text else {}))
+  mcfg = (_hf_policy(config)[0].cfg if text
+          else transformer.TransformerConfig.from_dict(config.model.to_dict()))
+  if mcfg.vocab_size != task.vocab_size and not (text and mcfg.vocab_size > task.vocab_size):
     raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} must equal the vocabulary of "
                      f"task {config.task!r} ({task.vocab_size})")
   for name in ("num_conversations", "batch_size", "num_turns", "candidates", "reply_tokens"):
@@ -62,13 +72,24 @@ def check_config(config):
     raise ValueError(f"config.validation_fraction={config.validation_fraction} must be in [0, 1)")
   if not config.data_dir:
     raise ValueError("config.data_dir is empty: say where the dataset goes")
-  rcfg = rewards.RewardConfig.from_config(config.reward)
   sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=config.temperature)
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   sharding_lib.check_batch(config.batch_size * config.candidates, mesh,
                            what="batch_size x candidates")
   ckpt_lib.check_init_from(config.init_from or None)
   return task, mcfg, mesh, rcfg
+
+
+def _hf_policy(config, mesh=None, load: bool = False):
+  """The language tier's policy: (model, params or None) of `config.init_from_hf`."""
+  folder = config.get("init_from_hf") or ""
+  if not os.path.isfile(os.path.join(folder, "config.json")):
+    raise FileNotFoundError(f"config.init_from_hf={folder!r}: no config.json there (the data "
+                            "engine's policy on the language tier is a Hugging Face folder)")
+  if load:
+    return hf.load_pretrained(folder, mesh=mesh)
+  with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+    return transformer.Transformer(hf.config_from_hf(json.load(f))), None
 
 
 def play(config, task, policy, rcfg, params, key) -> dict[str, jax.Array]:
@@ -110,15 +131,25 @@ def generate(config, task, mcfg, mesh, rcfg, params) -> dict[str, np.ndarray]:
   """Every valid (conversation, turn) record of `num_conversations` conversations, as numpy."""
   model = transformer.Transformer(mcfg)
   sc = sampling.SamplingConfig(max_new_tokens=config.reply_tokens, temperature=config.temperature,
-                               stop_tokens=(task.eot_id,))
+                               stop_tokens=task.stop_tokens)
   policy = rollout_lib.lm_policy(model, sc, chunk_width=rollout_lib.chunk_width(task),
                                  max_turns=rcfg.horizon(config.num_turns))
-  play_fn = jax.jit(lambda p, k: play(config, task, policy, rcfg, p, k))
+  if not task.device_scored:
+    play_fn = _text_play(config, task, policy, rcfg, mesh)
+    source = os.path.join(config.data_dir, builders.CollabLLM.name, "train")
+  else:
+    play_fn = jax.jit(lambda p, k: play(config, task, policy, rcfg, p, k))
   chunks = -(-config.num_conversations // config.batch_size)
   root = jax.random.key(config.seed)
   out: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
   for c in metrics_lib.progress(range(chunks), total=chunks, desc="data engine"):
-    rec = sharding_lib.to_host(play_fn(params, jax.random.fold_in(root, c)))
+    key = jax.random.fold_in(root, c)
+    if task.device_scored:
+      rec = sharding_lib.to_host(play_fn(params, key))
+    else:  # the train split's records, in order, a batch per chunk
+      src = loader.data_source(config.data_dir, builders.CollabLLM.name, "train")
+      rows = np.arange(c * config.batch_size, (c + 1) * config.batch_size) % len(src)
+      rec = play_fn(params, key, loader.records_of(loader.read_batch(src, True, rows), source))
     n = min(config.batch_size, config.num_conversations - c * config.batch_size)
     valid_TxB = np.asarray(rec.pop("valid"))[:, :n]
     rec["episode_id"] = np.broadcast_to(c * config.batch_size + np.arange(n), valid_TxB.shape)
@@ -128,6 +159,60 @@ def generate(config, task, mcfg, mesh, rcfg, params) -> dict[str, np.ndarray]:
       x = np.asarray(rec[f])
       out[f].append(x[t_idx, b_idx] if f != "episode_id" else x[t_idx, b_idx].astype(np.int64))
   return {f: np.concatenate(v) for f, v in out.items()}
+
+
+def _text_play(config, task, policy, rcfg, mesh):
+  """`play` for the language tier, `(params, key, records) -> {field: [T, B, ...]}`: each turn
+  is one jitted call (G candidates and their B x G x S futures), the host scores the futures
+  (MR), and a second call continues every conversation with its best candidate."""
+  b, g, s = config.batch_size, config.candidates, rcfg.samples
+  user = text_lib.load_user_params(task, mesh)
+  scorer = text_scores.from_config(config, task, mesh)
+  columns = task.conversation_len(rcfg.horizon(config.num_turns), config.reply_tokens)
+
+  @jax.jit
+  def begin(params, u, intent):
+    conv, sim = rollout_lib.start(task.bind(u), intent, columns)
+    return conv, sim, policy.init(params, conv, task.opening_width)
+
+  @jax.jit
+  def candidates(params, u, conv, sim, pstate, key):
+    t = task.bind(u)
+    conv = rollout_lib.open_reply(t, conv)
+    conv_g, sim_g, pstate_g = rollout_lib.tile_rows((conv, sim, pstate), g)
+    reply, _, n, pstate_g = policy(params, conv_g, sim_g, pstate_g, key)
+    fut = rewards.play_futures(policy, t, params, conv_g, sim_g, pstate_g, reply, n,
+                               jax.random.fold_in(key, 1), rcfg)
+    return conv, reply, n, pstate_g, text_lib.played(*fut)
+
+  @jax.jit
+  def go_on(u, conv, sim, reply, n, pstate_g, best_rows, key):
+    pick = lambda tree: jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else x[best_rows], tree)
+    conv, sim = rollout_lib.answer_reply(task.bind(u), conv, sim, reply[best_rows],
+                                         n[best_rows], key)
+    return conv, sim, pick(pstate_g)
+
+  def run(params, key, records):
+    conv, sim, pstate = begin(params, user, task.encode(records))
+    out = []
+    for t in range(config.num_turns):
+      k_cand, k_user = jax.random.split(jax.random.fold_in(key, t))
+      active = ~np.asarray(conv.done_B)
+      header, reply, n, pstate_g, fut = candidates(params, user, conv, sim, pstate, k_cand)
+      mr_N, _ = text_scores.score_live(scorer, fut, np.repeat(active, g * s), records)
+      mr_BxGxS = mr_N.reshape(b, g, s)
+      best = np.argmax(mr_BxGxS.mean(-1), 1)
+      h = sharding_lib.to_host(header)
+      out.append(dict(history_tokens=h.tokens_BxL, history_roles=h.roles_BxL.astype(np.int8),
+                      history_len=h.cursor_B, candidates=np.asarray(reply).reshape(b, g, -1),
+                      candidate_len=np.asarray(n).reshape(b, g), mr=mr_BxGxS.mean(-1),
+                      mr_std=mr_BxGxS.std(-1), turn=np.full((b,), t, np.int32),
+                      ambiguous=np.asarray(h.intent.ambiguous_B) == 1, valid=active))
+      conv, sim, pstate = go_on(user, header, sim, reply, n, pstate_g,
+                                jnp.asarray(np.arange(b) * g + best), k_user)
+    return {k: np.stack([o[k] for o in out]) for k in out[0]}
+
+  return run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +266,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   task, mcfg, mesh, rcfg = check_config(config)
   model = transformer.Transformer(mcfg)
   abstract = jax.eval_shape(lambda: transformer.init_params(model, jax.random.key(0)))
-  if config.init_from:
+  if not task.device_scored:
+    params = _hf_policy(config, mesh, load=True)[1]
+  elif config.init_from:
     params = ckpt_lib.restore_params(config.init_from, abstract)
   else:
     logging.warning("data engine: no init_from, so the candidates come from random weights")
@@ -190,7 +277,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   records = generate(config, task, mcfg, mesh, rcfg, params)
   seconds = time.perf_counter() - t0
   gap = records["mr"].max(1) - records["mr"].min(1)
-  meta = dict(task=config.task, policy=config.init_from or "random", candidates=config.candidates,
+  policy = config.get("init_from_hf") if not task.device_scored else config.init_from
+  meta = dict(task=config.task, policy=policy or "random", candidates=config.candidates,
               window=rcfg.window, samples=rcfg.samples, turns=config.num_turns, seed=config.seed,
               conversations=config.num_conversations)
   path = builders.prepare(MRCandidates, config.data_dir, records=records, meta=meta,

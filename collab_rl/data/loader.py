@@ -192,3 +192,21 @@ def make_loader(data_dir: str, name: str, split: str, global_batch_size: int, *,
   options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
   return ds.to_iter_dataset(options)
 
+
+
+def records_of(batch: dict[str, Any], source: str) -> list[dict[str, Any]]:
+  """A batch of CollabLLM records (a dict of per-field lists, as `make_loader` gives them) as
+  one dict per record, each naming its `source` and `line` (what errors about a record cite)."""
+  n = len(batch[collabllm.PROMPT])
+  return [{**{k: (v[i].item() if isinstance(v, np.ndarray) else v[i]) for k, v in batch.items()},
+           "source": source} for i in range(n)]
+
+
+def first_records(data_dir: str, split: str, n: int) -> list[dict[str, Any]]:
+  """The first `n` CollabLLM records of a split, in file order (fixed evaluation episodes)."""
+  name = builders.CollabLLM.name
+  src = data_source(data_dir, name, split)
+  if len(src) < n:
+    raise ValueError(f"{name}/{split} in {data_dir} has {len(src)} records, fewer than the {n} "
+                     "asked for")
+  return records_of(read_batch(src, True, np.arange(n)), os.path.join(data_dir, name, split))

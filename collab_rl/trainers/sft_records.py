@@ -111,7 +111,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   source = os.path.join(config.data_dir, run_text.RECORDS, "train")
   train_it = iter(loader_lib.make_loader(config.data_dir, run_text.RECORDS, "train",
                                          config.batch_size, seed=config.seed))
-  held_out = run_text.first_records(config.data_dir, "validation", config.eval_batch_size)
+  held_out = loader_lib.first_records(config.data_dir, "validation", config.eval_batch_size)
   eval_batch, eval_cut = encode(tok, held_out, config.side, user, config.max_len)
   eval_batch = sharding_lib.shard_batch(eval_batch, mesh)
   run = run_lib.Run(config, workdir, init.abstract, init.create_fn, tokenizer=tok)
@@ -125,7 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   history = run.baseline(evaluate)
   for step in run.steps(int(state.step), config.num_steps, stop_after, f"sft[{config.side}]"):
-    records = run_text.records_of(next(train_it), source)
+    records = loader_lib.records_of(next(train_it), source)
     batch, cut = encode(tok, records, config.side, user, config.max_len)
     state, m = step_fn(state, sharding_lib.shard_batch(batch, mesh))
     history.update(run.end_step(step, state, {**m, "truncated": cut / len(records)}, evaluate,
