@@ -291,3 +291,38 @@ def test_verifiers_score_text():
   assert verifiers.verifier({}) == "bleu" and verifiers.verifier({}, "judge") == "judge"
   with pytest.raises(ValueError, match="verifier='nope'"):
     verifiers.verifier({"verifier": "nope"})
+
+
+def test_online_dpo_step_moves_the_policy_only(world, tmp_path, monkeypatch):
+  from collab_rl import run_text  # pylint: disable=g-import-not-at-top
+  from collab_rl.trainers import dpo  # pylint: disable=g-import-not-at-top
+  c = _config(world, arm="dpo_online")
+  c.num_steps = 2  # the first step's learning rate is 0 (warmup)
+  # Random weights write replies that all run to the budget and score 0: every candidate would
+  # tie. Distinct MRs for the futures test the pairs and the update, not the random policy.
+  score = run_text.World.score
+  monkeypatch.setattr(run_text.World, "score", lambda self, pending, live, records, kind="mr": (
+      score(self, pending, live, records, kind)[0] + np.arange(len(live)) % 7, {}))
+  out = dpo.train(c, str(tmp_path / "dpo"))
+  start = jax.device_get(hf.load_pretrained(world["llama3"])[1])
+  after = jax.device_get(out["state"].params)
+  assert set(after) == set(start)  # the policy's own tree: no user, no judge in it
+  diff = max(float(np.abs(np.asarray(a) - b).max())
+             for a, b in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(start)))
+  assert diff > 0 and out["final"]["pairs/kept_share"] == 1.0
+
+
+def test_judge_rates_in_unit_range_and_warns_on_little_mass(world, caplog):
+  task = _task(world)
+  judge = text_scores.load_judge(world["llama3"], text_scores.DEFAULT_RATINGS, min_mass=0.5)
+  scorer = text_scores.TextScorer(task, rewards.RewardConfig(w_int=0.5), judge)
+  model, params = hf.load_pretrained(world["llama3"])
+  recs = world["records"][:4]
+  ro = _play(task, model, params, params, recs, jax.random.key(3))
+  conv, _ = jax.device_get(text_lib.played(ro.conv, ro.sim))
+  with caplog.at_level("WARNING"):
+    total, parts, stats = scorer.score(conv, recs)
+  assert ((parts["r_int"] >= 0) & (parts["r_int"] <= 1)).all() and np.isfinite(total).all()
+  # A random judge spreads its probability over the whole vocabulary: little on its ratings.
+  assert 0 < stats["judge/interactivity_mass"] < 0.5
+  assert "does not follow the rating format" in caplog.text
