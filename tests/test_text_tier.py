@@ -168,29 +168,23 @@ def test_mr_futures_equal_single_futures_played_one_by_one(world):
   assert want_total.shape == (len(recs) * cfg.samples,)
 
 
-def test_ppo_trains_resumes_bit_exactly_and_exports_for_transformers(world, tmp_path):
+def test_ppo_with_mr_trains_and_exports_for_transformers(world, tmp_path):
+  """Two MR iterations: the policy moves, the user's folder is untouched, the records' position
+  is saved with the checkpoint, and WORKDIR/hf gives transformers our logits."""
   from collab_rl.trainers import ppo  # pylint: disable=g-import-not-at-top
-  c = _config(world)
   user_before = jax.device_get(hf.load_pretrained(world["llama3"])[1])
-  first = ppo.train(c, str(tmp_path / "a"), stop_after=1)
-  assert first["how"] == f"init_from_hf {world['llama3']}"
-  resumed = ppo.train(_config(world), str(tmp_path / "a"))
-  straight = ppo.train(_config(world), str(tmp_path / "b"))
-  assert resumed["how"] == "resumed step 1"
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
-                         jax.device_get(straight["state"].params))
-  start = jax.device_get(first["state"].params)
-  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
-                                 jax.device_get(straight["state"].params)["layers_0"], start[
-                                     "layers_0"])
-  assert max(jax.tree_util.tree_leaves(moved)) > 0  # the policy changed
-  # The user is frozen: its folder's weights are what it played with, untouched.
-  jax.tree_util.tree_map(np.testing.assert_array_equal, user_before,
-                         jax.device_get(hf.load_pretrained(world["llama3"])[1]))
-  final = straight["final"]
+  out = ppo.train(_config(world), str(tmp_path / "run"))
+  assert out["how"] == f"init_from_hf {world['llama3']}"
+  start = jax.device_get(hf.load_pretrained(world["llama3"])[1])
+  after = jax.device_get(out["state"].params)
+  moved = [float(np.abs(np.asarray(a) - b).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(after["layers_0"]), jax.tree_util.tree_leaves(start["layers_0"]))]
+  assert max(moved) > 0  # the policy changed, the user did not
+  jax.tree_util.tree_map(np.testing.assert_array_equal, user_before, start)
   for k in ("eval/score", "eval/ask_when_ambiguous", "policy_loss", "rstar/total"):
-    assert np.isfinite(final[k]), k
-  _same_logits_in_transformers(tmp_path / "b" / "hf", straight["state"].params)
+    assert np.isfinite(out["final"][k]), k
+  assert (tmp_path / "run" / "checkpoints" / "2" / "data").is_dir()
+  _same_logits_in_transformers(tmp_path / "run" / "hf", out["state"].params)
 
 
 def _same_logits_in_transformers(folder, params):
@@ -210,20 +204,31 @@ def _same_logits_in_transformers(folder, params):
   np.testing.assert_allclose(got, ours, atol=1e-5)
 
 
-@pytest.mark.parametrize("side", ["assistant", "user"])
-def test_sft_on_records_lowers_the_loss(world, tmp_path, side):
-  from collab_rl.trainers import sft_records  # pylint: disable=g-import-not-at-top
+def _sft_config(world, side: str, steps: int = 12):
   c = collabllm.get_config(f"sft,runlocal,side={side}")
   c.init_from_hf, c.data_dir = world["llama3"], world["data"]
   c.sim.prompt, c.max_len = "short", 320
-  c.num_steps, c.eval_every, c.log_every = 12, 12, 4
+  c.num_steps, c.eval_every, c.log_every = steps, steps, 4
+  c.checkpoint.every_steps = 6
   c.optimizer.learning_rate = 3e-3
-  out = sft_records.train(c, str(tmp_path / side))
+  return c
+
+
+@pytest.mark.parametrize("side", ["assistant", "user"])
+def test_sft_on_records_lowers_the_loss(world, tmp_path, side):
+  from collab_rl.trainers import sft_records  # pylint: disable=g-import-not-at-top
+  out = sft_records.train(_sft_config(world, side), str(tmp_path / side))
   rows = [json.loads(line) for line in open(tmp_path / side / "metrics.jsonl")]
   assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.5
   assert rows[-1]["truncated"] == 0.0
   assert (tmp_path / side / "hf" / "model.safetensors").exists()
   assert out["how"] == f"init_from_hf {world['llama3']}"
+  if side == "assistant":  # a run stopped half-way resumes on the records it would have read
+    sft_records.train(_sft_config(world, side), str(tmp_path / "cut"), stop_after=6)
+    resumed = sft_records.train(_sft_config(world, side), str(tmp_path / "cut"))
+    assert resumed["how"] == "resumed step 6"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(out["state"].params),
+                           jax.device_get(resumed["state"].params))
 
 
 # ------------------------------------------------------------------------------------------------
