@@ -98,3 +98,21 @@ def save_folder(folder: str | pathlib.Path, tok: tokenizer_lib.Tokenizer,
   hf.save_pretrained(model, params, folder, hf_config=ids)
   tok.save(folder)
   return str(folder)
+
+
+def logit_gap(folder: str | pathlib.Path, text: str = "Please compute 3 + ? * 2.") -> float:
+  """The largest difference between transformers' logits and collab_rl's for a chat prompt,
+  both loading `folder` (what a trained run's exported WORKDIR/hf must pass: 1e-4)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  tok = tokenizer_lib.Tokenizer.from_pretrained(folder)
+  ids = np.asarray([tok.encode_chat([{"role": "user", "content": text}],
+                                    add_generation_prompt=True)[0]])
+  ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+  with torch.no_grad():
+    want = ref(torch.tensor(ids)).logits.numpy()
+  model, params = hf.load_pretrained(folder)
+  got = np.asarray(model.apply({"params": params}, ids).logits_BxLxV)
+  return float(np.abs(got - want).max())

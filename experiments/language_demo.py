@@ -41,8 +41,18 @@ flags.DEFINE_list("arms", ["ppo_ext", "ppo_mr"], "PPO arms (experiments/collabll
 flags.DEFINE_integer("episodes", 256, "Test records each run is evaluated on.")
 flags.DEFINE_multi_string("override", [], "--config.x=y added to every PPO run.")
 flags.DEFINE_bool("evaluate", True, "Evaluate the runs at the end.")
+flags.DEFINE_enum("size", "small", ["small", "tiny"], "small: the README's demonstration; tiny: "
+                  "the same pipeline in a few minutes (plumbing, not learning).")
+flags.DEFINE_integer("devices", 1, "XLA CPU devices each run splits its batches over (8: the "
+                     "tests' fake devices).")
+flags.DEFINE_bool("check_hf", False, "Load every PPO run's exported Hugging Face folder with "
+                  "transformers and print the largest logit difference against collab_rl's.")
 
 RECORDS = {"sft": 8192, "user": 8192, "rl": 4096}
+TINY = {"records": {"sft": 512, "user": 512, "rl": 512},
+        "steps": ["--config.num_steps=40", "--config.eval_every=40", "--config.eval_batch_size=32"],
+        "ppo": ["--config.num_steps=2", "--config.eval_every=2", "--config.batch_size=16",
+                "--config.eval_batch_size=16", "--config.checkpoint.every_steps=2"]}
 POLICY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=1024)
 USER = dict(POLICY)
@@ -59,18 +69,19 @@ PPO = ["--config.num_turns=3", "--config.reply_tokens=20", "--config.batch_size=
        "--config.checkpoint.every_steps=10"]
 
 
-def make_environment(workdir: str) -> dict[str, str]:
+def make_environment(workdir: str, records=None) -> dict[str, str]:
   """Records, datasets, tokenizer and the two untrained folders (once; kept if present)."""
+  records = records or RECORDS
   from collab_rl.data import builders  # pylint: disable=g-import-not-at-top
 
-  paths = {k: os.path.join(workdir, "data", k) for k in RECORDS}
+  paths = {k: os.path.join(workdir, "data", k) for k in records}
   paths.update(policy0=os.path.join(workdir, "init", "policy"),
                user0=os.path.join(workdir, "init", "user"))
   done = os.path.join(workdir, "init", "DONE")
   if os.path.exists(done):
     return paths
   texts = []
-  for seed, (kind, n) in enumerate(RECORDS.items()):
+  for seed, (kind, n) in enumerate(records.items()):
     recs = english_tasks.records(kind, n, seed=100 + seed)
     texts += english_tasks.corpus(recs)
     os.makedirs(paths[kind], exist_ok=True)
@@ -86,31 +97,36 @@ def make_environment(workdir: str) -> dict[str, str]:
   return paths
 
 
-def commands(workdir: str, paths: dict[str, str], seeds, arms, overrides=()):
+def commands(workdir: str, paths: dict[str, str], seeds, arms, overrides=(), tiny=False):
   """(run directory, argv) of every run, in the order they must run."""
   main = [sys.executable, "-m", "collab_rl.main"]
+  sft_extra, ppo_extra = (TINY["steps"], TINY["ppo"]) if tiny else ((), ())
   base, user = os.path.join(workdir, "base"), os.path.join(workdir, "user")
   out = [(base, [*main, "--workdir", base, "--config=experiments/collabllm.py:sft",
                  f"--config.init_from_hf={paths['policy0']}", f"--config.data_dir={paths['sft']}",
-                 *SIM, *SFT["base"]]),
+                 *SIM, *SFT["base"], *sft_extra]),
          (user, [*main, "--workdir", user, "--config=experiments/collabllm.py:sft",
                  f"--config.init_from_hf={paths['user0']}", f"--config.data_dir={paths['user']}",
-                 *SIM, *SFT["user"]])]
+                 *SIM, *SFT["user"], *sft_extra])]
   for seed in seeds:
     for arm in arms:
       d = os.path.join(workdir, f"seed{seed}", arm)
       out.append((d, [*main, "--workdir", d, f"--config=experiments/collabllm.py:{arm}",
                       f"--config.seed={seed}", f"--config.init_from_hf={base}/hf",
                       f"--config.sim.user_from={user}/hf", f"--config.data_dir={paths['rl']}",
-                      *SIM, *PPO, *overrides]))
+                      *SIM, *PPO, *ppo_extra, *overrides]))
   return out
 
 
-def run_all(jobs) -> list[str]:
-  """Runs each job not marked DONE, one at a time (the runs use every core); returns failures."""
+def run_all(jobs, devices: int = 1) -> list[str]:
+  """Runs each job not marked DONE, one at a time (the runs use every core), each on `devices`
+  XLA CPU devices; returns the failed runs."""
   failed = []
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [os.getcwd()] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  if devices > 1:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
   for d, cmd in jobs:
     if os.path.exists(os.path.join(d, "DONE")):
       continue
@@ -137,15 +153,24 @@ def main(argv):
   f = flags.FLAGS
   workdir = os.path.abspath(f.workdir)
   logging.set_verbosity(logging.WARNING)
-  paths = make_environment(workdir)
-  failed = run_all(commands(workdir, paths, f.seeds, f.arms, f.override))
-  if f.evaluate:
+  tiny = f.size == "tiny"
+  paths = make_environment(workdir, TINY["records"] if tiny else None)
+  failed = run_all(commands(workdir, paths, f.seeds, f.arms, f.override, tiny), f.devices)
+  if f.check_hf:
+    for s in f.seeds:
+      for a in f.arms:
+        folder = os.path.join(workdir, f"seed{s}", a, "hf")
+        if os.path.isdir(folder):
+          print(f"{folder}: transformers' logits differ from collab_rl's by at most "
+                f"{hf_models.logit_gap(folder):.2e}")
+  if f.evaluate and not failed:
     from collab_rl import evaluate_text  # pylint: disable=g-import-not-at-top
     runs = [(os.path.join(workdir, "base"), "sft_base", 0)]
-    runs += [(os.path.join(workdir, f"seed{s}", a), a, int(s)) for s in f.seeds for a in f.arms
-             if os.path.exists(os.path.join(workdir, f"seed{s}", a, "DONE"))]
+    runs += [(os.path.join(workdir, f"seed{s}", a), a, int(s)) for s in f.seeds for a in f.arms]
+    runs = [r for r in runs if os.path.exists(os.path.join(r[0], "DONE"))]
     results = evaluate_text.evaluate_runs(
-        runs, workdir, episodes=f.episodes, turns=3, batch=64, split="test",
+        runs, workdir, episodes=16 if tiny else f.episodes, turns=3, batch=16 if tiny else 64,
+        split="test",
         data_dir=paths["rl"], user_from=os.path.join(workdir, "user", "hf"))
     print(evaluate_text.results_lib.table(results, evaluate_text.METRICS))
   if failed:

@@ -14,6 +14,7 @@ from collab_rl.tasks import scoring
 from collab_rl.tasks.ambig_math import AmbigMath
 from collab_rl.tokenizer import ASSISTANT, USER
 from collab_rl.trainers import sim_sft
+from experiments import hf_models
 from experiments import sim_sft as sim_sft_config
 
 TASK = AmbigMath()
@@ -156,14 +157,7 @@ def test_sft_raises_agreement_and_resumes(tmp_path):
 # RolePlaySimulator on a tiny random Llama checkpoint with a Llama-3-style chat template.
 # ------------------------------------------------------------------------------------------------
 
-LLAMA3_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}")
+LLAMA3_TEMPLATE = hf_models.LLAMA3_TEMPLATE
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>"]
 GOAL = "Work out what 3 apples cost at 2 dollars each, for my shopping list."

@@ -188,20 +188,15 @@ def test_ppo_with_mr_trains_and_exports_for_transformers(world, tmp_path):
 
 
 def _same_logits_in_transformers(folder, params):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  assert hf_models.logit_gap(folder) < 1e-4
   model, loaded = hf.load_pretrained(folder)
-  tok = text_lib.tokenizer_lib.Tokenizer.from_pretrained(folder)
-  ids = np.asarray([tok.encode_chat([{"role": "user", "content": "Please compute 3 + ? * 2."}],
-                                    add_generation_prompt=True)[0]])
-  ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-  with torch.no_grad():
-    want = ref(torch.tensor(ids)).logits.numpy()
-  got = np.asarray(model.apply({"params": loaded}, jnp.asarray(ids)).logits_BxLxV)
-  np.testing.assert_allclose(got, want, atol=1e-4)
-  ours = np.asarray(model.apply({"params": {k: v for k, v in params.items()
-                                            if k != "value_head"}}, jnp.asarray(ids)).logits_BxLxV)
-  np.testing.assert_allclose(got, ours, atol=1e-5)
+  ids = jnp.asarray([[1, 5, 9, 12, 40]])
+  own = {k: v for k, v in params.items() if k != "value_head"}
+  np.testing.assert_allclose(np.asarray(model.apply({"params": loaded}, ids).logits_BxLxV),
+                             np.asarray(model.apply({"params": own}, ids).logits_BxLxV),
+                             atol=1e-5)
 
 
 def _sft_config(world, side: str, steps: int = 12):

@@ -13,46 +13,12 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from collab_rl import tokenizer as tk
+from experiments import hf_models
 
 transformers = pytest.importorskip("transformers")
 
-# Llama-3-Instruct's template.
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}")
-
-# Qwen2.5-Instruct's template, without its tool-calling branches (whitespace control kept).
-QWEN2_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}\n"
-    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
-    "{%- else %}\n"
-    "    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
-    "assistant.<|im_end|>\\n' }}\n"
-    "{%- endif %}\n"
-    "{%- for message in messages %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
-    "(message.role == \"assistant\") %}\n"
-    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + "
-    "'\\n' }}\n"
-    "    {%- endif %}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|im_start|>assistant\\n' }}\n"
-    "{%- endif %}\n")
-
-STYLES = {
-    "llama3": dict(template=LLAMA3_TEMPLATE, eot="<|eot_id|>", bos="<|begin_of_text|>",
-                   eos="<|end_of_text|>",
-                   specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                             "<|end_header_id|>", "<|eot_id|>"]),
-    "qwen2": dict(template=QWEN2_TEMPLATE, eot="<|im_end|>", bos=None, eos="<|endoftext|>",
-                  specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
-}
+# Llama-3-Instruct's and Qwen2.5-Instruct's templates and special tokens.
+STYLES = hf_models.STYLES
 
 CORPUS = [
     "You are a helpful assistant. Ask a clarifying question when the request is ambiguous.",
