@@ -30,12 +30,13 @@ import numpy as np
 from collab_rl import rollout as rollout_lib
 from collab_rl import sft as sft_lib
 from collab_rl.tasks import registry
-from collab_rl.tasks import text as text_lib
+from collab_rl import simulators
+from collab_rl.tasks import text_records
 from collab_rl.tokenizer import ASSISTANT, USER
 
 NAMES = {"n1": "first number", "op1": "first operator", "n2": "second number",
          "op2": "second operator", "n3": "third number"}
-WORDS = {"thanks": f"Thanks, that is right. {text_lib.TERMINATE}", "wrong": "No, that is not it.",
+WORDS = {"thanks": f"Thanks, that is right. {text_records.TERMINATE}", "wrong": "No, that is not it.",
          "known": "You already know that.", "unclear": "I am not sure."}
 
 
@@ -144,10 +145,10 @@ def corpus(recs: Iterable[dict]) -> list[str]:
   """Texts a tokenizer for these records is trained on: every message, and the user's short
   role-play prompt as each record fills it in (its instructions then count as often as the
   records, so that byte-pair merges cover them), and CollabLLM's longer prompt once."""
-  out = [text_lib.simulators.ROLE_PLAY_PROMPT]
+  out = [simulators.ROLE_PLAY_PROMPT]
   for r in recs:
-    target = text_lib.SHORT_TARGET.format(target=r["single_turn_completion"])
-    out += [text_lib.SHORT_PROMPT.format(goal=r["single_turn_prompt"], target_line=target,
-                                         marker=text_lib.TERMINATE),
-            text_lib.simulators.OPENING, *[t["content"] for t in r.get("turns", [])]]
+    target = text_records.SHORT_TARGET.format(target=r["single_turn_completion"])
+    out += [text_records.SHORT_PROMPT.format(goal=r["single_turn_prompt"], target_line=target,
+                                         marker=text_records.TERMINATE),
+            simulators.OPENING, *[t["content"] for t in r.get("turns", [])]]
   return out

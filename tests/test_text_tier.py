@@ -94,8 +94,8 @@ def test_rollout_writes_each_template_and_ends_every_turn(world, style):
     n = int(conv.cursor_B[b])
     row, rl = toks[b, :n].tolist(), roles[b, :n]
     # The opening is the policy template's rendering of the first request (nothing else).
-    want, want_roles = text_lib._opening(task.tokenizer,  # pylint: disable=protected-access
-                                         text_lib.first_request(world["records"][b]))
+    want, want_roles = text_lib.opening_ids(task.tokenizer,
+                                            text_lib.first_request(world["records"][b]))
     assert row[:len(want)] == want.tolist() and (rl[:len(want)] == want_roles).all()
     # Every reply follows the assistant header, every user turn the user header and ends with
     # the template's end of turn: the rollout wrote whole template turns around what it sampled.

@@ -1,26 +1,17 @@
-"""The language tier: CollabLLM records played by a Hugging Face policy against an LM user, on device.
+"""The language tier on device: CollabLLM records played by a Hugging Face policy against an LM
+user, inside the rollout's jit.
 
-A record (`data/collabllm.py`) is one episode. Its hidden goal is the `single_turn_prompt` (what
-the user wants) and the `single_turn_completion` (the answer they hope for); the conversation
-opens with the record's first user message (`turns[0]`, e.g. an underspecified request), or with
-the `single_turn_prompt` itself when the record has no turns. The policy sees the opening and
-the conversation, rendered by its own chat template; the user is a language model (CollabLLM's
-role-play simulator: `simulators.ROLE_PLAY_PROMPT`, or the shorter `SHORT_PROMPT` for small
-models) whose system message holds the goal, and which reads the conversation with the roles
-swapped (the policy's replies are its "user" turns). Only the user's prompt holds the goal.
+Per turn, the policy's reply (ids) is appended to the user's own chat between the user
+template's frames (`Tokenizer.turn_frame`, precomputed ids; the policy's replies are the user
+model's "user" turns), the user LM prefills what its KV cache lacks and samples its answer, and
+the answer is written into the policy's conversation between the policy template's user header
+and end of turn. Only the user's prompt holds the record's goal (`text_records.py` builds it on
+the host). The two models share one vocabulary (checked: turns pass between them as ids, never
+as strings), each with its own chat template. The user ends the chat with `TERMINATE` (a token
+subsequence, found in any of its tokenizations); a user turn that writes the assistant's part
+(`CONFUSION_PHRASES`, or a header of the template), one cut by its budget, and a chat that only
+the turn cap ends are counted in the user's state and reported.
 
-Everything per turn runs on device, inside the rollout's jit: the policy's reply (ids) is
-appended to the user's own token buffer between the user template's headers (`Tokenizer.
-turn_frame`, precomputed ids), the user LM prefills what its KV cache lacks and samples its
-answer, and the answer is written into the policy's conversation between the policy template's
-user header and end of turn. The two models share one vocabulary (checked: text passes between
-them as token ids, never as strings), each with its own chat template. The user ends the chat
-with `TERMINATE` (a token subsequence, found in any of its tokenizations); a user turn that
-writes the assistant's part (`CONFUSION_PHRASES`, or a header of the template), one cut by its
-budget, and a chat that only the turn cap ends are counted in the user's state and reported.
-
-Host side (`encode`): records -> fixed-width id arrays (`TextIntent`), checked first: a record
-whose opening or user prompt does not fit its budget fails naming its file and line.
 Scores are text metrics and LM judges: the task is not `device_scored`; `text_scores.py` scores
 finished conversations between jitted phases.
 """
@@ -28,7 +19,6 @@ finished conversations between jitted phases.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 from typing import Any, Sequence
@@ -47,116 +37,15 @@ from collab_rl.models import hf
 from collab_rl.models.attention import KVCache
 from collab_rl.models.transformer import Transformer
 from collab_rl.tasks import protocol
+from collab_rl.tasks import text_records
+from collab_rl.tasks.text_records import (TERMINATE, TextIntent, UserConfig,  # noqa: F401
+                                          UserSide, first_request, opening_ids)
 from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
 
-TERMINATE = simulators.TERMINATE
-SHORT_PROMPT = ("You are the user. Your request: {goal}\n{target_line}Answer the assistant's "
-                "questions briefly and truthfully. When you have what you need, reply {marker}.")
-SHORT_TARGET = "The answer you want: {target}\n"
-USER_PROMPTS = {"collabllm": (simulators.ROLE_PLAY_PROMPT, simulators.TARGET_LINE),
-                "short": (SHORT_PROMPT, SHORT_TARGET)}
 # What a user who slipped into the assistant's part writes (CollabLLM reports open simulators
 # "often get confused" this way); matched on tokens, as written mid-message or at its start.
 CONFUSION_PHRASES = ("As an AI", "I'm an AI", "How can I help you", "How can I assist you",
                      "Assistant:")
-
-
-@flax.struct.dataclass
-class TextIntent:
-  """One batch of records as ids (every leaf [B, ...]); `row_B` indexes the host's list of the
-  batch's records, where the scorers find the goal, the reference and the metadata."""
-  row_B: jax.Array  # int32
-  opening_BxN: jax.Array  # int32 the policy's template prefix, user header, first request
-  opening_roles_BxN: jax.Array  # int32 CONTEXT (prefix, header) / USER (message, end of turn)
-  opening_len_B: jax.Array  # int32
-  user_prompt_BxP: jax.Array  # int32 the user LM's chat so far: goal, stage direction, request
-  user_prompt_len_B: jax.Array  # int32
-  ambiguous_B: jax.Array  # int32 1 / 0 from the record's metadata, -1 where it does not say
-
-
-@dataclasses.dataclass(frozen=True)
-class UserConfig:
-  """The LM user (`config.sim` of a language-tier config)."""
-  user_from: str = ""  # its Hugging Face folder (it may be the policy's own checkpoint)
-  max_user_len: int = 48  # tokens of one user turn (its end of turn excluded)
-  temperature: float = 1.0  # 0: greedy
-  prompt: str = "collabllm"  # collabllm | short (USER_PROMPTS)
-  show_target: bool = True  # the user's prompt also holds the reference answer
-  max_request_tokens: int = 256  # the policy's opening (template prefix + first request)
-  max_prompt_tokens: int = 1024  # the user's prompt (role-play instructions, goal, request)
-
-  def __post_init__(self):
-    if self.prompt not in USER_PROMPTS:
-      raise ValueError(f"sim.prompt={self.prompt!r}; choose from {sorted(USER_PROMPTS)}")
-    for name in ("max_user_len", "max_request_tokens", "max_prompt_tokens"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"sim.{name} must be positive, got {getattr(self, name)}")
-    if self.temperature < 0:
-      raise ValueError(f"sim.temperature={self.temperature} must be >= 0")
-
-
-def first_request(record: dict) -> str:
-  """The opening user message: the record's first turn when it has turns, else its prompt."""
-  turns = record.get("turns") or []
-  if turns:
-    if turns[0]["role"] != "user":
-      raise ValueError(f"turns[0].role: the conversation must open with the user, got "
-                       f"{turns[0]['role']!r}")
-    return turns[0]["content"]
-  return record["single_turn_prompt"]
-
-
-def ambiguity(record: dict) -> int:
-  """1 / 0 where the record's metadata says whether its opening is ambiguous, else -1."""
-  value = (record.get("single_turn_metadata") or {}).get("ambiguous")
-  return -1 if value is None else int(bool(value))
-
-
-def _opening(tok: tokenizer_lib.Tokenizer, request: str) -> tuple[np.ndarray, np.ndarray]:
-  """The policy's rendering of a chat holding the first request, its ids and roles: what the
-  template writes before the message's content (bos, default system prompt, header) CONTEXT,
-  the content and its end of turn USER."""
-  ids, roles = tok.encode_chat([{"role": "user", "content": request}])
-  text = tok.render([{"role": "user", "content": request}])
-  at = text.rfind(request.strip()) if request.strip() else len(text)
-  offsets = tok.tokenizer.encode(text, add_special_tokens=False).offsets
-  starts = np.asarray([s for s, _ in offsets], np.int64)
-  roles = np.where(starts < at, CONTEXT, USER).astype(np.int32)
-  return ids, roles
-
-
-class UserSide:
-  """The user model's side of the chat: its tokenizer's frames and its prompt for a record."""
-
-  def __init__(self, tok: tokenizer_lib.Tokenizer, ucfg: UserConfig):
-    self.tok, self.ucfg = tok, ucfg
-    # In the user's chat the policy's replies are "user" turns and its own are "assistant" ones.
-    self.reply_frame = tok.turn_frame("user")
-    self.own_frame = tok.turn_frame("assistant")
-    self.template, self.target_line = USER_PROMPTS[ucfg.prompt]
-
-  def messages(self, record: dict) -> list[dict[str, str]]:
-    target = record["single_turn_completion"] if self.ucfg.show_target else ""
-    target_line = self.target_line.format(target=target) if target.strip() else ""
-    system = self.template.format(goal=record["single_turn_prompt"], target_line=target_line,
-                                  marker=TERMINATE)
-    return [{"role": "system", "content": system},
-            {"role": "user", "content": simulators.OPENING},
-            {"role": "assistant", "content": first_request(record)}]
-
-  def prompt(self, record: dict) -> np.ndarray:
-    return self.tok.encode_chat(self.messages(record))[0]
-
-
-def _where(record: dict) -> str:
-  return f"{record.get('source', 'record')}:{record.get('line', '?')}"
-
-
-def _pad(rows: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
-  out = np.zeros((len(rows), width), np.int32)
-  for i, r in enumerate(rows):
-    out[i, :len(r)] = r
-  return out, np.asarray([len(r) for r in rows], np.int32)
 
 
 def _variants(tok: tokenizer_lib.Tokenizer, phrase: str) -> list[tuple[int, ...]]:
@@ -372,32 +261,8 @@ class TextTask:
   # --- Records -> ids (host) --------------------------------------------------------------------
 
   def encode(self, records: Sequence[dict]) -> TextIntent:
-    """A batch of decoded records (`data/collabllm.decode`, with `line` and, where known, the
-    `source` file) as ids; a record that does not fit its budgets raises ValueError naming it."""
-    openings, roles, prompts = [], [], []
-    for r in records:
-      try:
-        ids, rl = _opening(self.tokenizer, first_request(r))
-        prompt = self.user.prompt(r)
-      except ValueError as e:
-        raise ValueError(f"{_where(r)}: {e}") from None
-      if len(ids) > self.ucfg.max_request_tokens:
-        raise ValueError(f"{_where(r)}: the policy's opening is {len(ids)} tokens, more than "
-                         f"sim.max_request_tokens={self.ucfg.max_request_tokens}")
-      if len(prompt) > self.ucfg.max_prompt_tokens:
-        raise ValueError(f"{_where(r)}: the user's prompt (goal and instructions) is "
-                         f"{len(prompt)} tokens, more than sim.max_prompt_tokens="
-                         f"{self.ucfg.max_prompt_tokens}")
-      openings.append(ids)
-      roles.append(rl)
-      prompts.append(prompt)
-    opening, opening_len = _pad(openings, self.ucfg.max_request_tokens)
-    opening_roles, _ = _pad(roles, self.ucfg.max_request_tokens)
-    prompt, prompt_len = _pad(prompts, self.ucfg.max_prompt_tokens)
-    return TextIntent(np.arange(len(records), dtype=np.int32), opening, opening_roles,
-                      opening_len, prompt, prompt_len,
-                      np.asarray([ambiguity(r) for r in records], np.int32))
-
+    """`text_records.encode`: a batch of records as ids, each checked against its budgets."""
+    return text_records.encode(self, records)
 
 
 # ------------------------------------------------------------------------------------------------

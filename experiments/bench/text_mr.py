@@ -55,21 +55,25 @@ from absl import app, flags
 
 from experiments.bench import common
 
-_OUT = flags.DEFINE_string("out", "bench_out/text_mr.json", "Where the JSON goes.")
-_BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Candidate replies per call (B).")
-_REPLY = flags.DEFINE_integer("reply_tokens", 32, "Budget of one assistant reply.")
-_USER = flags.DEFINE_integer("user_tokens", 24, "Budget of one user turn (sim.max_user_len).")
-_WINDOW = flags.DEFINE_integer("window", 2, "MR's forward turns (w).")
-_SAMPLES = flags.DEFINE_integer("samples", 3, "MR's futures per reply (S).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (median reported).")
-_HOST_REPLIES = flags.DEFINE_integer("host_replies", 4, "Replies timed in the per-reply loops.")
-_THREADS = flags.DEFINE_list("threads", ["1", "2"], "Torch thread counts tried before every "
-                             "round; the host loop runs the round with the fastest (XLA uses "
-                             "the machine's cores).")
-_WIDTH = flags.DEFINE_integer("width", 256, "Model width (intermediate 2.69x, heads width/32).")
-_LAYERS = flags.DEFINE_integer("layers", 4, "Model layers.")
-_HOST_DEVICES = flags.DEFINE_integer("host_devices", 1, "XLA CPU devices collab_rl's rows are "
-                                     "split over (data parallel); 1: one device.", lower_bound=1)
+def define_flags() -> None:
+  """The command line (defined when run as a script, so that importing this module in a test
+  beside other benchmarks defines no flag twice)."""
+  flags.DEFINE_string("out", "bench_out/text_mr.json", "Where the JSON goes.")
+  flags.DEFINE_list("batches", ["8", "32"], "Candidate replies per call (B).")
+  flags.DEFINE_integer("reply_tokens", 32, "Budget of one assistant reply.")
+  flags.DEFINE_integer("user_tokens", 24, "Budget of one user turn (sim.max_user_len).")
+  flags.DEFINE_integer("window", 2, "MR's forward turns (w).")
+  flags.DEFINE_integer("samples", 3, "MR's futures per reply (S).")
+  flags.DEFINE_integer("repeats", 3, "Timed rounds (median reported).")
+  flags.DEFINE_integer("host_replies", 4, "Replies timed in the per-reply loops.")
+  flags.DEFINE_list("threads", ["1", "2"], "Torch thread counts tried before every "
+                    "round; the host loop runs the round with the fastest (XLA uses the "
+                    "machine's cores).")
+  flags.DEFINE_integer("width", 256, "Model width (intermediate 2.69x, heads width/32).")
+  flags.DEFINE_integer("layers", 4, "Model layers.")
+  flags.DEFINE_integer("host_devices", 1, "XLA CPU devices collab_rl's rows are "
+                       "split over (data parallel); 1: one device.", lower_bound=1)
+
 
 OPS = ("+", "-", "*")
 HOST_SIDES = ("host_sequential", "host_batched_futures", "host_batched_all")
@@ -343,24 +347,25 @@ def summary(values: list[float]) -> dict:
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   # Before JAX initialises its CPU backend.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                             f"device_count={_HOST_DEVICES.value}")
+                             f"device_count={f.host_devices}")
   import jax
   import torch
   import transformers
 
   torch.manual_seed(0)
-  thread_counts = [int(t) for t in _THREADS.value]
-  batches = [int(b) for b in _BATCHES.value]
-  w, s, nh = _WINDOW.value, _SAMPLES.value, _HOST_REPLIES.value
+  thread_counts = [int(t) for t in f.threads]
+  batches = [int(b) for b in f.batches]
+  w, s, nh = f.window, f.samples, f.host_replies
   records = make_records(max(batches))
   results, load_before = {}, os.getloadavg()
   with tempfile.TemporaryDirectory() as tmp:
-    folder = make_folder(tmp, records, _WIDTH.value, _LAYERS.value)
-    task, ours, scorer = make_ours(folder, records, _REPLY.value, _USER.value, w, s,
-                                   _HOST_DEVICES.value)
-    host = HostLoop(folder, task, _REPLY.value, _USER.value, w, s)
+    folder = make_folder(tmp, records, f.width, f.layers)
+    task, ours, scorer = make_ours(folder, records, f.reply_tokens, f.user_tokens, w, s,
+                                   f.host_devices)
+    host = HostLoop(folder, task, f.reply_tokens, f.user_tokens, w, s)
     cost = scorer.rcfg.token_cost
     for b in batches:
       recs = records[:b]
@@ -380,7 +385,7 @@ def main(argv):
         print(f"B={b} {name}: per future {work[name]}", flush=True)
       times = {name: {"play": [], "score": [], "play_cpu": []} for name in sides}
       threads = []  # torch's thread count in each round, and what each candidate took
-      for rep in range(_REPEATS.value):
+      for rep in range(f.repeats):
         threads.append(host.pick_threads(thread_counts))
         for name, (_, play, score) in sides.items():
           c0, t0 = cpu_seconds(), time.perf_counter()
@@ -417,21 +422,22 @@ def main(argv):
     model_cfg = task.user_model.cfg
   result = {
       "what": "MR evaluations/s: B candidate replies, each with S futures of w turns",
-      "window": w, "samples": s, "reply_tokens": _REPLY.value, "user_tokens": _USER.value,
-      "repeats": _REPEATS.value, "host_replies": nh,
+      "window": w, "samples": s, "reply_tokens": f.reply_tokens, "user_tokens": f.user_tokens,
+      "repeats": f.repeats, "host_replies": nh,
       "model": {"hidden_size": model_cfg.hidden_size, "layers": model_cfg.num_hidden_layers,
                 "heads": model_cfg.num_attention_heads,
                 "kv_heads": model_cfg.num_key_value_heads, "vocab_size": model_cfg.vocab_size,
                 "dtype": "float32"},
       "user_prompt": "collabllm (simulators.ROLE_PLAY_PROMPT, with the reference answer)",
-      "torch_threads_tried": thread_counts, "xla_host_devices": _HOST_DEVICES.value,
+      "torch_threads_tried": thread_counts, "xla_host_devices": f.host_devices,
       "cpu_count": os.cpu_count(), "machine": platform.machine(), "cpu": cpu_name(),
       # Other work on the machine slows both sides, torch's threads more: read ratios with it.
       "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
       "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
       "transformers_version": transformers.__version__, "results": results}
-  common.write_json(_OUT.value, result)
+  common.write_json(f.out, result)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
