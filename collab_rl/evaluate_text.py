@@ -79,8 +79,9 @@ def play(config, task, model, params, records, *, turns: int, batch: int, seed: 
   per_episode, chats = collections.defaultdict(list), None
   for start in range(0, len(records) - len(records) % batch, batch):
     part = records[start:start + batch]
-    conv, user = sharding_lib.to_host(run(params, user_params, task.encode(part),
-                                          jax.random.fold_in(jax.random.key(seed), start)))
+    key = jax.random.fold_in(jax.random.key(seed), start)
+    intent = task.open_episodes(user_params, task.encode(part), jax.random.fold_in(key, 1))
+    conv, user = sharding_lib.to_host(run(params, user_params, intent, key))
     m, _ = scorer.episode_metrics(conv, user, part)
     for k, v in m.items():
       per_episode[k].append(np.asarray(v))

@@ -187,7 +187,7 @@ def gather_rows(src_BxL, start_B, width: int):
   return jnp.where(idx < l, jnp.take_along_axis(src_BxL, jnp.clip(idx, 0, l - 1), 1), 0)
 
 
-def _scatter_rows(dst_BxL, src_BxN, start_B, len_B):
+def scatter_rows(dst_BxL, src_BxN, start_B, len_B):
   """dst[b, start_b + i] = src[b, i] for i < len_b (a masked gather, like conversation.append)."""
   l, n = dst_BxL.shape[1], src_BxN.shape[1]
   off = jnp.arange(l)[None, :] - start_B[:, None]
@@ -268,7 +268,7 @@ def take_turns(policy, simulator, params, conv, sim, key, num_turns: int, *,
     conv = open_reply(simulator, conv)
     reply, logp, reply_len, pstate = policy(params, conv, sim, pstate, k_pol)
     reply_len = jnp.where(active, reply_len, 0)
-    logprobs_BxL = _scatter_rows(logprobs_BxL, logp, conv.cursor_B, reply_len)
+    logprobs_BxL = scatter_rows(logprobs_BxL, logp, conv.cursor_B, reply_len)
     conv, sim = answer_reply(simulator, conv, sim, reply, reply_len, k_sim)
     seen = None if watch is None else watch(conv, sim)
     return (conv, sim, pstate, logprobs_BxL), (reply_len, seen)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from collab_rl import sharding as sharding_lib
@@ -45,21 +47,28 @@ class World(NamedTuple):
   eval_records: list[dict[str, Any]]
   mesh: Any
 
-  def encode(self, records) -> text_lib.TextIntent:
-    """Records -> the task's ids, as global arrays on the mesh."""
+  def encode(self, records, key: jax.Array) -> text_lib.TextIntent:
+    """Records -> the task's ids, as global arrays on the mesh, with their openings (written
+    by the LM user from `key` when `sim.first_turn = "user"`)."""
     intent = self.task.encode(records)
-    return intent if self.mesh is None else sharding_lib.shard_batch(intent, self.mesh)
+    if self.mesh is not None:
+      intent = sharding_lib.shard_batch(intent, self.mesh)
+    return self.task.open_episodes(self.user_params, intent, key)
 
   def score(self, pending, live_N: np.ndarray, records, kind: str = "mr"
             ) -> tuple[np.ndarray, dict[str, float]]:
     """`text_scores.score_live` with this world's scorer."""
     return text_scores.score_live(self.scorer, pending, live_N, records, kind)
 
-  def next_batch(self, group: int = 1) -> tuple[text_lib.TextIntent, list[dict]]:
-    """The next train batch (each record `group` times in a row, for group baselines)."""
+  def next_batch(self, key: jax.Array, group: int = 1
+                 ) -> tuple[text_lib.TextIntent, list[dict]]:
+    """The next train batch, each episode `group` times in a row (for group baselines: the
+    same opening too), and its records (`intent.row_B` indexes them)."""
     records = loader_lib.records_of(next(self.train), self.source)
-    records = [r for r in records for _ in range(group)]
-    return self.encode(records), records
+    intent = self.encode(records, key)
+    if group > 1:
+      intent = jax.tree_util.tree_map(lambda x: jnp.repeat(x, group, axis=0), intent)
+    return intent, records
 
 
 def build(config, task: text_lib.TextTask, mesh, *, batch: int, seed: int) -> World:

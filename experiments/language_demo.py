@@ -65,7 +65,7 @@ SFT = {"base": ["--config.num_steps=1500", "--config.max_len=192", "--config.bat
                 "--config.side=user"]}
 PPO = ["--config.num_turns=3", "--config.reply_tokens=20", "--config.batch_size=32",
        "--config.num_steps=40", "--config.eval_every=10", "--config.eval_batch_size=64",
-       "--config.optimizer.learning_rate=1e-4", "--config.sim.temperature=0.0",
+       "--config.optimizer.learning_rate=2e-4", "--config.sim.temperature=0.0",
        "--config.checkpoint.every_steps=10"]
 
 

@@ -326,3 +326,24 @@ def test_judge_rates_in_unit_range_and_warns_on_little_mass(world, caplog):
   # A random judge spreads its probability over the whole vocabulary: little on its ratings.
   assert 0 < stats["judge/interactivity_mass"] < 0.5
   assert "does not follow the rating format" in caplog.text
+
+
+def test_the_user_can_write_the_opening(world):
+  """`sim.first_turn = "user"`: the LM user writes the first message from its goal; the policy
+  reads it between its template's opening frames, and the user's own chat holds it as its turn."""
+  task = _task(world, temperature=0.0, first_turn="user")
+  _, params = hf.load_pretrained(world["llama3"])
+  recs = world["records"][:2]
+  plain = task.encode(recs)
+  intent = jax.device_get(task.open_episodes(params, plain, jax.random.key(0)))
+  prefix, footer = list(task.first_prefix), list(task.first_footer)
+  for b in range(2):
+    n = int(intent.opening_len_B[b])
+    row = np.asarray(intent.opening_BxN[b, :n]).tolist()
+    roles = np.asarray(intent.opening_roles_BxN[b, :n])
+    assert row[:len(prefix)] == prefix and row[n - len(footer):] == footer
+    assert (roles[:len(prefix)] == CONTEXT).all() and (roles[len(prefix):] == USER).all()
+    said = row[len(prefix):n - len(footer)]
+    grown = np.asarray(intent.user_prompt_BxP[b, :int(intent.user_prompt_len_B[b])]).tolist()
+    start = int(plain.user_prompt_len_B[b])
+    assert grown[start:start + len(said)] == said  # its own words, in its own chat

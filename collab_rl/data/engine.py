@@ -193,7 +193,8 @@ def _text_play(config, task, policy, rcfg, mesh):
     return conv, sim, pick(pstate_g)
 
   def run(params, key, records):
-    conv, sim, pstate = begin(params, user, task.encode(records))
+    intent = task.open_episodes(user, task.encode(records), jax.random.fold_in(key, 10_000))
+    conv, sim, pstate = begin(params, user, intent)
     out = []
     for t in range(config.num_turns):
       k_cand, k_user = jax.random.split(jax.random.fold_in(key, t))

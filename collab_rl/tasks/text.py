@@ -139,6 +139,9 @@ class TextTask:
     self.assistant_header, self.user_header = asst.header_ids, usr.header_ids
     self.assistant_footer, self.user_footer = asst.footer_ids, usr.footer_ids
     self.reply_tokens, self.max_turns = reply_tokens, max_turns
+    if ucfg.first_turn == "user":
+      self.first_prefix, self.first_footer = text_records.first_frame(policy_tok)
+    self._opens = jax.jit(lambda u, i, k: self.bind(u).user_opens(i, k))
     greedy = ucfg.temperature == 0
     self.user_cfg = sampling.SamplingConfig(
         max_new_tokens=ucfg.max_user_len, temperature=1.0 if greedy else ucfg.temperature,
@@ -210,9 +213,9 @@ class TextTask:
     view = conv_lib.append(view, intent.user_prompt_BxP, intent.user_prompt_len_B, CONTEXT)
     size = p + self.max_turns * (self.user_chunk + self.user_cfg.max_new_tokens - 1)
     cache = KVCache.init(self.user_model.cfg, b, size)
+    valid_BxP = jnp.arange(p)[None, :] < intent.user_prompt_len_B[:, None]
     out = self.user_model.apply({"params": self.params}, intent.user_prompt_BxP,
-                                valid_BxL=jnp.arange(p)[None, :] < intent.user_prompt_len_B[:, None],
-                                cache=cache, heads=())
+                                valid_BxL=valid_BxP, cache=cache, heads=())
     zeros = jnp.zeros((b,), jnp.int32)
     cache = out.cache.replace(index=jnp.broadcast_to(out.cache.index, (b,)))
     return TextUserState(view, cache, intent.user_prompt_len_B, zeros, zeros > 0, zeros, zeros)
@@ -257,6 +260,42 @@ class TextTask:
                         sim.confused_B + count(confused_B), sim.cut_B + count(~out.stopped_B))
     lengths_B = jnp.where(active_B, said_B + footer_F.shape[0], 0)
     return toks_BxM, lengths_B, ended_B, new
+
+  def user_opens(self, intent: TextIntent, key: jax.Array) -> TextIntent:
+    """The intent with the opening message the bound LM user writes from its goal (its prompt
+    ends with its own header): sampled once, written into its own chat with its end of turn,
+    and into the policy's opening after the template's prefix, with the policy template's end
+    of turn. What `sim.first_turn = "user"` plays (CollabLLM's simulator opens so)."""
+    b, p = intent.user_prompt_BxP.shape
+    cache = KVCache.init(self.user_model.cfg, b, p + self.user_cfg.max_new_tokens)
+    out, _ = sampling.prefill_and_decode(self.user_model, self.user_cfg, self.params, cache,
+                                         intent.user_prompt_BxP, intent.user_prompt_len_B,
+                                         jnp.zeros((b,), jnp.int32), key)
+    said_B = out.lengths_B - out.stopped_B.astype(jnp.int32)
+    frame = lambda ids: rollout_lib._frame(ids, b)  # pylint: disable=protected-access
+
+    def write(dst_BxL, len_B, pieces):
+      for toks, n in pieces:
+        dst_BxL = rollout_lib.scatter_rows(dst_BxL, toks, len_B, n)
+        len_B = len_B + n
+      return dst_BxL, len_B
+
+    prompt, prompt_len = write(intent.user_prompt_BxP, intent.user_prompt_len_B,
+                               [(out.tokens_BxN, said_B),
+                                frame(self.user.own_frame.footer_ids)])
+    opening, opening_len = write(intent.opening_BxN, intent.opening_len_B,
+                                 [(out.tokens_BxN, said_B), frame(self.first_footer)])
+    in_turn = jnp.arange(opening.shape[1])[None, :] >= intent.opening_len_B[:, None]
+    return intent.replace(opening_BxN=opening, opening_len_B=opening_len,
+                          opening_roles_BxN=jnp.where(in_turn, USER, intent.opening_roles_BxN),
+                          user_prompt_BxP=prompt, user_prompt_len_B=prompt_len)
+
+  def open_episodes(self, user_params, intent: TextIntent, key) -> TextIntent:
+    """`intent` as the rollout plays it: unchanged when the records write the opening, else
+    with the opening the LM user writes (`user_opens`, one jitted call per batch)."""
+    if self.ucfg.first_turn != "user":
+      return intent
+    return self._opens(user_params, intent, key)
 
   # --- Records -> ids (host) --------------------------------------------------------------------
 
@@ -314,3 +353,4 @@ def from_config(config, *, max_turns: int | None = None) -> TextTask:
 def load_user_params(task: TextTask, mesh=None):
   """The user's weights, placed on the mesh by the partition rules (frozen: never trained)."""
   return hf.load_pretrained(task.ucfg.user_from, mesh=mesh)[1]
+

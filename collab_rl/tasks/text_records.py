@@ -44,6 +44,10 @@ class TextIntent:
   ambiguous_B: jax.Array  # int32 1 / 0 from the record's metadata, -1 where it does not say
 
 
+FIRST_TURNS = ("record", "user")
+_PROBE = "the answer is 42"
+
+
 @dataclasses.dataclass(frozen=True)
 class UserConfig:
   """The LM user (`config.sim` of a language-tier config)."""
@@ -54,6 +58,9 @@ class UserConfig:
   show_target: bool = True  # the user's prompt also holds the reference answer
   max_request_tokens: int = 256  # the policy's opening (template prefix + first request)
   max_prompt_tokens: int = 1024  # the user's prompt (role-play instructions, goal, request)
+  # Who writes the opening message: "record" (its first turn, else its prompt) or "user" (the
+  # LM user, from its goal, as CollabLLM's simulator does; `text.TextTask.user_opens`).
+  first_turn: str = "record"
 
   def __post_init__(self):
     if self.prompt not in USER_PROMPTS:
@@ -63,6 +70,8 @@ class UserConfig:
         raise ValueError(f"sim.{name} must be positive, got {getattr(self, name)}")
     if self.temperature < 0:
       raise ValueError(f"sim.temperature={self.temperature} must be >= 0")
+    if self.first_turn not in FIRST_TURNS:
+      raise ValueError(f"sim.first_turn={self.first_turn!r}; choose from {FIRST_TURNS}")
 
 
 def first_request(record: dict) -> str:
@@ -95,6 +104,22 @@ def opening_ids(tok: tokenizer_lib.Tokenizer, request: str) -> tuple[np.ndarray,
   return ids, roles
 
 
+def first_frame(tok: tokenizer_lib.Tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(prefix, footer) ids around the opening message's content in the policy's chat (bos, a
+  default system prompt, the user header; the end of turn): what frames a first message the LM
+  user writes on device. Checked to tokenize as the rendered text does."""
+  marker = "collab_rl_marker"
+  text = tok.render([{"role": "user", "content": marker}])
+  at = text.find(marker)
+  prefix = tuple(tok.encode(text[:at]))
+  footer = tuple(tok.encode(text[at + len(marker):]))
+  framed = [*prefix, *tok.encode(_PROBE), *footer]
+  if framed != tok.encode(tok.render([{"role": "user", "content": _PROBE}])):
+    raise ValueError("the chat template does not fit this tokenizer around an opening message: "
+                     "a first message the user writes could not be framed by precomputed ids")
+  return prefix, footer
+
+
 class UserSide:
   """The user model's side of the chat: its tokenizer's frames and its prompt for a record."""
 
@@ -105,17 +130,25 @@ class UserSide:
     self.own_frame = tok.turn_frame("assistant")
     self.template, self.target_line = USER_PROMPTS[ucfg.prompt]
 
-  def messages(self, record: dict) -> list[dict[str, str]]:
+  def messages(self, record: dict, with_opening: bool | None = None) -> list[dict[str, str]]:
+    """The user's chat before the policy's first reply: the role-play system message with the
+    goal, the stage direction, and (`with_opening`; default: unless it writes it on device)
+    its opening message."""
     target = record["single_turn_completion"] if self.ucfg.show_target else ""
     target_line = self.target_line.format(target=target) if target.strip() else ""
     system = self.template.format(goal=record["single_turn_prompt"], target_line=target_line,
                                   marker=TERMINATE)
-    return [{"role": "system", "content": system},
-            {"role": "user", "content": simulators.OPENING},
-            {"role": "assistant", "content": first_request(record)}]
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": simulators.OPENING}]
+    if not (self.ucfg.first_turn != "user" if with_opening is None else with_opening):
+      return messages  # it writes the opening itself, next
+    return [*messages, {"role": "assistant", "content": first_request(record)}]
 
   def prompt(self, record: dict) -> np.ndarray:
-    return self.tok.encode_chat(self.messages(record))[0]
+    """Its chat so far; when it writes the opening, up to its own header (the generation
+    prompt)."""
+    return self.tok.encode_chat(self.messages(record),
+                                add_generation_prompt=self.ucfg.first_turn == "user")[0]
 
 
 def _where(record: dict) -> str:
@@ -133,19 +166,27 @@ def encode(task, records: Sequence[dict]) -> TextIntent:
   """A batch of decoded records (`data/collabllm.decode`, with `line` and, where known, the
   `source` file) as ids; a record that does not fit its budgets raises ValueError naming it."""
   openings, roles, prompts = [], [], []
+  # When the user writes the opening, room is left for it (and its end of turn) in both chats.
+  u = task.ucfg
+  room = (u.max_user_len + max(len(task.user.own_frame.footer_ids), len(task.user_footer))
+          if u.first_turn == "user" else 0)
   for r in records:
     try:
-      ids, rl = opening_ids(task.tokenizer, first_request(r))
+      if u.first_turn == "user":
+        ids = np.asarray(task.first_prefix, np.int32)
+        rl = np.full(ids.shape, CONTEXT, np.int32)
+      else:
+        ids, rl = opening_ids(task.tokenizer, first_request(r))
       prompt = task.user.prompt(r)
     except ValueError as e:
       raise ValueError(f"{_where(r)}: {e}") from None
-    if len(ids) > task.ucfg.max_request_tokens:
-      raise ValueError(f"{_where(r)}: the policy's opening is {len(ids)} tokens, more than "
-                       f"sim.max_request_tokens={task.ucfg.max_request_tokens}")
-    if len(prompt) > task.ucfg.max_prompt_tokens:
+    if len(ids) + room > u.max_request_tokens:
+      raise ValueError(f"{_where(r)}: the policy's opening is {len(ids) + room} tokens, more "
+                       f"than sim.max_request_tokens={u.max_request_tokens}")
+    if len(prompt) + room > u.max_prompt_tokens:
       raise ValueError(f"{_where(r)}: the user's prompt (goal and instructions) is "
-                       f"{len(prompt)} tokens, more than sim.max_prompt_tokens="
-                       f"{task.ucfg.max_prompt_tokens}")
+                       f"{len(prompt) + room} tokens, more than sim.max_prompt_tokens="
+                       f"{u.max_prompt_tokens}")
     openings.append(ids)
     roles.append(rl)
     prompts.append(prompt)

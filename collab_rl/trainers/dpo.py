@@ -202,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     pair_fn = jax.jit(lambda r, *args: pairs(config, model, r, *args))
 
     def collect(params, ref_params, key):
-      intent, records = world.next_batch()
+      intent, records = world.next_batch(jax.random.fold_in(key, 2))
       conv, reply, reply_len, fut = futures(params, world.user_params, key, intent)
       b, g, s = config.batch_size, config.candidates, rcfg.samples
       live = np.repeat(~np.asarray(sharding_lib.to_host(conv.done_B)), g * s)

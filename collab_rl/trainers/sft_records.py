@@ -51,7 +51,7 @@ def conversation(record: dict, side: str, user: text_lib.UserSide | None) -> lis
   if side == "assistant":
     return turns
   rest = [{"role": _SWAP[t["role"]], "content": t["content"]} for t in turns[1:]]
-  return [*user.messages(record), *rest]
+  return [*user.messages(record, with_opening=True), *rest]
 
 
 def encode(tok: tokenizer_lib.Tokenizer, records, side: str, user, max_len: int):
