@@ -36,7 +36,8 @@ from collab_rl.tokenizer import ASSISTANT, USER
 
 NAMES = {"n1": "first number", "op1": "first operator", "n2": "second number",
          "op2": "second operator", "n3": "third number"}
-WORDS = {"thanks": f"Thanks, that is right. {text_records.TERMINATE}", "wrong": "No, that is not it.",
+WORDS = {"thanks": f"Thanks, that is right. {text_records.TERMINATE}",
+         "wrong": "No, that is not it.",
          "known": "You already know that.", "unclear": "I am not sure."}
 
 

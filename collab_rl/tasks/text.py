@@ -26,12 +26,10 @@ from typing import Any, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from collab_rl import conversation as conv_lib
 from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
-from collab_rl import simulators
 from collab_rl import tokenizer as tokenizer_lib
 from collab_rl.models import hf
 from collab_rl.models.attention import KVCache
