@@ -187,10 +187,13 @@ class TextScorer:
                                    goals=[records[r]["single_turn_prompt"] for r in rows])
     return rating, {"judge/helpfulness_mass": float(mass.mean())}
 
-  def score(self, conv, records, *, with_int: bool = True) -> tuple[np.ndarray, dict, dict]:
+  def score(self, conv, records, *, with_int: bool = True,
+            chats=None) -> tuple[np.ndarray, dict, dict]:
     """(R*_N, its parts {r_ext, r_int, token_cost, tokens_read} [N], judge stats) of host-side
-    conversations; row i is record `conv.intent.row_B[i]` of `records`."""
-    chats, rows = self.chats(conv), np.asarray(conv.intent.row_B)
+    conversations; row i is record `conv.intent.row_B[i]` of `records`. `chats`: the
+    conversations already decoded (`chats(conv)`)."""
+    chats = self.chats(conv) if chats is None else chats
+    rows = np.asarray(conv.intent.row_B)
     r_ext, stats = self.task_scores(chats, records, rows)
     r_int = np.zeros_like(r_ext)
     if with_int and self.rcfg.w_int:
@@ -207,8 +210,8 @@ class TextScorer:
     where they mean the same, R* as `reward`, and what the LM user did) and the judges' stats.
     The first reply asks when it holds a question mark; ambiguity is the record's own label
     (`ambiguity_known` marks the rows that have one); interactivity is nan without a judge."""
-    total, parts, stats = self.score(conv, records)
     chats = self.chats(conv)
+    total, parts, stats = self.score(conv, records, chats=chats)
     if self.judge is not None and not self.rcfg.w_int:
       parts["r_int"], more = self.interactivity(chats)
       stats.update(more)

@@ -201,9 +201,8 @@ def text_iteration(config, world, collect_fn, finish_fn, params, ref_params, key
   played_conv, counts = sharding_lib.to_host((conv, user))
   m, stats = world.scorer.episode_metrics(played_conv, counts, records)
   if kind == "final":  # R* of the whole conversation, paid on each row's last turn
-    valid = np.asarray(valid_BxT)
-    rewards_BxT = np.eye(config.num_turns, dtype=np.float32)[valid.sum(1) - 1] * m["reward"][:,
-                                                                                         None]
+    last_B = np.asarray(valid_BxT).sum(1) - 1
+    rewards_BxT = np.eye(config.num_turns, dtype=np.float32)[last_B] * m["reward"][:, None]
   else:
     rewards_BxT, more = score_pending(world, kind, pending, valid_BxT, records)
     stats.update(more)
