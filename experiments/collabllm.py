@@ -86,8 +86,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_conversations = 256
   c.validation_fraction = 0.05
 
+  # gamma = 0: each reply is optimised for its own reward, as in CollabLLM, so the arms differ
+  # only in that reward. With gamma > 0 a turn's advantage sums the later turns' rewards and turns
+  # a next-turn reward into a conversation-level return (on this tier's demonstration too:
+  # ppo_ext at gamma = 1 asked on every ambiguous request after 10 iterations).
   c.ppo = ml_collections.ConfigDict(dict(
-      advantage="gae", group_size=4, gamma=1.0, lam=0.95, clip_eps=0.2, vf_coef=0.5,
+      advantage="gae", group_size=4, gamma=0.0, lam=0.95, clip_eps=0.2, vf_coef=0.5,
       vf_clip=0.5, kl_coef=0.05, ent_coef=0.0, epochs=2, minibatches=2, whiten=True))
 
   # SFT on the records' conversations (trainers/sft_records.py): the loss on the assistant's
