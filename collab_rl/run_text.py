@@ -36,6 +36,12 @@ def check(config) -> None:
       raise ValueError(f"config.{name} is not set: the language tier reads prepared CollabLLM "
                        "records from it (python -m collab_rl.data prepare --task collabllm)")
   loader_lib.metadata(config.data_dir, RECORDS)  # a missing dataset names its prepare command
+  if jax.process_count() > 1:
+    # Each process would read its own records but score every row of the gathered batch with
+    # them: the host scorer needs the batch's records gathered first, which is not built yet.
+    raise ValueError(f"the language tier runs in one process for now (this run has "
+                     f"{jax.process_count()}): its host scoring reads each row's record from "
+                     "this process's batch; use one process with all its devices")
 
 
 class World(NamedTuple):
