@@ -44,7 +44,8 @@ def world(tmp_path_factory):
   folders = {}
   for style in ("llama3", "qwen2"):
     tok = hf_models.train_tokenizer(texts, style, vocab_size=400)
-    cfg = hf_models.model_config(tok, style, hidden_size=32, intermediate_size=64)
+    cfg = hf_models.model_config(tok, style, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1)
     folders[style] = hf_models.save_folder(root / style, tok, cfg, seed=3)
   return {"root": root, "data": str(root / "data"), "records": recs, **folders}
 
@@ -140,7 +141,7 @@ def test_mr_futures_equal_single_futures_played_one_by_one(world):
   task = _task(world, temperature=0.0)
   model, params = hf.load_pretrained(world["llama3"])
   policy = _policy(task, model, greedy=True)
-  recs = world["records"][:3]
+  recs = world["records"][:2]
   cfg = rewards.RewardConfig(window=1, samples=2, w_int=0.0)
   columns = task.conversation_len(TURNS, REPLY)
   bound = task.bind(params)
@@ -199,13 +200,13 @@ def _same_logits_in_transformers(folder, params):
                              atol=1e-5)
 
 
-def _sft_config(world, side: str, steps: int = 12):
+def _sft_config(world, side: str, steps: int = 8):
   c = collabllm.get_config(f"sft,runlocal,side={side}")
   c.init_from_hf, c.data_dir = world["llama3"], world["data"]
   c.sim.prompt, c.max_len = "short", 320
   c.num_steps, c.eval_every, c.log_every = steps, steps, 4
-  c.checkpoint.every_steps = 6
-  c.optimizer.learning_rate = 3e-3
+  c.checkpoint.every_steps = 4
+  c.optimizer.learning_rate, c.optimizer.warmup_steps = 3e-3, 2
   return c
 
 
@@ -219,9 +220,9 @@ def test_sft_on_records_lowers_the_loss(world, tmp_path, side):
   assert (tmp_path / side / "hf" / "model.safetensors").exists()
   assert out["how"] == f"init_from_hf {world['llama3']}"
   if side == "assistant":  # a run stopped half-way resumes on the records it would have read
-    sft_records.train(_sft_config(world, side), str(tmp_path / "cut"), stop_after=6)
+    sft_records.train(_sft_config(world, side), str(tmp_path / "cut"), stop_after=4)
     resumed = sft_records.train(_sft_config(world, side), str(tmp_path / "cut"))
-    assert resumed["how"] == "resumed step 6"
+    assert resumed["how"] == "resumed step 4"
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(out["state"].params),
                            jax.device_get(resumed["state"].params))
 
@@ -266,18 +267,19 @@ def test_bad_folders_and_budgets_fail_before_compiling(world, tmp_path, compile_
 def test_user_end_and_confusion_are_found_on_tokens(world):
   task = _task(world)
   tok = task.tokenizer
-  for text in ("Thanks, that is right. [[TERMINATE CHAT]]", "[[TERMINATE CHAT]]",
-               "ok\n[[TERMINATE CHAT]] bye"):
-    ids = jnp.asarray([tok.encode(text)])
-    hit = [text_lib._contains(ids, jnp.asarray([ids.shape[1]]), p)  # pylint: disable=protected-access
-           for p in task.end_patterns]
-    assert bool(jnp.any(jnp.stack(hit))), text
-  ids = jnp.asarray([tok.encode("Sure! As an AI, here is the answer.")])
-  assert any(bool(text_lib._contains(ids, jnp.asarray([ids.shape[1]]), p)[0])  # pylint: disable=protected-access
-             for p in task.confusion_patterns)
-  ids = jnp.asarray([tok.encode("The second number is 7.")])
-  assert not any(bool(text_lib._contains(ids, jnp.asarray([ids.shape[1]]), p)[0])  # pylint: disable=protected-access
-                 for p in [*task.end_patterns, *task.confusion_patterns])
+  texts = ["Thanks, that is right. [[TERMINATE CHAT]]", "[[TERMINATE CHAT]]",
+           "ok\n[[TERMINATE CHAT]] bye", "Sure! As an AI, here is the answer.",
+           "The second number is 7."]
+  ids = [tok.encode(t) for t in texts]
+  width = max(len(i) for i in ids)
+  ids_BxN = jnp.asarray([i + [0] * (width - len(i)) for i in ids])
+  len_B = jnp.asarray([len(i) for i in ids])
+  found = jax.jit(lambda t, n: [jnp.any(jnp.stack([
+      text_lib._contains(t, n, p) for p in patterns]), 0)  # pylint: disable=protected-access
+                                for patterns in (task.end_patterns, task.confusion_patterns)])
+  ended, confused = (np.asarray(x) for x in found(ids_BxN, len_B))
+  np.testing.assert_array_equal(ended, [True, True, True, False, False])
+  np.testing.assert_array_equal(confused, [False, False, False, True, False])
 
 
 def test_verifiers_score_text():
@@ -298,6 +300,7 @@ def test_online_dpo_step_moves_the_policy_only(world, tmp_path, monkeypatch):
   from collab_rl.trainers import dpo  # pylint: disable=g-import-not-at-top
   c = _config(world, arm="dpo_online")
   c.num_steps = 2  # the first step's learning rate is 0 (warmup)
+  c.candidates = 2
   # Random weights write replies that all run to the budget and score 0: every candidate would
   # tie. Distinct MRs for the futures test the pairs and the update, not the random policy.
   score = run_text.World.score
