@@ -199,7 +199,7 @@ def _build_text(config, task, mesh, rcfg, init, run, ref_params, greedy, eval_ke
   world = run_text.build(config, task, mesh, batch=config.batch_size // group_size(config),
                          seed=config.seed)
   run.resume(world.train)
-  eval_intent = world.encode(world.eval_records, jax.random.fold_in(eval_key, 1))
+  eval_intent = world.eval_intent(jax.random.fold_in(eval_key, 1))
 
   def episodes(params, user_params, intent, key):
     ro = rollout_lib.rollout(greedy, task.bind(user_params), params, key, config.eval_batch_size,

@@ -15,9 +15,11 @@ the judge of `config.judge.folder` where one is set). `World` holds what that ta
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,12 +38,19 @@ def check(config) -> None:
       raise ValueError(f"config.{name} is not set: the language tier reads prepared CollabLLM "
                        "records from it (python -m collab_rl.data prepare --task collabllm)")
   loader_lib.metadata(config.data_dir, RECORDS)  # a missing dataset names its prepare command
-  if jax.process_count() > 1:
-    # Each process would read its own records but score every row of the gathered batch with
-    # them: the host scorer needs the batch's records gathered first, which is not built yet.
-    raise ValueError(f"the language tier runs in one process for now (this run has "
-                     f"{jax.process_count()}): its host scoring reads each row's record from "
-                     "this process's batch; use one process with all its devices")
+
+
+def gather(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Every process's records, in process order: the records of a global batch, which the host
+  scorer reads by global row (each process reads only its own slice of every batch)."""
+  if jax.process_count() == 1:
+    return records
+  blob = np.frombuffer(json.dumps(records).encode("utf-8"), np.uint8)
+  sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int64)).reshape(-1)
+  padded = np.zeros((int(sizes.max()),), np.uint8)
+  padded[:blob.size] = blob
+  blobs = multihost_utils.process_allgather(padded)
+  return [r for p, n in enumerate(sizes) for r in json.loads(blobs[p, :n].tobytes())]
 
 
 class World(NamedTuple):
@@ -53,10 +62,11 @@ class World(NamedTuple):
   eval_records: list[dict[str, Any]]
   mesh: Any
 
-  def encode(self, records, key: jax.Array) -> text_lib.TextIntent:
-    """Records -> the task's ids, as global arrays on the mesh, with their openings (written
-    by the LM user from `key` when `sim.first_turn = "user"`)."""
-    intent = self.task.encode(records)
+  def encode(self, records, key: jax.Array, first_row: int = 0) -> text_lib.TextIntent:
+    """This process's records -> the task's ids, as global arrays on the mesh (row i plays
+    record `first_row + i` of the global batch), with their openings (written by the LM user
+    from `key` when `sim.first_turn = "user"`)."""
+    intent = self.task.encode(records, first_row)
     if self.mesh is not None:
       intent = sharding_lib.shard_batch(intent, self.mesh)
     return self.task.open_episodes(self.user_params, intent, key)
@@ -71,10 +81,16 @@ class World(NamedTuple):
     """The next train batch, each episode `group` times in a row (for group baselines: the
     same opening too), and its records (`intent.row_B` indexes them)."""
     records = loader_lib.records_of(next(self.train), self.source)
-    intent = self.encode(records, key)
+    intent = self.encode(records, key, jax.process_index() * len(records))
     if group > 1:
       intent = jax.tree_util.tree_map(lambda x: jnp.repeat(x, group, axis=0), intent)
-    return intent, records
+    return intent, gather(records)
+
+  def eval_intent(self, key: jax.Array) -> text_lib.TextIntent:
+    """The evaluation records as ids on the mesh: each process encodes its share of them."""
+    n = len(self.eval_records) // jax.process_count()
+    first = jax.process_index() * n
+    return self.encode(self.eval_records[first:first + n], key, first)
 
 
 def build(config, task: text_lib.TextTask, mesh, *, batch: int, seed: int) -> World:

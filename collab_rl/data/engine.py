@@ -55,6 +55,9 @@ def check_config(config):
   text = config.task == registry.TEXT_TASK
   if text:
     loader.metadata(config.data_dir, builders.CollabLLM.name)  # names its prepare command
+    if jax.process_count() > 1:  # each chunk's records are read whole, not split by process
+      raise ValueError("the data engine on the language tier runs in one process (this run has "
+                       f"{jax.process_count()}); use one process with all its devices")
   rcfg = rewards.RewardConfig.from_config(config.reward)
   task = registry.config_task(config, **({"max_turns": rcfg.horizon(config.num_turns)}
                                          if text else {}))

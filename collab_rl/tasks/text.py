@@ -297,9 +297,9 @@ class TextTask:
 
   # --- Records -> ids (host) --------------------------------------------------------------------
 
-  def encode(self, records: Sequence[dict]) -> TextIntent:
+  def encode(self, records: Sequence[dict], first_row: int = 0) -> TextIntent:
     """`text_records.encode`: a batch of records as ids, each checked against its budgets."""
-    return text_records.encode(self, records)
+    return text_records.encode(self, records, first_row)
 
 
 # ------------------------------------------------------------------------------------------------

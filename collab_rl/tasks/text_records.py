@@ -162,9 +162,11 @@ def _pad(rows: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray
   return out, np.asarray([len(r) for r in rows], np.int32)
 
 
-def encode(task, records: Sequence[dict]) -> TextIntent:
+def encode(task, records: Sequence[dict], first_row: int = 0) -> TextIntent:
   """A batch of decoded records (`data/collabllm.decode`, with `line` and, where known, the
-  `source` file) as ids; a record that does not fit its budgets raises ValueError naming it."""
+  `source` file) as ids; a record that does not fit its budgets raises ValueError naming it.
+  Row i plays record `first_row + i` of the batch's record list (this process's rows of a
+  global batch start at its offset)."""
   openings, roles, prompts = [], [], []
   # When the user writes the opening, room is left for it (and its end of turn) in both chats.
   u = task.ucfg
@@ -193,6 +195,6 @@ def encode(task, records: Sequence[dict]) -> TextIntent:
   opening, opening_len = _pad(openings, task.ucfg.max_request_tokens)
   opening_roles, _ = _pad(roles, task.ucfg.max_request_tokens)
   prompt, prompt_len = _pad(prompts, task.ucfg.max_prompt_tokens)
-  return TextIntent(np.arange(len(records), dtype=np.int32), opening, opening_roles,
+  return TextIntent(first_row + np.arange(len(records), dtype=np.int32), opening, opening_roles,
                     opening_len, prompt, prompt_len,
                     np.asarray([ambiguity(r) for r in records], np.int32))

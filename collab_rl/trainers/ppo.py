@@ -198,22 +198,22 @@ def text_iteration(config, world, collect_fn, finish_fn, params, ref_params, key
   conv, user, pending, done_BxT, valid_BxT, pos_BxT = collect_fn(params, world.user_params, key,
                                                                  intent)
   kind = config.reward.kind
-  played_conv, counts = sharding_lib.to_host((conv, user))
+  played_conv, counts, valid_host_BxT = sharding_lib.to_host((conv, user, valid_BxT))
   m, stats = world.scorer.episode_metrics(played_conv, counts, records)
   if kind == "final":  # R* of the whole conversation, paid on each row's last turn
-    last_B = np.asarray(valid_BxT).sum(1) - 1
+    last_B = valid_host_BxT.sum(1) - 1
     rewards_BxT = np.eye(config.num_turns, dtype=np.float32)[last_B] * m["reward"][:, None]
   else:
-    rewards_BxT, more = score_pending(world, kind, pending, valid_BxT, records)
+    rewards_BxT, more = score_pending(world, kind, pending, valid_host_BxT, records)
     stats.update(more)
   batch = finish_fn(params, ref_params, conv, jnp.asarray(rewards_BxT), done_BxT, valid_BxT,
                     pos_BxT)
   means = {f"episode/{k}": float(np.mean(v)) for k, v in m.items()
            if k not in ("reward",) and np.isfinite(np.mean(v))}
   means.update({"reward/per_turn": float(rewards_BxT.sum(1).mean()),
-                "reward/turns": float(np.asarray(valid_BxT).sum(1).mean()),
+                "reward/turns": float(valid_host_BxT.sum(1).mean()),
                 "rstar/total": float(m["reward"].mean()),
-                "tokens/conversation": float(np.asarray(conv.cursor_B).mean()), **stats})
+                "tokens/conversation": float(played_conv.cursor_B.mean()), **stats})
   return batch, means
 
 
