@@ -8,6 +8,9 @@ Three tables, per conversation shape:
   mixture played against the scripted user, as `trainers/sft.py` trains on it);
 - `loss`: the base's teacher-forced loss on the ANSWER replies of those conversations (what an
   answer costs it after a question, after `wrong`, after an unasked revelation);
+- `slot_loss`: for conversations that asked about ONE missing piece, per slot that was missing,
+  the largest token loss of the answer (the token that should copy the user's reply): near
+  log(#values) for a slot means the base ignores the user's answer there and guesses;
 - `played`: the base itself (greedy) and the oracle, on held-out episodes with the training
   user and with the sharded one: the score per shape, from `scoring.after_asking`.
 
@@ -117,18 +120,32 @@ def main(argv):
                            heads=("lm",)).logits_BxLxV
       mask = answer_mask(data_task, tokens_BxL, roles_BxL)  # answers only: never a question
       nll_BxL = -losses.token_logprobs(logits, tokens_BxL) * mask
-      return nll_BxL.sum(1) / jnp.maximum(mask.sum(1), 1), mask.sum(1)
+      return nll_BxL.sum(1) / jnp.maximum(mask.sum(1), 1), mask.sum(1), nll_BxL.max(1)
 
-    loss_sum, loss_n = {}, {}
+    loss_sum, loss_n, slot_sum, slot_n = {}, {}, {}, {}
     for ro, roles_BxL in batches:
-      nll_B, n_B = (np.asarray(x) for x in answer_nll(params, ro.conv.tokens_BxL, roles_BxL))
-      for k, v in shapes(data_task, ro).items():
+      nll_B, n_B, max_B = (np.asarray(x)
+                           for x in answer_nll(params, ro.conv.tokens_BxL, roles_BxL))
+      sh = shapes(data_task, ro)
+      for k, v in sh.items():
         sel = v & (n_B > 0)
         loss_sum[k] = loss_sum.get(k, 0.0) + float(nll_B[sel].sum())
         loss_n[k] = loss_n.get(k, 0) + int(sel.sum())
+      missing_BxK = np.asarray(ro.conv.intent.missing_BxK)
+      for b in np.flatnonzero(sh["asked_1"] & (n_B > 0)):
+        slot = data_task.slots[int(np.argmax(missing_BxK[b]))].name
+        slot_sum[slot] = slot_sum.get(slot, 0.0) + float(max_B[b])
+        slot_n[slot] = slot_n.get(slot, 0) + 1
     report["loss"] = {k: loss_sum[k] / loss_n[k] if loss_n[k] else float("nan")
                       for k in sorted(loss_sum)}
     print("answer loss per shape:", json.dumps(report["loss"], indent=1))
+    # A guess among the slot's values costs log(#values): the mark of an answer ignored.
+    report["slot_loss"] = {s.name: {"max_token_nll": slot_sum[s.name] / slot_n[s.name],
+                                    "guess_nll": float(np.log(len(s.values))),
+                                    "n": slot_n[s.name]}
+                           for s in data_task.slots if s.name in slot_n}
+    print("asked about one piece, largest answer-token loss per missing slot:",
+          json.dumps(report["slot_loss"], indent=1))
 
     report["played"] = {}
     for user in ("reactive", "sharded"):
