@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from collab_rl import config_names
+from collab_rl import storage
 
 State = TypeVar("State")
 PyTree = Any
@@ -59,7 +60,7 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
 def _read_only_manager(path: str) -> ocp.CheckpointManager:
   """Another run's checkpoints, opened to read its params only (no saves, no deletions)."""
   # Orbax restores absolute paths only; a relative one is taken from the working directory.
-  path = path if "://" in path else os.path.abspath(path)
+  path = storage.absolute(path)
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   # PyTreeCheckpointHandler (same on-disk format as Standard) for its `partial_restore`.
   handlers = {**_handlers(), _STATE: ocp.PyTreeCheckpointHandler()}
@@ -155,7 +156,7 @@ class Checkpointer:
         raise ValueError(f"checkpoint {name}={value} must be >= 1")
     directory = str(directory)
     # Orbax writes absolute paths only; a relative workdir means one below the current directory.
-    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save,
         # The directory appears with the first save: a run that fails while restoring (a

@@ -59,6 +59,7 @@ from collab_rl import metrics as metrics_lib
 from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
+from collab_rl import storage
 from collab_rl.models import transformer
 from collab_rl.tasks import registry, scoring
 
@@ -134,7 +135,7 @@ def load_policy(run_dir: str, turns: int, sim: dict | None = None):
   fields overridden by `sim` (e.g. {"sharded": True}). A mediator run gives the
   Mediator-Assistant, with params {"mediator", "assistant"}. Relative paths are taken from the
   working directory (Orbax restores absolute paths only)."""
-  checkpoints = os.path.join(os.path.abspath(run_dir), "checkpoints")
+  checkpoints = storage.join(storage.absolute(run_dir), "checkpoints")
   config = ckpt_lib.read_config(checkpoints)
   task = registry.make_task(config["task"], {**config["sim"], **(sim or {})})
   model, params = _restore_model(checkpoints, config)
@@ -182,12 +183,18 @@ def find_runs(workdir: str) -> list[tuple[str, str, int]]:
   return sorted(runs)
 
 
+def save_figure(fig, path: str) -> None:
+  """A matplotlib figure as a PNG at `path`, local or remote (`storage`)."""
+  with storage.open_file(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=80)
+
+
 def plot(results: dict[str, Any], curves: dict[str, list[tuple[int, float]]], out: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+  storage.makedirs(storage.join(out, "plots"))
   tasks = sorted({k.split(":")[0] for k in results})
   for task in tasks:
     keys = [k for k in sorted(results) if k.startswith(task + ":")]
@@ -204,7 +211,7 @@ def plot(results: dict[str, Any], curves: dict[str, list[tuple[int, float]]], ou
                     fontsize=7)
       ax.set_title(results_lib.COLUMNS[metric])
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "plots", f"{task}_bars.png"), dpi=80)
+    save_figure(fig, storage.join(out, "plots", f"{task}_bars.png"))
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in sorted(curves.items()):
@@ -216,7 +223,7 @@ def plot(results: dict[str, Any], curves: dict[str, list[tuple[int, float]]], ou
     if ax.get_lines():
       ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "plots", f"{task}_reward_curves.png"), dpi=80)
+    save_figure(fig, storage.join(out, "plots", f"{task}_reward_curves.png"))
     plt.close(fig)
 
 
@@ -286,12 +293,12 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
   per_arm: dict[str, list] = collections.defaultdict(list)
   curves: dict[str, list] = {}
   tasks_seen: dict[str, Any] = {}
-  os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+  storage.makedirs(storage.join(out, "samples"))
   rng = np.random.default_rng(0)
   warnings: list[str] = []
   # Read first: a user's overrides depend on the run's task (its slots) and simulator, and a
   # user that does not fit a run fails before anything is played.
-  configs = {d: ckpt_lib.read_config(os.path.join(os.path.abspath(d), "checkpoints"))
+  configs = {d: ckpt_lib.read_config(storage.join(storage.absolute(d), "checkpoints"))
              for d, _, _ in runs}
   jobs = [(run_dir, arm, seed, row, user, eval_users.sim_for(user, configs[run_dir]))
           for run_dir, arm, seed in runs for row, user in rows_of(arm, users)]
@@ -313,8 +320,8 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
           warnings.append(warning)
     if seed == min(s for _, a, s in runs if a == arm):
       text = conv_lib.decode(first.conv, task.tokenizer, range(min(samples, batch)))
-      with open(os.path.join(out, "samples", f"{task.name}_{row}.txt"), "w") as f:
-        f.write(f"# {row} (seed {seed}, {run_dir})\n\n" + "\n\n".join(text) + "\n")
+      storage.write_text(storage.join(out, "samples", f"{task.name}_{row}.txt"),
+                         f"# {row} (seed {seed}, {run_dir})\n\n" + "\n\n".join(text) + "\n")
   for name in baselines:
     for task, reply in tasks_seen.values():
       policy = BASELINES[name](task)

@@ -33,6 +33,7 @@ from collab_rl import rollout as rollout_lib
 from collab_rl import run_rl
 from collab_rl import run_text
 from collab_rl import sharding as sharding_lib
+from collab_rl import storage
 from collab_rl import text_scores
 from collab_rl.data import loader as loader_lib
 from collab_rl.models import transformer
@@ -53,7 +54,7 @@ def load(run_dir: str, *, turns: int, data_dir: str | None = None,
   """(config, task, policy model, params) of a language-tier run's latest checkpoint; its
   records and LM user replaced by `data_dir` / `user_from` where given (an SFT base names no
   user of its own)."""
-  checkpoints = os.path.join(os.path.abspath(run_dir), "checkpoints")
+  checkpoints = storage.join(storage.absolute(run_dir), "checkpoints")
   config = ml_collections.ConfigDict(ckpt_lib.read_config(checkpoints))
   if data_dir:
     config.data_dir = data_dir
@@ -95,7 +96,7 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
   """Plays and scores every language-tier run (see the module docstring); writes into `out`."""
   runs = list(runs)
   per_arm: dict[str, list] = collections.defaultdict(list)
-  os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+  storage.makedirs(storage.join(out, "samples"))
   rng = np.random.default_rng(0)
   users: dict[str, Any] = {}  # user folder -> params, loaded once for all runs
   for run_dir, arm, seed in metrics_lib.progress(runs, desc="evaluate (language)"):
@@ -118,8 +119,8 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
     if seed == min(s_ for _, a, s_ in runs if a == arm):
       text = ["\n".join(f"[{c['role']}] {c['content']}" for c in chat)
               for chat in chats[:samples]]
-      with open(os.path.join(out, "samples", f"{task.name}_{arm}.txt"), "w") as f:
-        f.write(f"# {arm} (seed {seed}, {run_dir})\n\n" + "\n\n".join(text) + "\n")
+      storage.write_text(storage.join(out, "samples", f"{task.name}_{arm}.txt"),
+                         f"# {arm} (seed {seed}, {run_dir})\n\n" + "\n\n".join(text) + "\n")
   results = {k: {"per_seed": v, "over_seeds": results_lib.over_seeds(v)}
              for k, v in per_arm.items()}
   settings = {"episodes": episodes, "turns": turns, "split": split, "warnings": [],

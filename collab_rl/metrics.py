@@ -1,8 +1,9 @@
 """Metric writers: TensorBoard event files (tensorboardX) and a JSONL log, from process 0 only.
 
 The JSONL file (`workdir/metrics.jsonl`, one `{"step": ..., **scalars}` object per line) is
-what evaluation and plots read back; TensorBoard is for watching a run. Both are flushed on
-every write, so a killed run keeps every line it wrote.
+what evaluation and plots read back; TensorBoard is for watching a run. On a local disk both are
+flushed on every write, so a killed run keeps every line it wrote; a `gs://` workdir is written
+through `storage` (whole objects, at most every `storage.REMOTE_FLUSH_S` seconds and at close).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import jax
 import numpy as np
 import tensorboardX
 import tqdm
+
+from collab_rl import storage
 
 Scalar = float | int | jax.Array | np.ndarray | np.generic
 
@@ -49,19 +52,20 @@ def _jsonable(hparams: Any) -> Any:
 
 
 class MetricWriter:
-  """Writes scalars to `workdir/tb` (TensorBoard) and `workdir/metrics.jsonl`."""
+  """Writes scalars to `workdir/tb` (TensorBoard) and `workdir/metrics.jsonl`; the workdir may
+  be local or a `gs://` URL (`storage`)."""
 
   def __init__(self, workdir: str, *, enabled: bool | None = None):
-    self.workdir = str(workdir)
+    self.workdir = os.fspath(workdir)
     self.enabled = _is_writer_process(enabled)
-    self.jsonl_path = os.path.join(self.workdir, "metrics.jsonl")
+    self.jsonl_path = storage.join(self.workdir, "metrics.jsonl")
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      os.makedirs(self.workdir, exist_ok=True)
-      self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(self.workdir, "tb"))
-      # Append: a resumed run continues the same log.
-      self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+      storage.makedirs(self.workdir)
+      self._tb = tensorboardX.SummaryWriter(logdir=storage.join(self.workdir, "tb"))
+      # Grows: a resumed run continues the same log.
+      self._jsonl = storage.GrowingFile(self.jsonl_path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
     if not self.enabled:
@@ -79,8 +83,7 @@ class MetricWriter:
       return
     config = _jsonable(hparams)
     text = json.dumps(config, indent=2, sort_keys=True)
-    with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    storage.write_text(storage.join(self.workdir, "config.json"), text + "\n")
     # Indented lines render as a code block in TensorBoard's markdown.
     self._tb.add_text("hparams", "    " + text.replace("\n", "\n    "), global_step=0)
     self.flush()
@@ -107,8 +110,7 @@ class MetricWriter:
 
 def read_jsonl(path: str) -> list[dict]:
   """Reads a JSONL metrics file; a torn last line (run killed mid-write) is skipped."""
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f.read().splitlines() if line.strip()]
+  lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
   records = []
   for i, line in enumerate(lines):
     try:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 from typing import Any, Iterable
 
 import numpy as np
 
+from collab_rl import storage
 from collab_rl.tasks import scoring
 
 METRICS = ("score", "tokens_read_k", "interactivity", "ask_when_ambiguous", "answer_when_clear",
@@ -106,8 +106,7 @@ def merge(paths: Iterable[str], out: str | None = None) -> dict[str, Any]:
   per_seed: dict[str, list] = collections.defaultdict(list)
   settings, warnings = None, []
   for path in paths:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(storage.read_text(path))
     if settings is not None and data["settings"]["episodes"] != settings["episodes"]:
       raise ValueError(f"{path}: {data['settings']['episodes']} episodes per run, the files "
                        f"before it {settings['episodes']}; they do not make one comparison")
@@ -119,7 +118,7 @@ def merge(paths: Iterable[str], out: str | None = None) -> dict[str, Any]:
       per_seed[key] += r["per_seed"]
   results = {k: {"per_seed": v, "over_seeds": over_seeds(v)} for k, v in per_seed.items()}
   if out:
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     write(out, {**(settings or {}), "merged_from": list(paths), "warnings": warnings}, results)
   return results
 
@@ -128,8 +127,7 @@ def write(out: str, settings: dict[str, Any], results: dict[str, dict[str, Any]]
           metrics=METRICS) -> None:
   """`results.json` (settings and results) and `results.md` (the table of `metrics`, then any
   warnings)."""
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"settings": settings, "results": results}, f, indent=1)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(table(results, metrics)
-            + "".join(f"\n> warning: {w}\n" for w in settings["warnings"]))
+  storage.write_text(storage.join(out, "results.json"),
+                     json.dumps({"settings": settings, "results": results}, indent=1))
+  storage.write_text(storage.join(out, "results.md"), table(results, metrics) + "".join(
+      f"\n> warning: {w}\n" for w in settings["warnings"]))
