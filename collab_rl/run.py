@@ -28,9 +28,9 @@ the bookkeeping after each update (non-finite stop, logging cadence, throughput,
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
+import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -43,6 +43,7 @@ from collab_rl import checkpoint as ckpt_lib
 from collab_rl import config_names
 from collab_rl import metrics as metrics_lib
 from collab_rl import sharding as sharding_lib
+from collab_rl import storage
 from collab_rl import train_state as state_lib
 from collab_rl.models import hf as hf_lib
 from collab_rl.models import transformer
@@ -314,14 +315,21 @@ class Run:
     loads. Heads without an HF counterpart (value, reward) are left out; a run started from an
     HF folder keeps that folder's other config keys (token ids). Every process calls it (the
     gathers are collective); process 0 writes."""
-    folder = os.path.join(self.workdir, "hf")
+    folder = storage.join(self.workdir, "hf")
     model = transformer.Transformer(transformer.TransformerConfig.from_dict(
         self.config.model.to_dict()))
     source = self.config.get("init_from_hf")
     hf_config = json.loads((pathlib.Path(source) / "config.json").read_text()) if source else None
-    hf_lib.save_pretrained(model, state.params, folder, hf_config=hf_config)
-    if self.tokenizer is not None and jax.process_index() == 0:
-      self.tokenizer.save(folder)
+    # safetensors and tokenizers write local files: a gs:// workdir gets them through a
+    # local staging folder, uploaded whole.
+    with tempfile.TemporaryDirectory() as staging:
+      local = staging if storage.is_remote(folder) else folder
+      hf_lib.save_pretrained(model, state.params, local, hf_config=hf_config)
+      if jax.process_index() == 0:
+        if self.tokenizer is not None:
+          self.tokenizer.save(local)
+        if local != folder:
+          storage.upload_folder(local, folder)
     logging.info("%s: exported the model as a Hugging Face folder: %s", self.config.trainer,
                  folder)
     return folder

@@ -67,6 +67,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
   p.write_text(text, encoding="utf-8")
 
 
+def upload_folder(local: str | os.PathLike, remote: str | os.PathLike) -> None:
+  """Copies the files of a local folder (not its subfolders) to `remote`, one object each."""
+  makedirs(remote)
+  for name in sorted(os.listdir(local)):
+    source = os.path.join(local, name)
+    if os.path.isfile(source):
+      with open(source, "rb") as f:
+        epath.Path(remote).joinpath(name).write_bytes(f.read())
+
+
 class GrowingFile:
   """A file that is only appended to: a log. Local: appended and flushed on every `flush`.
   Remote: kept whole in memory (with what the object held when opened, if `resume`) and

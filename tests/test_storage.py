@@ -117,3 +117,13 @@ def test_local_paths_stay_local_and_absolute(tmp_path):
   f.flush()  # local: on disk at once, so a killed run keeps every line
   assert (tmp_path / "d" / "log.txt").read_text() == "x\n"
   f.close()
+
+
+def test_an_exported_folder_is_uploaded_file_by_file(bucket, tmp_path_factory):
+  # Run.export_hf stages the safetensors and tokenizer files locally, then uploads them.
+  local = tmp_path_factory.mktemp("staging")
+  (local / "config.json").write_text("{}")
+  (local / "model.safetensors").write_bytes(b"\0" * 64)
+  storage.upload_folder(local, "gs://runs/exp1/hf")
+  assert bucket.objects["gs://runs/exp1/hf/model.safetensors"] == b"\0" * 64
+  assert bucket.objects["gs://runs/exp1/hf/config.json"] == b"{}"
