@@ -82,6 +82,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
   import jax  # after flag parsing, so that --jax_* flags and XLA_FLAGS take effect first
+  from collab_rl import sharding  # pylint: disable=g-import-not-at-top
 
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
@@ -94,7 +95,14 @@ def main(argv):
   job = entry_point(config.trainer)
   logging.info("process %d/%d, %d devices (%d local), trainer %s", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count(), config.trainer)
-  result = job(config, _WORKDIR.value)
+  # The run's mesh in context: the model's activations keep their rows split over data x fsdp
+  # (sharding.constrain_rows), so that XLA gathers fsdp-sharded weights, not the batch.
+  try:
+    mesh = sharding.make_mesh(config.mesh_shape) if "mesh_shape" in config else None
+  except ValueError:
+    mesh = None  # the trainer's own checks fail on it first, with the field named
+  with jax.set_mesh(mesh):
+    result = job(config, _WORKDIR.value)
   if jax.process_index() == 0:
     print({k: round(v, 4) for k, v in result.get("final", {}).items()})
 

@@ -114,6 +114,25 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def constrain_rows(x: jax.Array, last: str | None = None) -> jax.Array:
+  """`x`'s rows over data x fsdp (and its last dim over `last`, e.g. "model" for logits), under
+  the mesh the caller set with `jax.set_mesh`; unchanged without one, and per dim where the
+  mesh's ways do not divide it.
+
+  Activations carry this so that XLA's partitioner all-gathers fsdp-sharded weights for a
+  matmul, as FSDP means, instead of gathering the batch: without it, a [D, V] LM head sharded
+  on D meets rows sharded on the same axis, and the compiled 8B PPO step on v5e-64 held the
+  whole batch's logits on every chip (127 GiB of temporaries, experiments/memory_compiled.py).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    return x
+  ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  rows = BATCH_AXES if x.shape[0] % ways == 0 else None
+  tail = last if last and x.shape[-1] % mesh.shape[last] == 0 else None
+  return jax.lax.with_sharding_constraint(x, P(rows, *([None] * (x.ndim - 2)), tail))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -15,6 +15,7 @@ layer's recompute, collective buffers) are not in the table: that is what the he
 
   python -m experiments.memory_plan --collabllm            # the language tier, per slice
   python -m experiments.memory_plan --collabllm --nojudge --slices=v5e-64
+  python -m experiments.memory_plan --collabllm --compile   # + XLA's own figures (libtpu)
 
 `--collabllm` plans experiments/collabllm_8b.py (`slice=` each of --slices) instead: its policy
 and value head (the config's dtypes), the frozen reference (the starting params as the train
@@ -59,6 +60,10 @@ _TRAIN_ROWS = flags.DEFINE_integer("train_rows_per_chip", 1, "Conversations per 
 _COLLABLLM = flags.DEFINE_bool("collabllm", False, "Plan experiments/collabllm_8b.py (the "
                                 "language tier) on --slices (default: COLLABLLM_SLICES).")
 _JUDGE = flags.DEFINE_bool("judge", True, "With --collabllm: its `judge` variant, an 8B LM judge.")
+_COMPILE = flags.DEFINE_bool("compile", False, "With --collabllm: also compile the run's PPO "
+                             "programs for each slice's TPU topology on this CPU and print their "
+                             "memory_analysis() beside the plan (needs libtpu: pip install "
+                             "'jax[tpu]'; experiments/memory_compiled.py).")
 _OUT = flags.DEFINE_string("out", None, "Also write the Markdown here.")
 
 COLLABLLM_SLICES = ("v5litepod-64", "v4-64", "v5litepod-256")
@@ -333,8 +338,16 @@ def main(argv):
   del argv
   if _COLLABLLM.value:
     slices = _SLICES.value if flags.FLAGS["slices"].present else COLLABLLM_SLICES
-    text = markdown_collabllm([plan_collabllm(a, _JUDGE.value) for a in slices])
+    plans = {a: plan_collabllm(a, _JUDGE.value) for a in slices}
+    text = markdown_collabllm(list(plans.values()))
+    if _COMPILE.value:
+      from experiments import memory_compiled  # pylint: disable=g-import-not-at-top
+      compiled = {a: memory_compiled.compile_collabllm(a, _JUDGE.value, p["max_len"])
+                  for a, p in plans.items()}
+      text += "\n" + memory_compiled.markdown(compiled, plans)
   else:
+    if _COMPILE.value:
+      raise app.UsageError("--compile compiles the language tier's programs: add --collabllm")
     plans = [plan_slice(a, _CONTEXT.value, _ROLLOUT_ROWS.value, _TRAIN_ROWS.value)
              for a in _SLICES.value]
     text = markdown(plans, _CONTEXT.value, _ROLLOUT_ROWS.value, _TRAIN_ROWS.value)

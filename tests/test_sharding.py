@@ -95,3 +95,28 @@ def test_replicate_host_shared_aliases_one_buffer_across_cpu_devices():
   # Usable as params of a jitted function over the mesh.
   total = jax.jit(lambda t: t["w"].sum() + t["b"].sum())(out)
   assert float(total) == float(tree["w"].sum() + 3)
+
+
+def test_activations_keep_their_rows_split_under_the_callers_mesh():
+  """Under jax.set_mesh the model's hidden states and logits stay split by rows over
+  data x fsdp (vocab over `model`), so XLA gathers fsdp-sharded weights instead of the batch;
+  the numbers do not change, and without a mesh nothing is constrained."""
+  cfg = tfm.TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+  model = tfm.Transformer(cfg)
+  mesh = sharding_lib.make_mesh((2, 2, 2))
+  params = tfm.init_params(model, jax.random.key(0))
+  params = jax.device_put(params, sharding_lib.param_shardings(params, mesh))
+  tokens = jax.random.randint(jax.random.key(1), (8, 12), 0, 64)
+  forward = jax.jit(lambda p, t: model.apply({"params": p}, t, heads=("lm",)))
+  plain = forward(params, tokens)
+  with jax.set_mesh(mesh):
+    out = forward(params, tokens)
+  rows = lambda *rest: jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, *rest))
+  assert out.logits_BxLxV.sharding.is_equivalent_to(rows("model"), 3)
+  assert out.hidden_BxLxD.sharding.is_equivalent_to(rows(None), 3)
+  np.testing.assert_allclose(out.logits_BxLxV, plain.logits_BxLxV, rtol=1e-5, atol=1e-5)
+  # Rows that the mesh's 4 batch ways do not divide stay as XLA places them.
+  with jax.set_mesh(mesh):
+    odd = forward(params, tokens[:3])
+  np.testing.assert_allclose(odd.logits_BxLxV, plain.logits_BxLxV[:3], rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from collab_rl import sharding
 from collab_rl.models.attention import Attention, KVCache
 from collab_rl.models.config import TransformerConfig
 from collab_rl.models.layers import MLP, RMSNorm, dense
@@ -93,7 +94,7 @@ class Transformer(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
                      param_dtype=jnp.dtype(cfg.param_dtype),
                      embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
-    x_BxLxD = embed(tokens_BxL)
+    x_BxLxD = sharding.constrain_rows(embed(tokens_BxL))
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     new_kv = []
     for i in range(cfg.num_hidden_layers):
@@ -101,6 +102,7 @@ class Transformer(nn.Module):
       idx = None if cache is None else cache.index
       x_BxLxD, kv = layer_cls(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, mask_BxLxS,
                                                          cache_kv, idx)
+      x_BxLxD = sharding.constrain_rows(x_BxLxD)  # rows stay split between layers (FSDP)
       new_kv.append(kv)
     hidden_BxLxD = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                            name="norm")(x_BxLxD)
@@ -114,7 +116,8 @@ class Transformer(nn.Module):
         logits = embed.attend(head_in_BxLxD)
       else:
         logits = dense(cfg.vocab_size, "lm_head", cfg)(head_in_BxLxD)
-      logits = logits.astype(jnp.float32)  # log-probs and losses in fp32 even under bf16
+      # fp32 for log-probs and losses even under bf16; rows split, vocab over `model`.
+      logits = sharding.constrain_rows(logits.astype(jnp.float32), last="model")
     if "value" in cfg.heads and (self.is_initializing() or "value" in heads):
       value = dense(1, "value_head", cfg, bias=True)(head_in_BxLxD)[..., 0].astype(jnp.float32)
     if "reward" in cfg.heads and (self.is_initializing() or "reward" in heads):

@@ -1,0 +1,173 @@
+"""The compiled programs' own memory, per chip, on a TPU slice's real topology, from this CPU.
+
+  pip install "jax[tpu]"    # libtpu: only its compiler is used; no TPU is needed
+  python -m experiments.memory_plan --collabllm --compile --slices=v5litepod-64
+
+`memory_plan` sums array shards; this lowers and compiles the run's real jitted programs with
+XLA's TPU compiler for the slice's topology (`jax.experimental.topologies`, compile-only devices)
+and reads `memory_analysis()`: arguments, outputs, temporaries and what donation aliases, as
+the chip will hold them, XLA's temporaries included. Programs of
+experiments/collabllm_8b.py:slice=SLICE (PPO with MR on the language tier):
+
+- `update`: `run_rl.jit_update` of `ppo.ppo_loss` (one minibatch step: forward, backward, AdamW;
+  the train state donated), at the config's minibatch and conversation length;
+- `logprob_pass`: `ppo.finish_batch` (values, old and reference log-probs, advantages of a
+  collected batch).
+
+The rollout (policy, LM user and MR's futures in one program) is not compiled here yet: its
+memory is the hand plan's policy and user KV columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+
+from collab_rl import conversation as conv_lib
+from collab_rl import run as run_lib
+from collab_rl import run_rl
+from collab_rl import sharding
+from collab_rl import train_state as state_lib
+from collab_rl.models import hf, transformer
+from collab_rl.trainers import ppo
+from experiments import collabllm_8b
+from experiments import pods
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  program: str
+  arguments: int  # bytes per chip
+  outputs: int
+  aliased: int  # outputs that reuse a donated argument's buffer
+  temporaries: int
+  fits: bool = True  # False: XLA refused it (the temporaries are what it asked for)
+
+  @property
+  def peak(self) -> int:
+    """What the chip holds while the program runs: its live arguments, the outputs that do not
+    reuse a donated argument, and XLA's temporaries."""
+    return self.arguments + self.outputs - self.aliased + self.temporaries
+
+
+def topology_devices(s: pods.Slice):
+  """Compile-only devices of the slice (one per chip: v4/v5p chips as megacore)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # libtpu reads these to place hosts; on a CPU machine they describe the slice compiled for.
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", s.accelerator_type)
+  kwargs = {"chip_config_name": "megacore"} if pods.GENERATIONS[s.generation].cores_per_chip > 1 \
+      else {}
+  try:
+    topo = topologies.get_topology_desc(topology_name=f"{s.generation}:{s.topology}",
+                                        platform="tpu", **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(
+        f"{s.accelerator_type}: no TPU compiler for topology {s.generation}:{s.topology} "
+        f"({type(e).__name__}: {str(e)[:200]}); install libtpu: pip install 'jax[tpu]'") from e
+  if len(topo.devices) != s.chips:
+    raise RuntimeError(f"{s.accelerator_type}: the topology has {len(topo.devices)} devices, "
+                       f"the slice {s.chips} chips")
+  return topo.devices
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# XLA's refusal names what the program asked for, e.g. "the total memory required for HLO
+# temporaries (127.50G) exceeds available HBM (15.75G)".
+_TOO_BIG = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\)")
+
+
+def _stats(name: str, jitted, *args) -> Compiled:
+  """`jitted` compiled for `args` (ShapeDtypeStructs with shardings), and its memory per chip;
+  a program that does not fit is reported with the temporaries XLA asked for, not raised."""
+  arg_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+                  for x in jax.tree_util.tree_leaves(args))
+  try:
+    m = jitted.lower(*args).compile().memory_analysis()
+  except jax.errors.JaxRuntimeError as e:
+    found = _TOO_BIG.search(str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+      raise
+    temps = int(float(found.group(1)) * _UNITS[found.group(2)])
+    return Compiled(name, arg_bytes, 0, 0, temps, fits=False)
+  return Compiled(name, m.argument_size_in_bytes, m.output_size_in_bytes,
+                  m.alias_size_in_bytes, m.temp_size_in_bytes)
+
+
+def compile_collabllm(accelerator: str, judge: bool, length: int) -> list[Compiled]:
+  """Compiles experiments/collabllm_8b.py's PPO programs for `accelerator`'s topology, on
+  conversations of `length` tokens (memory_plan.plan_collabllm's `max_len`)."""
+  config = collabllm_8b.get_config(f"slice={accelerator}" + (",judge" if judge else ""))
+  s = pods.get_slice(accelerator)
+  mesh = sharding.make_mesh(pods.check_mesh(config.mesh_shape, s), devices=topology_devices(s))
+  rules = sharding.rules_from_config(config.partition_rules)
+  hf_cfg = hf.config_from_hf(pods.LLAMA31_8B_INSTRUCT_HF)
+  arch = {k: getattr(hf_cfg, k) for k in run_lib.HF_ARCHITECTURE}
+  model = transformer.Transformer(transformer.TransformerConfig.from_dict(
+      {**config.model.to_dict(), **arch}))
+  tx = run_lib.make_optimizer(config.optimizer, config.num_steps)
+  abstract = jax.eval_shape(lambda: state_lib.create(
+      transformer.init_params(model, jax.random.key(0)), tx, jax.random.key(1)))
+  state_sh = state_lib.state_shardings(abstract, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh)
+  turns = config.num_turns
+
+  # Shapes of the batch as ppo.finish_batch returns it (its keys carry them).
+  def batch(rows: int) -> dict:
+    bxl = lambda dtype: jax.ShapeDtypeStruct((rows, length), dtype, sharding=batch_sh)
+    bxt = lambda dtype: jax.ShapeDtypeStruct((rows, turns), dtype, sharding=batch_sh)
+    return dict(tokens_BxL=bxl(jnp.int32), valid_BxL=bxl(jnp.bool_), mask_BxL=bxl(jnp.bool_),
+                old_logprobs_BxL=bxl(jnp.float32), ref_logprobs_BxL=bxl(jnp.float32),
+                advantages_BxL=bxl(jnp.float32), header_pos_BxT=bxt(jnp.int32),
+                old_values_BxT=bxt(jnp.float32), returns_BxT=bxt(jnp.float32),
+                turn_valid_BxT=bxt(jnp.float32))
+
+  with_sh = lambda tree, sh: jax.tree_util.tree_map(
+      lambda x, s_: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s_), tree, sh)
+  state = with_sh(abstract, state_sh)
+  out = []
+  update = jax.jit(lambda st, b: run_rl.guarded_update(
+      lambda p, mb: ppo.ppo_loss(model, config, p, mb), tx, st, b),
+      donate_argnums=0, out_shardings=(state_sh, sharding.replicated(mesh)))
+  with jax.set_mesh(mesh):  # as the trainers run: activations carry their row sharding
+    out.append(_stats("update", update, state,
+                      batch(config.batch_size // config.ppo.minibatches)))
+
+  # The log-prob pass over a whole collected batch: policy and reference (the starting params,
+  # the train state's dtype and sharding).
+  rows = config.batch_size
+  played = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh),
+      jax.eval_shape(lambda: conv_lib.empty(rows, length)))
+  per_turn = [jax.ShapeDtypeStruct((rows, turns), d, sharding=batch_sh)
+              for d in (jnp.float32, jnp.bool_, jnp.float32, jnp.int32)]
+  finish = jax.jit(lambda p, r, c, *t: ppo.finish_batch(config, model, p, r, c, *t))
+  with jax.set_mesh(mesh):
+    out.append(_stats("logprob_pass", finish, state.params, state.params, played, *per_turn))
+  return out
+
+
+def markdown(results: dict[str, list[Compiled]], plans: dict[str, dict]) -> str:
+  lines = ["Compiled by XLA's TPU compiler for each slice's topology (compile-only devices on "
+           "this CPU), GiB per chip; `plan` is memory_plan's sum of array shards for the same "
+           "phase:", "",
+           "| slice | program | arguments | outputs | aliased | temporaries | compiled peak | "
+           "plan | HBM | headroom |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+           "| ---: | ---: |"]
+  for accelerator, programs in results.items():
+    p, s = plans[accelerator], pods.get_slice(accelerator)
+    planned = {"update": p["persistent"] + p["grads"] + p["activations"],
+               "logprob_pass": p["persistent"] + p["logprob_pass"]}
+    for c in programs:
+      lines.append(
+          f"| {s.accelerator_type} | {c.program} | {c.arguments / GIB:.2f} | "
+          f"{c.outputs / GIB:.2f} | {c.aliased / GIB:.2f} | {c.temporaries / GIB:.2f} | "
+          f"{c.peak / GIB:.2f}{'' if c.fits else ' (refused)'} | "
+          f"{planned[c.program] / GIB:.2f} | {s.hbm_gib:g} | {s.hbm_gib - c.peak / GIB:.2f} |")
+  return "\n".join(lines) + "\n"
