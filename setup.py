@@ -33,6 +33,10 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers>=5,<6",
     ],
+    # On a TPU VM: the TPU runtime. Off it: XLA's TPU compiler for the compiled memory check
+    # (python -m experiments.memory_plan --collabllm --compile), no TPU needed. Not in [test]:
+    # with libtpu installed JAX probes for TPUs at start-up.
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
 }
 
 setuptools.setup(
