@@ -35,6 +35,36 @@ def token_entropy(logits_BxLxV: jax.Array) -> jax.Array:
   return jnp.pad(ent, ((0, 0), (1, 0)))
 
 
+def head_token_stats(hidden_BxLxD: jax.Array, kernel_DxV: jax.Array, tokens_BxL: jax.Array,
+                     chunk: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """`token_logprobs` and `token_entropy` of the LM head's logits `hidden @ kernel` (computed in
+  `dtype`, as the head's Dense does), `chunk` positions at a time: each chunk's fp32 logits are
+  made, reduced to [B, chunk] and recomputed in the backward pass (`jax.checkpoint`), so that
+  the [B, L, V] logits, their log-softmax and their gradients never exist whole. With a
+  128k vocabulary and 4k tokens those are 2 GiB each per conversation."""
+  b, length, d = hidden_BxLxD.shape
+  n = length - 1  # position t predicts token t + 1
+  pad = -n % chunk
+  h_BxNxD = jnp.pad(hidden_BxLxD[:, :-1], ((0, 0), (0, pad), (0, 0)))
+  t_BxN = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, pad)))
+  h_CxBxKxD = h_BxNxD.reshape(b, -1, chunk, d).transpose(1, 0, 2, 3)
+  t_CxBxK = t_BxN.reshape(b, -1, chunk).transpose(1, 0, 2)
+  kernel_DxV = kernel_DxV.astype(dtype)
+
+  @jax.checkpoint
+  def one(args):
+    h_BxKxD, t_BxK = args
+    logp_BxKxV = jax.nn.log_softmax(
+        jnp.einsum("bkd,dv->bkv", h_BxKxD.astype(dtype), kernel_DxV).astype(jnp.float32), -1)
+    picked_BxK = jnp.take_along_axis(logp_BxKxV, t_BxK[..., None], axis=-1)[..., 0]
+    return picked_BxK, -jnp.sum(jnp.exp(logp_BxKxV) * logp_BxKxV, axis=-1)
+
+  picked_CxBxK, ent_CxBxK = jax.lax.map(one, (h_CxBxKxD, t_CxBxK))
+  unchunk = lambda x_CxBxK: jnp.pad(x_CxBxK.transpose(1, 0, 2).reshape(b, -1)[:, :n],
+                                    ((0, 0), (1, 0)))
+  return unchunk(picked_CxBxK), unchunk(ent_CxBxK)
+
+
 def ppo_policy_loss(logp_BxL, old_logp_BxL, adv_BxL, mask_BxL, clip_eps: float):
   ratio = jnp.exp(logp_BxL - old_logp_BxL)
   unclipped = ratio * adv_BxL

@@ -80,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ppo.minibatches = per_chip  # so each update step trains one 4k-token conversation per chip
   c.ppo.epochs = 2  # passes over each iteration's conversations
   c.ppo.kl_coef = 0.05  # k3 KL to the frozen reference (the starting policy)
+  # LM-head logits 512 positions at a time: whole, a conversation's fp32 logits, their
+  # log-softmax and gradients are 2 GiB each (memory_plan --compile measures the programs).
+  c.ppo.logits_chunk = 512
   c.optimizer.learning_rate = 1e-6  # an 8B policy's PPO step
   c.optimizer.warmup_steps = 10  # optimizer steps (epochs x minibatches per iteration)
   c.num_steps = 200  # iterations: 200 x batch_size conversations

@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ppo.epochs = 2  # passes over each batch
   c.ppo.minibatches = 2  # minibatches per pass
   c.ppo.whiten = True  # normalise token advantages
+  # Positions whose LM-head logits are made at once in the update and the log-prob pass
+  # (losses.head_token_stats); 0: all of them. A 128k vocabulary needs it at 4k tokens.
+  c.ppo.logits_chunk = 0
 
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_steps=10, b1=0.9,
                                                b2=0.999, weight_decay=0.0, grad_clip=1.0))

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,3 +102,27 @@ def test_token_logprobs_alignment_and_k3():
                              0.5 - math.log(0.5) - 1, atol=1e-6)
   ent = losses.token_entropy(logits)
   np.testing.assert_allclose(ent[0, 1], math.log(2.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 64])
+def test_chunked_head_equals_the_whole_logits_in_value_and_gradient(chunk):
+  # 13 positions: chunks of 4 and 7 leave a padded last chunk; 64 is one chunk.
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  hidden_BxLxD = jax.random.normal(k1, (3, 13, 8))
+  kernel_DxV = jax.random.normal(k2, (8, 11))
+  tokens_BxL = jax.random.randint(k3, (3, 13), 0, 11)
+
+  def whole(h, w):
+    logits = h @ w
+    return losses.token_logprobs(logits, tokens_BxL), losses.token_entropy(logits)
+
+  def chunked(h, w):
+    return losses.head_token_stats(h, w, tokens_BxL, chunk)
+
+  for got, want in zip(chunked(hidden_BxLxD, kernel_DxV), whole(hidden_BxLxD, kernel_DxV)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda h, w: sum(jnp.sum(x * jnp.arange(13.0)) for x in f(h, w))
+  got = jax.grad(loss(chunked), argnums=(0, 1))(hidden_BxLxD, kernel_DxV)
+  want = jax.grad(loss(whole), argnums=(0, 1))(hidden_BxLxD, kernel_DxV)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

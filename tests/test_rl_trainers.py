@@ -220,3 +220,35 @@ def test_nan_in_a_ppo_batch_stops_the_run(tmp_path, monkeypatch):
   with pytest.raises(run_rl.NonFiniteError, match=r"ppo iteration 2: 2 non-finite"):
     ppo.train(cfg, str(tmp_path / "run"))
   assert ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [1]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_ppo_chunked_lm_head_gives_the_same_loss_and_gradient(tied):
+  """config.ppo.logits_chunk: the update's log-probs, entropies and value from the LM head run
+  chunk by chunk equal those of the whole logits, and so do the loss and its gradient."""
+  cfg = _tiny(ppo_ambig_math.get_config("runlocal"))
+  cfg.model.tie_word_embeddings = tied
+  model = transformer.Transformer(transformer.TransformerConfig.from_dict(cfg.model.to_dict()))
+  params = transformer.init_params(model, jax.random.key(0))
+  b, l = 4, 11
+  keys = jax.random.split(jax.random.key(1), 4)
+  mb = dict(tokens_BxL=jax.random.randint(keys[0], (b, l), 1, cfg.model.vocab_size),
+            valid_BxL=jnp.ones((b, l), bool), mask_BxL=jax.random.bernoulli(keys[1], 0.5, (b, l)),
+            old_logprobs_BxL=-jax.random.uniform(keys[2], (b, l)),
+            ref_logprobs_BxL=-jax.random.uniform(keys[3], (b, l)),
+            advantages_BxL=jnp.linspace(-1, 1, b * l).reshape(b, l),
+            header_pos_BxT=jnp.tile(jnp.array([[2, 6]]), (b, 1)),
+            old_values_BxT=jnp.zeros((b, 2)), returns_BxT=jnp.ones((b, 2)),
+            turn_valid_BxT=jnp.ones((b, 2)))
+  results = []
+  for chunk in (0, 4):
+    cfg.ppo.logits_chunk = chunk
+    (loss, m), grads = jax.value_and_grad(
+        lambda p: ppo.ppo_loss(model, cfg, p, mb), has_aux=True)(params)
+    results.append((loss, m, grads))
+  (loss0, m0, g0), (loss1, m1, g1) = results
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+  for k in ("kl_ref", "entropy", "value_loss"):
+    np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree_util.tree_leaves(g0)):
+    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-6, err_msg=sharding_lib.path_str(path))

@@ -131,10 +131,9 @@ def finish_batch(config, model, params, ref_params, conv, rewards_BxT, done_BxT,
   """Values, old and reference log-probs, advantages of collected conversations: everything
   the update needs."""
   valid_BxL = conv_lib.valid_mask(conv)
-  out = model.apply({"params": params}, conv.tokens_BxL, valid_BxL=valid_BxL)
-  old_logp_BxL = losses.token_logprobs(out.logits_BxLxV, conv.tokens_BxL)
-  ref_out = model.apply({"params": ref_params}, conv.tokens_BxL, valid_BxL=valid_BxL, heads=("lm",))
-  ref_logp_BxL = losses.token_logprobs(ref_out.logits_BxLxV, conv.tokens_BxL)
+  out, old_logp_BxL, _ = token_stats(model, config, params, conv.tokens_BxL, valid_BxL)
+  _, ref_logp_BxL, _ = token_stats(model, config, ref_params, conv.tokens_BxL, valid_BxL,
+                                   heads=())
   turn_idx_BxL = adv_lib.assistant_turn_index(conv.roles_BxL, conv.turns_BxL)
   mask_BxL = conv.roles_BxL == ASSISTANT
   p = config.ppo
@@ -222,16 +221,34 @@ def text_iteration(config, world, collect_fn, finish_fn, params, ref_params, key
 # ------------------------------------------------------------------------------------------------
 
 
+def token_stats(model, config, params, tokens_BxL, valid_BxL, heads=("value",)):
+  """(model output with `heads`, log-probs [B, L], next-token entropies [B, L]) of the policy
+  on `tokens_BxL`; with `config.ppo.logits_chunk` the LM head runs chunk by chunk on the final
+  hidden states (losses.head_token_stats) and the output carries no logits."""
+  chunk = config.ppo.logits_chunk
+  if not chunk:
+    out = model.apply({"params": params}, tokens_BxL, valid_BxL=valid_BxL,
+                      heads=("lm", *heads))
+    return (out, losses.token_logprobs(out.logits_BxLxV, tokens_BxL),
+            losses.token_entropy(out.logits_BxLxV))
+  out = model.apply({"params": params}, tokens_BxL, valid_BxL=valid_BxL, heads=heads)
+  cfg = model.cfg
+  kernel_DxV = (params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings
+                else params["lm_head"]["kernel"])
+  logp_BxL, ent_BxL = losses.head_token_stats(out.hidden_BxLxD, kernel_DxV, tokens_BxL, chunk,
+                                              jnp.dtype(cfg.dtype))
+  return out, logp_BxL, ent_BxL
+
+
 def ppo_loss(model, config, params, mb):
   """`mb`: a minibatch of `prepare_batch`'s dictionary (its keys carry their shapes)."""
   p = config.ppo
   tokens_BxL, mask_BxL = mb["tokens_BxL"], mb["mask_BxL"]
-  out = model.apply({"params": params}, tokens_BxL, valid_BxL=mb["valid_BxL"])
-  logp_BxL = losses.token_logprobs(out.logits_BxLxV, tokens_BxL)
+  out, logp_BxL, ent_BxL = token_stats(model, config, params, tokens_BxL, mb["valid_BxL"])
   pg, m = losses.ppo_policy_loss(logp_BxL, mb["old_logprobs_BxL"], mb["advantages_BxL"],
                                  mask_BxL, p.clip_eps)
   kl = losses.masked_mean(losses.kl_k3(logp_BxL, mb["ref_logprobs_BxL"]), mask_BxL)
-  ent = losses.masked_mean(losses.token_entropy(out.logits_BxLxV), mask_BxL)
+  ent = losses.masked_mean(ent_BxL, mask_BxL)
   loss = pg + p.kl_coef * kl - p.ent_coef * ent
   m.update(policy_loss=pg, kl_ref=kl, entropy=ent)
   if p.advantage == "gae":
