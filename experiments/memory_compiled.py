@@ -62,15 +62,22 @@ def topology_devices(s: pods.Slice):
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   # libtpu reads these to place hosts; on a CPU machine they describe the slice compiled for.
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", s.accelerator_type)
+  # Compile-only: no chip is opened, so several checks may run at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   kwargs = {"chip_config_name": "megacore"} if pods.GENERATIONS[s.generation].cores_per_chip > 1 \
       else {}
   try:
     topo = topologies.get_topology_desc(topology_name=f"{s.generation}:{s.topology}",
                                         platform="tpu", **kwargs)
   except Exception as e:  # pylint: disable=broad-except
+    try:
+      import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+      hint = ""
+    except ImportError:
+      hint = "; libtpu is not installed: pip install -e '.[tpu]'"
     raise RuntimeError(
         f"{s.accelerator_type}: no TPU compiler for topology {s.generation}:{s.topology} "
-        f"({type(e).__name__}: {str(e)[:200]}); install libtpu: pip install 'jax[tpu]'") from e
+        f"({type(e).__name__}: {str(e)[:200]}){hint}") from e
   if len(topo.devices) != s.chips:
     raise RuntimeError(f"{s.accelerator_type}: the topology has {len(topo.devices)} devices, "
                        f"the slice {s.chips} chips")
