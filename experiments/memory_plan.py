@@ -342,9 +342,16 @@ def main(argv):
     text = markdown_collabllm(list(plans.values()))
     if _COMPILE.value:
       from experiments import memory_compiled  # pylint: disable=g-import-not-at-top
-      compiled = {a: memory_compiled.compile_collabllm(a, _JUDGE.value, p["max_len"])
-                  for a, p in plans.items()}
+      print(text, flush=True)
+      compiled = {}
+      for a, p in plans.items():  # minutes a slice: each printed as soon as it is compiled
+        compiled[a] = memory_compiled.compile_collabllm(a, _JUDGE.value, p["max_len"])
+        print(memory_compiled.markdown({a: compiled[a]}, plans), flush=True)
       text += "\n" + memory_compiled.markdown(compiled, plans)
+      if _OUT.value:
+        with open(_OUT.value, "w", encoding="utf-8") as f:
+          f.write(text)
+      return
   else:
     if _COMPILE.value:
       raise app.UsageError("--compile compiles the language tier's programs: add --collabllm")
