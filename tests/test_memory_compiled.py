@@ -1,0 +1,58 @@
+"""The compiled memory check's bookkeeping, without libtpu: a refused program is reported with
+the temporaries XLA asked for, and a machine without the TPU compiler gets a clear error."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from collab_rl import sharding
+from experiments import memory_compiled, pods
+
+
+class _Refused:
+  """A jitted function whose compilation XLA refuses, as the TPU compiler words it."""
+
+  def lower(self, *args):
+    del args
+    return self
+
+  def compile(self):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (127.50G) exceeds available HBM (15.75G).")
+
+
+def test_a_refused_program_reports_what_it_asked_for():
+  mesh = sharding.make_mesh((-1, 1, 1))
+  arg = jax.ShapeDtypeStruct((8, 1024), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+  c = memory_compiled._stats("update", _Refused(), arg)  # pylint: disable=protected-access
+  assert not c.fits and c.temporaries == int(127.5 * 2**30)
+  assert c.arguments == 1024 * 4  # one row of the 8 on each of the 8 devices
+  table = memory_compiled.markdown(
+      {"v5litepod-64": [c]}, {"v5litepod-64": {"persistent": 0, "grads": 0, "activations": 0,
+                                               "logprob_pass": 0}})
+  assert "(refused)" in table and "127.50" in table
+
+
+def test_compiled_programs_report_their_memory():
+  mesh = sharding.make_mesh((-1, 1, 1))
+  arg = jax.ShapeDtypeStruct((8, 256), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+  f = jax.jit(lambda x: jnp.tanh(x) * 2)
+  c = memory_compiled._stats("f", f, arg)  # pylint: disable=protected-access
+  assert c.fits and c.arguments > 0 and c.peak >= c.arguments
+
+
+def test_without_the_tpu_compiler_the_error_says_what_is_missing(monkeypatch):
+  pytest.importorskip("jax.experimental.topologies")
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+    pytest.skip("libtpu is installed here")
+  except ImportError:
+    pass
+  # What topology_devices sets for libtpu, restored after the test.
+  monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-64")
+  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  with pytest.raises(RuntimeError, match=r"v5litepod-64: no TPU compiler for topology "
+                     r"v5e:8x8 .*pip install -e '.\[tpu\]'"):
+    memory_compiled.topology_devices(pods.get_slice("v5litepod-64"))
