@@ -240,6 +240,8 @@ class Run:
     # much, by `end_step`'s counts) the throughput is counted.
     self.total = self.last = None
     self._mark = (time.perf_counter(), {})
+    # (step, its non-finite flag) not read yet: `end_step` reads it one step late.
+    self._unchecked: tuple[int, Any] | None = None
 
   def resume(self, iterator: Iterator) -> Iterator:
     """`iterator` at the position the resumed checkpoint saved (as it is on a fresh run)."""
@@ -275,10 +277,22 @@ class Run:
       only); the schedule's last step logs both;
     * then saves the checkpoint (`save`).
 
+    The non-finite flag is read one step late, when the next step is already queued, so the
+    host does not wait for each step to finish before it queues the next; on a step that logs,
+    evaluates or may save, and on the last, it is read at once (those wait for the device
+    anyway), so no checkpoint is written after a refused update unread.
+
     Returns what was logged, as floats ({} when nothing was due).
     """
-    state_lib.stop_if_nonfinite(self.config.trainer, step, metrics["nonfinite"],
-                                self.checkpointer)
+    if self._unchecked is not None:  # the step before this one: finished, or nearly
+      state_lib.stop_if_nonfinite(self.config.trainer, *self._unchecked, self.checkpointer)
+      self._unchecked = None
+    c = self.config
+    if (step % c.log_every == 0 or step % c.eval_every == 0 or step in (self.total, self.last)
+        or step % c.checkpoint.every_steps == 0):
+      state_lib.stop_if_nonfinite(c.trainer, step, metrics["nonfinite"], self.checkpointer)
+    else:
+      self._unchecked = (step, metrics["nonfinite"])
     t0, summed = self._mark
     summed = {k: summed.get(k, 0) + v for k, v in counts.items()}
     scalars = {}

@@ -1,5 +1,6 @@
 """The LM trainer end to end: 1 vs 8 devices, bit-identical resume, config checks, compilation."""
 
+import os
 import jax
 import numpy as np
 import pytest
@@ -145,3 +146,37 @@ def test_inf_loss_stops_before_the_bad_step_is_saved(tmp_path, monkeypatch):
   ck.close()
   assert int(restored.step) == 2
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored))
+
+
+def test_a_refused_update_between_logs_is_read_one_step_late(tmp_path, monkeypatch):
+  """Step 2 neither logs, evaluates nor saves: its non-finite flag is read at step 3 (the host
+  did not wait for step 2 before queueing step 3), and the run stops naming step 2, before any
+  checkpoint is written."""
+  import itertools
+  import jax.numpy as jnp
+  from collab_rl import train_state as state_lib
+
+  cfg = tiny_config(num_steps=8, log_every=4, eval_every=4, **{"checkpoint.every_steps": 4})
+  count, update = itertools.count(1), state_lib.update
+  seen = []
+
+  def factor():
+    return jax.pure_callback(lambda: np.float32(np.inf if next(count) == 2 else 1.0),
+                             jax.ShapeDtypeStruct((), jnp.float32))
+
+  def poisoned(state, tx, loss_fn):
+    return update(state, tx, lambda p: (lambda l, aux: (l * factor(), aux))(*loss_fn(p)))
+
+  stop = state_lib.stop_if_nonfinite
+
+  def recording(trainer, step, nonfinite, checkpointer):
+    seen.append(step)
+    return stop(trainer, step, nonfinite, checkpointer)
+
+  monkeypatch.setattr(state_lib, "update", poisoned)
+  monkeypatch.setattr(state_lib, "stop_if_nonfinite", recording)
+  with pytest.raises(state_lib.NonFiniteError, match=r"lm step 2: .*last good checkpoint is "
+                                                      r"step None"):
+    lm.train(cfg, str(tmp_path / "run"))
+  assert seen == [1, 2]  # step 1's flag read at step 2, step 2's at step 3
+  assert not os.path.exists(tmp_path / "run" / "checkpoints" / "4")
