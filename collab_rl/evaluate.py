@@ -183,12 +183,6 @@ def find_runs(workdir: str) -> list[tuple[str, str, int]]:
   return sorted(runs)
 
 
-def save_figure(fig, path: str) -> None:
-  """A matplotlib figure as a PNG at `path`, local or remote (`storage`)."""
-  with storage.open_file(path, "wb") as f:
-    fig.savefig(f, format="png", dpi=80)
-
-
 def plot(results: dict[str, Any], curves: dict[str, list[tuple[int, float]]], out: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -211,7 +205,7 @@ def plot(results: dict[str, Any], curves: dict[str, list[tuple[int, float]]], ou
                     fontsize=7)
       ax.set_title(results_lib.COLUMNS[metric])
     fig.tight_layout()
-    save_figure(fig, storage.join(out, "plots", f"{task}_bars.png"))
+    storage.save_figure(fig, storage.join(out, "plots", f"{task}_bars.png"))
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in sorted(curves.items()):
@@ -223,7 +217,7 @@ def plot(results: dict[str, Any], curves: dict[str, list[tuple[int, float]]], ou
     if ax.get_lines():
       ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, storage.join(out, "plots", f"{task}_reward_curves.png"))
+    storage.save_figure(fig, storage.join(out, "plots", f"{task}_reward_curves.png"))
     plt.close(fig)
 
 

@@ -67,6 +67,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
   p.write_text(text, encoding="utf-8")
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 80) -> None:
+  """A matplotlib figure as a PNG at `path`, local or remote."""
+  with open_file(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=dpi)
+
+
 def upload_folder(local: str | os.PathLike, remote: str | os.PathLike) -> None:
   """Copies the files of a local folder (not its subfolders) to `remote`, one object each."""
   makedirs(remote)
@@ -97,8 +103,9 @@ class GrowingFile:
       self._dirty = False
     else:
       os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-      self._file = open(self.path, ("ab" if binary else "a") if resume else  # pylint: disable=consider-using-with
-                        ("wb" if binary else "w"), **({} if binary else {"encoding": "utf-8"}))
+      mode = ("a" if resume else "w") + ("b" if binary else "")
+      encoding = None if binary else "utf-8"
+      self._file = open(self.path, mode, encoding=encoding)  # pylint: disable=consider-using-with
 
   def write(self, data: str | bytes) -> None:
     if self.remote:
