@@ -24,6 +24,7 @@ import dataclasses
 import math
 import os
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -139,9 +140,10 @@ def compile_collabllm(accelerator: str, judge: bool, length: int) -> list[Compil
       lambda x, s_: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s_), tree, sh)
   state = with_sh(abstract, state_sh)
   out = []
-  update = jax.jit(lambda st, b: run_rl.guarded_update(
-      lambda p, mb: ppo.ppo_loss(model, config, p, mb), tx, st, b),
-      donate_argnums=0, out_shardings=(state_sh, sharding.replicated(mesh)))
+  # The trainer's own jitted step (ppo.train: run_rl.jit_update of ppo_loss), on what its
+  # run scaffold would hold: the optimizer and the state's shardings.
+  update = run_rl.jit_update(types.SimpleNamespace(tx=tx, shardings=state_sh), mesh,
+                             lambda p, mb: ppo.ppo_loss(model, config, p, mb))
   with jax.set_mesh(mesh):  # as the trainers run: activations carry their row sharding
     out.append(_stats("update", update, state,
                       batch(config.batch_size // config.ppo.minibatches)))
