@@ -243,8 +243,8 @@ def test_ppo_chunked_lm_head_gives_the_same_loss_and_gradient(tied):
   results = []
   for chunk in (0, 4):
     cfg.ppo.logits_chunk = chunk
-    (loss, m), grads = jax.value_and_grad(
-        lambda p: ppo.ppo_loss(model, cfg, p, mb), has_aux=True)(params)
+    (loss, m), grads = jax.jit(jax.value_and_grad(
+        lambda p: ppo.ppo_loss(model, cfg, p, mb), has_aux=True))(params)
     results.append((loss, m, grads))
   (loss0, m0, g0), (loss1, m1, g1) = results
   np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
