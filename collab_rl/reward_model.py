@@ -42,7 +42,7 @@ import numpy as np
 
 from collab_rl import sharding as sharding_lib
 from collab_rl import tokenizer as tokenizer_lib
-from collab_rl.models.transformer import Transformer
+from collab_rl.models.transformer import Transformer, lm_head_kernel
 from collab_rl.tokenizer import ASSISTANT, USER
 
 RATINGS_1_TO_10 = tuple(str(i) for i in range(1, 11))
@@ -203,10 +203,7 @@ class LMJudge:
                                     heads=()).hidden_BxLxD
     last_B = jnp.maximum(length_B - 1, 0).astype(jnp.int32)
     hidden_BxD = jnp.take_along_axis(hidden_BxLxD, last_B[:, None, None], 1)[:, 0]
-    if cfg.tie_word_embeddings:
-      out_DxV = params["embed_tokens"]["embedding"].T
-    else:
-      out_DxV = params["lm_head"]["kernel"]
+    out_DxV = lm_head_kernel(cfg, params)
     dt = jnp.dtype(cfg.dtype)
     return (hidden_BxD.astype(dt) @ out_DxV.astype(dt)).astype(jnp.float32)
 

@@ -45,10 +45,6 @@ def makedirs(path: str | os.PathLike) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-def exists(path: str | os.PathLike) -> bool:
-  return epath.Path(path).exists()
-
-
 def open_file(path: str | os.PathLike, mode: str = "r") -> IO:
   """A file object for reading or writing whole ("r", "rb", "w", "wb"); never append."""
   if "a" in mode:
@@ -142,5 +138,4 @@ class _EventFileFactory:
     del path  # object stores need no folders
 
 
-for _scheme in ("gs",):
-  record_writer.register_writer_factory(_scheme, _EventFileFactory())
+record_writer.register_writer_factory("gs", _EventFileFactory())

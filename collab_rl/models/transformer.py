@@ -135,5 +135,12 @@ def init_params(model: Transformer, key: jax.Array, seq_len: int = 8) -> dict:
   return model.init(key, tokens)["params"]
 
 
+def lm_head_kernel(cfg: TransformerConfig, params) -> jax.Array:
+  """The LM head's [D, V] matrix: the embedding, transposed, when tied (`embed.attend`)."""
+  if cfg.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree_util.tree_leaves(params))

@@ -26,6 +26,7 @@ from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
 from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
+from collab_rl.models import transformer
 from collab_rl.tasks import scoring
 from collab_rl.tasks import text as text_lib
 from collab_rl.tokenizer import ASSISTANT
@@ -232,11 +233,9 @@ def token_stats(model, config, params, tokens_BxL, valid_BxL, heads=("value",)):
     return (out, losses.token_logprobs(out.logits_BxLxV, tokens_BxL),
             losses.token_entropy(out.logits_BxLxV))
   out = model.apply({"params": params}, tokens_BxL, valid_BxL=valid_BxL, heads=heads)
-  cfg = model.cfg
-  kernel_DxV = (params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings
-                else params["lm_head"]["kernel"])
-  logp_BxL, ent_BxL = losses.head_token_stats(out.hidden_BxLxD, kernel_DxV, tokens_BxL, chunk,
-                                              jnp.dtype(cfg.dtype))
+  logp_BxL, ent_BxL = losses.head_token_stats(
+      out.hidden_BxLxD, transformer.lm_head_kernel(model.cfg, params), tokens_BxL, chunk,
+      jnp.dtype(model.cfg.dtype))
   return out, logp_BxL, ent_BxL
 
 
