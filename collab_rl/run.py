@@ -122,6 +122,15 @@ def check_batches(config, mesh: jax.sharding.Mesh, names: Sequence[str]) -> None
                        f"{jax.process_count()} processes")
 
 
+def check_microbatches(config, rows: int, what: str = "batch_size") -> None:
+  """`config.microbatches` (gradient accumulation inside the jitted step; absent: 1) divides the
+  `rows` of one update."""
+  n = config.get("microbatches", 1)
+  if n < 1 or rows % n:
+    raise ValueError(f"config.microbatches={n} must be >= 1 and divide the {rows} rows of one "
+                     f"update ({what})")
+
+
 def check_run(config, *, batches: Sequence[str] = ("batch_size",)) -> jax.sharding.Mesh:
   """The checks of what this module builds from the config: its names (no older name of
   `config_names.RENAMED`), the optimizer, the checkpointing, the partition rules, `init_from`,

@@ -223,17 +223,20 @@ def _build_text(config, task, mesh, rcfg, init, run, ref_params, greedy, eval_ke
 # ------------------------------------------------------------------------------------------------
 
 
-def guarded_update(loss_fn, tx, state: state_lib.TrainState, batch):
-  """One optimizer step on `loss_fn(params, batch) -> (loss, metrics)`, kept only if finite."""
-  new, loss, m, extra = state_lib.update(state, tx, lambda p: loss_fn(p, batch))
+def guarded_update(loss_fn, tx, state: state_lib.TrainState, batch, microbatches: int = 1,
+                   weight_fn=None):
+  """One optimizer step on `loss_fn(params, batch) -> (loss, metrics)`, kept only if finite;
+  with `microbatches` > 1 accumulated over slices of the batch (`state_lib.update`)."""
+  new, loss, m, extra = state_lib.update(state, tx, loss_fn, batch, microbatches, weight_fn)
   return new, {**m, "loss": loss, **extra}
 
 
-def jit_update(run: Setup, mesh: jax.sharding.Mesh, loss_fn):
+def jit_update(run: Setup, mesh: jax.sharding.Mesh, loss_fn, microbatches: int = 1,
+               weight_fn=None):
   """`guarded_update` jitted: `(state, batch) -> (state, metrics)`, the state donated and kept
   in its shardings, the metrics replicated."""
-  return jax.jit(lambda s, b: guarded_update(loss_fn, run.tx, s, b), donate_argnums=0,
-                 out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
+  return jax.jit(lambda s, b: guarded_update(loss_fn, run.tx, s, b, microbatches, weight_fn),
+                 donate_argnums=0, out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
 
 
 def host_means(stats) -> dict[str, float]:

@@ -124,7 +124,11 @@ def sft_loss(model, params, tokens_BxL, roles_BxL):
   return -losses.masked_mean(logp_BxL, mask_BxL), (acc, mask_BxL.sum())
 
 
-def train_step(model, tx, state: state_lib.TrainState, batch):
-  new, loss, (acc, n), m = state_lib.update(
-      state, tx, lambda p: sft_loss(model, p, batch["tokens"], batch["roles"]))
+def train_step(model, tx, state: state_lib.TrainState, batch, microbatches: int = 1):
+  """One AdamW step; with `microbatches` > 1 the gradient is accumulated over slices of the
+  batch weighted by their assistant tokens, i.e. the same mean over all of them."""
+  new, loss, (acc, _), m = state_lib.update(
+      state, tx, lambda p, b: sft_loss(model, p, b["tokens"], b["roles"]), batch, microbatches,
+      weight_fn=lambda b: loss_mask(b["roles"]).sum())
+  n = loss_mask(batch["roles"]).sum()
   return new, {"loss": loss, "token_acc": acc, "assistant_tokens": n, **m}

@@ -114,10 +114,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def constrain_rows(x: jax.Array, last: str | None = None) -> jax.Array:
-  """`x`'s rows over data x fsdp (and its last dim over `last`, e.g. "model" for logits), under
-  the mesh the caller set with `jax.set_mesh`; unchanged without one, and per dim where the
-  mesh's ways do not divide it.
+def constrain_rows(x: jax.Array, last: str | None = None, axis: int = 0) -> jax.Array:
+  """`x`'s rows (dim `axis`) over data x fsdp (and its last dim over `last`, e.g. "model" for
+  logits), under the mesh the caller set with `jax.set_mesh`; unchanged without one, and per dim
+  where the mesh's ways do not divide it.
 
   Activations carry this so that XLA's partitioner all-gathers fsdp-sharded weights for a
   matmul, as FSDP means, instead of gathering the batch: without it, a [D, V] LM head sharded
@@ -128,9 +128,13 @@ def constrain_rows(x: jax.Array, last: str | None = None) -> jax.Array:
   if mesh.empty or not set(AXES) <= set(mesh.axis_names):
     return x
   ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  rows = BATCH_AXES if x.shape[0] % ways == 0 else None
+  rows = BATCH_AXES if x.shape[axis] % ways == 0 else None
   tail = last if last and x.shape[-1] % mesh.shape[last] == 0 else None
-  return jax.lax.with_sharding_constraint(x, P(rows, *([None] * (x.ndim - 2)), tail))
+  spec = [None] * x.ndim
+  spec[axis] = rows
+  if x.ndim > axis + 1:
+    spec[-1] = tail
+  return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -89,15 +89,31 @@ class NonFiniteError(FloatingPointError):
   """A loss, gradient, reward or batch went NaN/inf; the run stopped before saving it."""
 
 
-def update(state: TrainState, tx: optax.GradientTransformation, loss_fn):
-  """One optimizer step on `loss_fn(params) -> (loss, aux)`, applied only if it is finite.
+def update(state: TrainState, tx: optax.GradientTransformation, loss_fn, batch=None,
+           microbatches: int = 1, weight_fn=None):
+  """One optimizer step, applied only if it is finite.
+
+  `loss_fn(params) -> (loss, aux)`, or with `batch`, `loss_fn(params, batch)`. With
+  `microbatches` > 1 the batch (a pytree of [B, ...] arrays) is split into that many slices of
+  B / microbatches rows and their gradients are accumulated in a `lax.scan` inside this step,
+  so that only one slice's activations are alive at a time. The slices are weighted by
+  `weight_fn(slice)` (e.g. the tokens a masked-mean loss averages over; None: equally), which
+  makes the accumulated loss, gradient and float aux those of the whole batch at once for a
+  loss that is a weighted mean over its slice (tests/test_train_state.py checks it).
 
   Returns (state, loss, aux, {"grad_norm", "nonfinite"}). When the loss or the gradient norm is
   NaN or inf, the state comes back unchanged (step count included): selecting inside the jitted
   step keeps the old values even though the caller donates the state, so a bad update never
   exists outside it, let alone in a checkpoint. `nonfinite` (1.0 or 0.0) tells the host.
   """
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if batch is None:
+    if microbatches != 1:
+      raise ValueError("microbatches > 1 needs the batch passed to update()")
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  elif microbatches == 1:
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+  else:
+    loss, aux, grads = accumulate(loss_fn, state.params, batch, microbatches, weight_fn)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -105,6 +121,43 @@ def update(state: TrainState, tx: optax.GradientTransformation, loss_fn):
                       opt_state=opt_state)
   new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
   return new, loss, aux, {"grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
+
+
+def split_microbatches(batch, microbatches: int):
+  """Every [B, ...] leaf as [microbatches, B / microbatches, ...], slice i holding rows i,
+  i + microbatches, ...: each device's contiguous block of rows then holds an equal part of
+  every slice, so a slice runs on all the devices (a contiguous split would put it on few)."""
+  def split(x):
+    b = x.shape[0]
+    if b % microbatches:
+      raise ValueError(f"a batch of {b} rows does not split into {microbatches} microbatches")
+    x = x.reshape(b // microbatches, microbatches, *x.shape[1:])
+    return sharding_lib.constrain_rows(jnp.swapaxes(x, 0, 1), axis=1)
+  return jax.tree_util.tree_map(split, batch)
+
+
+def accumulate(loss_fn, params, batch, microbatches: int, weight_fn=None):
+  """(loss, aux, grads) of `loss_fn(params, batch)` computed slice by slice (`update`)."""
+  sliced = split_microbatches(batch, microbatches)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def body(carry, mb):
+    (loss, aux), grads = grad_fn(params, mb)
+    w = jnp.asarray(1.0 if weight_fn is None else weight_fn(mb), jnp.float32)
+    scaled = jax.tree_util.tree_map(lambda x: w * x.astype(jnp.float32), (loss, aux, grads))
+    return jax.tree_util.tree_map(jnp.add, carry, (scaled, w)), None
+
+  first = jax.tree_util.tree_map(lambda x: x[0], sliced)
+  shapes = jax.eval_shape(lambda mb: grad_fn(params, mb), first)
+  (loss0, aux0), grads0 = shapes
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32),
+                                 (loss0, aux0, grads0))
+  (total, w_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), sliced)
+  w_sum = jnp.maximum(w_sum, 1e-9) if weight_fn is not None else w_sum
+  loss, aux, grads = jax.tree_util.tree_map(lambda x: x / w_sum, total)
+  grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+  aux = jax.tree_util.tree_map(lambda a, s: a.astype(s.dtype), aux, aux0)
+  return loss, aux, grads
 
 
 def stop_if_nonfinite(trainer: str, step: int, nonfinite, checkpointer) -> None:

@@ -107,6 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, model)
   c.partition_rules = ml_collections.FieldReference(None, field_type=list)
   c.batch_size = 32 if sft else 16  # sequences per SFT step / conversations per iteration
+  # Gradient accumulation: each update in this many slices of its rows (run.check_microbatches).
+  c.microbatches = 1
   c.num_steps = 1000 if sft else 100  # SFT steps / RL iterations
   c.log_every = 10 if sft else 1
   c.eval_every = 100 if sft else 10

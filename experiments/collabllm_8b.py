@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute, and the rollout's KV caches
   c.model.param_dtype = "float32"  # the policy's (and its value head's) master weights
   c.model.remat = True  # recompute each layer in the backward pass
+  c.model.remat_policy = "nothing_saveable"  # keep only each layer's input (models/config.py)
 
   # Params over fsdp (partition_rules None: the Llama rules, pods.RULES_8B), conversations over
   # data x fsdp: (1, 64, 1) on v5e-64, (1, 32, 1) on v4-64, (4, 64, 1) on v5e-256. The launcher

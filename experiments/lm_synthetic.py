@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
   c.model.param_dtype = "float32"
   c.model.remat = False  # recompute layers in the backward pass to save memory
+  c.model.remat_policy = "nothing_saveable"  # what remat keeps (models/config.py)
   c.model.causal_query_chunk = 64  # causal attention in query chunks (0: one block)
 
   # Mesh (data, fsdp, model); one -1 fills the devices. Batches split over data x fsdp.
@@ -49,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.partition_rules = ml_collections.FieldReference(None, field_type=list)
 
   c.batch_size = 32  # global sequences per step
+  # Gradient accumulation: each update in this many slices of its rows (run.check_microbatches).
+  c.microbatches = 1
   c.seq_len = 128  # tokens per training sequence (inputs)
   c.num_steps = 600
 

@@ -58,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The assistant's reply budget when the pair is evaluated: its longest answer, <eot>, spare.
   c.reply_tokens = registry.make_task(task).answer_len + 3
   c.batch_size = 32  # episodes per step, half reactive and half sharded
+  # Gradient accumulation: each update in this many slices of its rows (run.check_microbatches).
+  c.microbatches = 1
   # Rows per episode a step trains on, cuts with a target first (measured on ambig_math: ~2.0
   # of the 4 cuts of a reactive episode have one, ~1.6 of a sharded one; the rest follow a
   # `thanks`).

@@ -72,6 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, model)
   c.partition_rules = ml_collections.FieldReference(None, field_type=list)
   c.batch_size = 64  # conversations per iteration
+  # Gradient accumulation: each update in this many slices of its rows (run.check_microbatches).
+  c.microbatches = 1
   c.num_steps = 200  # iterations: rollouts, then their update epochs
   c.log_every = 1  # steps between training metric writes (and at every evaluation)
   c.eval_every = 20  # steps between greedy evaluations

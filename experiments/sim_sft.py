@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
   c.model.param_dtype = "float32"
   c.model.remat = False  # recompute layers in the backward pass to save memory
+  c.model.remat_policy = "nothing_saveable"  # what remat keeps (models/config.py)
 
   # Mesh (data, fsdp, model); one -1 fills the devices. Batches split over data x fsdp.
   c.mesh_shape = (-1, 1, 1)

@@ -222,6 +222,21 @@ def test_nan_in_a_ppo_batch_stops_the_run(tmp_path, monkeypatch):
   assert ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [1]
 
 
+def ppo_minibatch(cfg, b: int, l: int, mask_BxL=None) -> dict:
+  """A random minibatch of PPO's update (`ppo.prepare_batch`'s keys) with two turns a row."""
+  keys = jax.random.split(jax.random.key(1), 4)
+  if mask_BxL is None:
+    mask_BxL = jax.random.bernoulli(keys[1], 0.5, (b, l))
+  return dict(tokens_BxL=jax.random.randint(keys[0], (b, l), 1, cfg.model.vocab_size),
+              valid_BxL=jnp.ones((b, l), bool), mask_BxL=mask_BxL,
+              old_logprobs_BxL=-jax.random.uniform(keys[2], (b, l)),
+              ref_logprobs_BxL=-jax.random.uniform(keys[3], (b, l)),
+              advantages_BxL=jnp.linspace(-1, 1, b * l).reshape(b, l),
+              header_pos_BxT=jnp.tile(jnp.array([[2, 6]]), (b, 1)),
+              old_values_BxT=jnp.zeros((b, 2)), returns_BxT=jnp.ones((b, 2)),
+              turn_valid_BxT=jnp.ones((b, 2)))
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_ppo_chunked_lm_head_gives_the_same_loss_and_gradient(tied):
   """config.ppo.logits_chunk: the update's log-probs, entropies and value from the LM head run
@@ -230,16 +245,7 @@ def test_ppo_chunked_lm_head_gives_the_same_loss_and_gradient(tied):
   cfg.model.tie_word_embeddings = tied
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(cfg.model.to_dict()))
   params = transformer.init_params(model, jax.random.key(0))
-  b, l = 4, 11
-  keys = jax.random.split(jax.random.key(1), 4)
-  mb = dict(tokens_BxL=jax.random.randint(keys[0], (b, l), 1, cfg.model.vocab_size),
-            valid_BxL=jnp.ones((b, l), bool), mask_BxL=jax.random.bernoulli(keys[1], 0.5, (b, l)),
-            old_logprobs_BxL=-jax.random.uniform(keys[2], (b, l)),
-            ref_logprobs_BxL=-jax.random.uniform(keys[3], (b, l)),
-            advantages_BxL=jnp.linspace(-1, 1, b * l).reshape(b, l),
-            header_pos_BxT=jnp.tile(jnp.array([[2, 6]]), (b, 1)),
-            old_values_BxT=jnp.zeros((b, 2)), returns_BxT=jnp.ones((b, 2)),
-            turn_valid_BxT=jnp.ones((b, 2)))
+  mb = ppo_minibatch(cfg, 4, 11)
   results = []
   for chunk in (0, 4):
     cfg.ppo.logits_chunk = chunk

@@ -6,6 +6,9 @@ import dataclasses
 from typing import Any
 
 HEADS = ("lm", "value", "reward")
+# The `jax.checkpoint_policies` that take no arguments, i.e. that a config string can name.
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,11 @@ class TransformerConfig:
   dtype: str = "float32"  # compute dtype: float32 or bfloat16
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each layer in the backward pass (saves activations)
+  # With remat, what the backward pass may keep of a layer's forward (a `jax.checkpoint_policies`
+  # name): "nothing_saveable" keeps only the layer's input (least memory, the forward run twice);
+  # "dots_with_no_batch_dims_saveable" also keeps the projections' outputs (the matmuls are not
+  # recomputed, the elementwise work and attention are).
+  remat_policy: str = "nothing_saveable"
   # Without a cache, queries are processed in chunks of this many rows, each against only the
   # keys it can see (causal): ~40% less attention work at L = 256 and smaller softmax tensors.
   # 0 disables. Numerics are unchanged (each query still sees all its keys at once).
@@ -48,6 +56,8 @@ class TransformerConfig:
     unknown = set(self.heads) - set(HEADS)
     if unknown:
       raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16"):
         raise ValueError(f"{name}={getattr(self, name)!r}: use 'float32' or 'bfloat16'")

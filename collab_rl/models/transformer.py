@@ -95,7 +95,9 @@ class Transformer(nn.Module):
                      param_dtype=jnp.dtype(cfg.param_dtype),
                      embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
     x_BxLxD = sharding.constrain_rows(embed(tokens_BxL))
-    layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+    layer_cls = DecoderLayer
+    if cfg.remat:
+      layer_cls = nn.remat(DecoderLayer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     new_kv = []
     for i in range(cfg.num_hidden_layers):
       cache_kv = None if cache is None else (cache.k[i], cache.v[i])

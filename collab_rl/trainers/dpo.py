@@ -28,6 +28,7 @@ from collab_rl import conversation as conv_lib
 from collab_rl import losses
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
+from collab_rl import run as run_lib
 from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl.data import engine
@@ -47,6 +48,7 @@ def check_config(config):
   d = config.dpo
   if d.source not in SOURCES:
     raise ValueError(f"config.dpo.source={d.source!r}; choose from {SOURCES}")
+  run_lib.check_microbatches(config, config.batch_size)
   if config.candidates < 2:
     raise ValueError(f"config.candidates={config.candidates} must be >= 2")
   if d.beta <= 0:
@@ -190,7 +192,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   task, mcfg, mesh, rcfg = check_config(config)
   run = run_rl.build(config, workdir, task, mesh, rcfg)
   model, state = run.model, run.state
-  step = run_rl.jit_update(run, mesh, lambda p, b: dpo_loss(model, config, p, b))
+  # Microbatches weighted by their kept pairs: the loss is a mean over them.
+  step = run_rl.jit_update(run, mesh, lambda p, b: dpo_loss(model, config, p, b),
+                           config.get("microbatches", 1), lambda b: b["keep"].sum())
   data_iter, world = None, run.world
   if config.dpo.source == "online" and world is None:
     policy = run_rl.rollout_policy(config, model, task, rcfg)

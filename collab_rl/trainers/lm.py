@@ -86,10 +86,14 @@ def lm_loss(model, params, tokens_BxL, length_B):
   return jnp.sum(ce_BxL * target_mask_BxL) / n, n
 
 
-def train_step(model, tx, state: state_lib.TrainState, batch):
-  new, loss, n, m = state_lib.update(
-      state, tx, lambda p: lm_loss(model, p, batch["tokens"], batch["length"]))
-  return new, {"loss": loss, "target_tokens": n, **m}
+def train_step(model, tx, state: state_lib.TrainState, batch, microbatches: int = 1):
+  """One AdamW step; with `microbatches` > 1 accumulated over slices of the batch weighted by
+  their target tokens (the same mean as one batch)."""
+  targets = lambda b: jnp.maximum(b["length"] - 1, 0).sum()
+  new, loss, _, m = state_lib.update(
+      state, tx, lambda p, b: lm_loss(model, p, b["tokens"], b["length"]), batch, microbatches,
+      weight_fn=targets)
+  return new, {"loss": loss, "target_tokens": jnp.maximum(targets(batch), 1), **m}
 
 
 class Built(NamedTuple):
@@ -109,7 +113,9 @@ def build(config, mesh) -> Built:
   model, tx, shardings = init.model, init.tx, init.shardings
   batch_sh = {"tokens": sharding_lib.batch_sharding(mesh),
               "length": sharding_lib.batch_sharding(mesh)}
-  step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b), in_shardings=(shardings, batch_sh),
+  microbatches = config.get("microbatches", 1)
+  step_fn = jax.jit(lambda s, b: train_step(model, tx, s, b, microbatches),
+                    in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
   eval_fn = jax.jit(lambda p, b: lm_loss(model, p, b["tokens"], b["length"])[0],
                     in_shardings=(shardings.params, batch_sh))
@@ -120,6 +126,7 @@ def check_config(config) -> jax.sharding.Mesh:
   """Every check that can fail on the config, before anything compiles. Returns the mesh."""
   mcfg = run_lib.check_model(config)
   mesh = run_lib.check_run(config)
+  run_lib.check_microbatches(config, config.batch_size)
   run_lib.check_positive(config, ("num_steps", "seq_len", "log_every", "eval_every"))
   if config.corpus.min_len < 2 or config.corpus.min_len > config.seq_len + 1:
     raise ValueError(f"config.corpus.min_len={config.corpus.min_len} must be in "

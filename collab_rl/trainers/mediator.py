@@ -96,6 +96,7 @@ def check_config(config):
     raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} "
                      f"cannot hold a conversation of {width} tokens and its rewrite")
   mesh = run_lib.check_run(config, batches=("eval_batch_size",))
+  run_lib.check_microbatches(config, config.batch_size)
   if config.batch_size % (2 * jax.process_count()):
     raise ValueError(f"config.batch_size={config.batch_size} must split in two (reactive, "
                      f"sharded) over {jax.process_count()} processes")
@@ -218,7 +219,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
 
   data_fn = cut_source(config, tasks, mesh)
-  step_fn = jax.jit(lambda s, b: sft_lib.train_step(model, tx, s, merged(b)),
+  microbatches = config.get("microbatches", 1)
+  step_fn = jax.jit(lambda s, b: sft_lib.train_step(model, tx, s, merged(b), microbatches),
                     in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
                     donate_argnums=0)
   pair = mediator_lib.MediatorAssistant(tasks["reactive"], model, a_model,

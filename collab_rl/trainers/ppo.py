@@ -24,6 +24,7 @@ from collab_rl import conversation as conv_lib
 from collab_rl import losses
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
+from collab_rl import run as run_lib
 from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl.models import transformer
@@ -61,6 +62,8 @@ def check_config(config):
     raise ValueError(f"batch_size={config.batch_size} is not divisible by "
                      f"ppo.minibatches={config.ppo.minibatches}")
   sharding_lib.check_batch(config.batch_size // config.ppo.minibatches, mesh, "minibatch size")
+  run_lib.check_microbatches(config, config.batch_size // config.ppo.minibatches,
+                             "batch_size / ppo.minibatches")
   return task, cfg, mesh, rcfg
 
 
@@ -280,7 +283,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     collect_fn = jax.jit(collect_played)
     finish_fn = jax.jit(lambda p, r, conv, *per_turn: finish_batch(config, model, p, r, conv,
                                                                    *per_turn))
-  step = run_rl.jit_update(run, mesh, lambda p, mb: ppo_loss(model, config, p, mb))
+  # Microbatches weighted by their reply tokens: the policy, KL and entropy terms are means over
+  # them (the value term, a mean over turns, is then weighted by tokens too).
+  step = run_rl.jit_update(run, mesh, lambda p, mb: ppo_loss(model, config, p, mb),
+                           config.get("microbatches", 1), lambda mb: mb["mask_BxL"].sum())
 
   it0 = int(state.step) // (config.ppo.epochs * config.ppo.minibatches)
   n_mb = config.batch_size // config.ppo.minibatches

@@ -88,6 +88,7 @@ def check_config(config):
     raise ValueError(f"config.model.max_position_embeddings={mcfg.max_position_embeddings} < "
                      f"config.max_len={config.max_len}")
   mesh = run_lib.check_run(config, batches=("batch_size", "eval_batch_size"))
+  run_lib.check_microbatches(config, config.batch_size)
   user = None
   if config.side == "user":
     user = text_lib.UserSide(tok, text_lib.UserConfig(**config.sim.to_dict()))
@@ -103,7 +104,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                             run_lib.make_optimizer(config.optimizer, config.num_steps))
   model, tx, shardings = init.model, init.tx, init.shardings
   batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
-  step_fn = jax.jit(lambda s, b: sft_lib.train_step(model, tx, s, b),
+  microbatches = config.get("microbatches", 1)
+  step_fn = jax.jit(lambda s, b: sft_lib.train_step(model, tx, s, b, microbatches),
                     in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
                     donate_argnums=0)
   loss_fn = jax.jit(lambda p, b: sft_lib.sft_loss(model, p, b["tokens"], b["roles"]),
