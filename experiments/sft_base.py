@@ -62,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.context_ask_share = 0.0
   # Users the SFT data is played against (a users.py mixture); "": the training user (sim).
   c.data_users = ""
+  # False: the loss skips the values a first answer guesses for the slots the request left out
+  # (random draws that nothing in the conversation tells: trainers/sft.py guess_mask).
+  c.train_guesses = True
   c.num_turns = 3  # assistant turns per episode: max_missing questions, then the answer
   # Conversation tokens; must hold num_turns turns at their budgets (sft.episode_len: 75, 95, 96,
   # one more with the instruction's word).
@@ -87,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
   c.model.param_dtype = "float32"
   c.model.remat = False  # recompute layers in the backward pass to save memory
+  c.model.remat_policy = "nothing_saveable"  # what remat keeps (models/config.py)
 
   # Mesh (data, fsdp, model); one -1 fills the devices. Batches split over data x fsdp.
   c.mesh_shape = (-1, 1, 1)
@@ -95,6 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.partition_rules = ml_collections.FieldReference(None, field_type=list)
 
   c.batch_size = 64  # episodes per step (global)
+  # Gradient accumulation: each update in this many slices of its rows (run.check_microbatches).
+  c.microbatches = 1
   c.num_steps = 2000
 
   c.optimizer = ml_collections.ConfigDict()

@@ -82,6 +82,40 @@ def test_loss_mask_is_exactly_the_assistant_tokens():
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
+def _conversation(texts_and_roles, width=40):
+  tid = TASK.tokenizer.token_to_id
+  conv = conv_lib.empty(1, width)
+  for text, role in texts_and_roles:
+    ids = jnp.asarray([[tid(w) for w in text.split()]], jnp.int32)
+    conv = conv_lib.append(conv, ids, jnp.full((1,), ids.shape[1]), role,
+                           new_turn=text not in ("<bos>", "<user>", "<assistant>"))
+  return conv
+
+
+def test_guess_mask_is_the_first_answers_values_of_the_missing_slots():
+  """`train_guesses=False` drops from the loss exactly the values a first answer guesses: not
+  the slots the request gives, not an answer after a question, not a retry after `wrong`."""
+  header = lambda role: ("<assistant>" if role == ASSISTANT else "<user>", CONTEXT)
+  def conv_of(turns):
+    pieces = [("<bos>", CONTEXT)]
+    for text, role in turns:
+      pieces += [header(role), (text, role)]
+    return _conversation(pieces)
+  intent = TASK.sample_intents(jax.random.key(0), 1).replace(
+      missing_BxK=jnp.asarray([[False, False, True, False, True]]))  # n2 and n3 missing
+  guessed = conv_of([("calc 3 + ? * ? <eot>", USER), ("answer 3 + 5 * 1 <eot>", ASSISTANT),
+                     ("wrong <eot>", USER), ("answer 3 + 6 * 2 <eot>", ASSISTANT)])
+  mask = np.asarray(sft.guess_mask(TASK, intent, guessed.tokens_BxL, guessed.roles_BxL))[0]
+  words = np.asarray(guessed.tokens_BxL)[0]
+  marked = [TASK.tokenizer.decode([int(t)]) for t in words[mask]]
+  assert marked == ["5", "1"] and mask.sum() == 2
+  first_answer = np.nonzero(words == TASK.ids["answer"])[0][0]
+  np.testing.assert_array_equal(np.nonzero(mask)[0], first_answer + np.array([3, 5]))
+  asked = conv_of([("calc 3 + ? * ? <eot>", USER), ("ask n2 <eot>", ASSISTANT),
+                   ("n2 is 7 <eot>", USER), ("answer 3 + 7 * 1 <eot>", ASSISTANT)])
+  assert not np.asarray(sft.guess_mask(TASK, intent, asked.tokens_BxL, asked.roles_BxL)).any()
+
+
 def test_mixture_asks_in_ask_share_of_conversations():
   share = 0.3
   run = rollout_lib.make_rollout(sft_lib.AskOrAnswerMix(TASK, share), TASK, batch=4096,
@@ -164,6 +198,7 @@ def test_instructed_conversations_follow_the_prompted_mixture():
     ({"model.vocab_size": 16}, "vocab_size"),
     ({"model.heads": ("value",)}, "'lm'"),
     ({"eval_batch_size": 12}, "eval_batch_size=12"),
+    ({"microbatches": 3}, "config.microbatches=3 must be >= 1 and divide the 16 rows"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, compile_counter, overrides, message):
   with compile_counter as counter, pytest.raises(ValueError, match=message):

@@ -81,15 +81,41 @@ def question_mask(task, tokens_BxL, roles_BxL) -> jax.Array:
   return asst_BxL & (ask_id_BxL == reply_BxL)
 
 
+def guess_mask(task, intent, tokens_BxL, roles_BxL) -> jax.Array:
+  """[B, L] the values a first reply that answers writes for the slots the request left out.
+
+  Nothing in the conversation tells those values: `answer_now_policy` draws them at random, so
+  their target is the uniform distribution over the slot's values, the same token positions
+  where every conversation that asked must copy the user's reply instead (later answers are not
+  included: after `wrong` the behaviour moves to the next value, which the conversation shows)."""
+  asst_BxL = roles_BxL == ASSISTANT
+  start_BxL = asst_BxL & ~jnp.pad(asst_BxL[:, :-1], ((0, 0), (1, 0)))
+  first_BxL = asst_BxL & (jnp.cumsum(start_BxL, 1) == 1)
+  pos_L = jnp.arange(tokens_BxL.shape[1])
+  start_B = jnp.argmax(start_BxL, 1)
+  answers_B = jnp.take_along_axis(tokens_BxL, start_B[:, None], 1)[:, 0] == task.ids["answer"]
+  # The answer template's slot per reply offset (-1: a fixed word).
+  slot_J = np.array([item if not isinstance(item, str) else -1 for item in task.answer_template]
+                    + [-1])
+  offset_BxL = jnp.clip(pos_L[None, :] - start_B[:, None], 0, len(slot_J) - 1)
+  slot_BxL = jnp.asarray(slot_J)[offset_BxL]
+  missing_BxL = jnp.take_along_axis(intent.missing_BxK, jnp.maximum(slot_BxL, 0), 1)
+  return first_BxL & answers_B[:, None] & (slot_BxL >= 0) & missing_BxL
+
+
 def behaviour_source(config, task, mesh) -> Callable[[jax.Array], dict]:
   """Fresh episodes of `AskOrAnswerMix` against the scripted user, all on device; the questions
   of the rows whose questions are context (`context_ask_share`) get the CONTEXT role."""
   policy = sft_lib.AskOrAnswerMix(task, config.ask_share, config.get("instructed_ask_share", 0.0),
                                   config.get("instructed_confirm_share", 0.0),
                                   config.get("context_ask_share", 0.0))
+  train_guesses = config.get("train_guesses", True)
 
   def batch(key):
     ro, roles_BxL = behaviour_rollout(policy, task, config, key, mesh)
+    if not train_guesses:
+      guess_BxL = guess_mask(task, ro.conv.intent, ro.conv.tokens_BxL, ro.conv.roles_BxL)
+      roles_BxL = jnp.where(guess_BxL, CONTEXT, roles_BxL)
     return {"tokens": ro.conv.tokens_BxL, "roles": roles_BxL}
 
   return jax.jit(batch, out_shardings=sharding_lib.batch_sharding(mesh))
@@ -201,7 +227,8 @@ def build(config, mesh, task) -> Built:
   model, tx, shardings = init.model, init.tx, init.shardings
   data_fn = DATA_SOURCES[config.data_source](config, data_task(config), mesh)
   batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
-  step_fn = jax.jit(lambda s, b: sft_lib.train_step(model, tx, s, b),
+  microbatches = config.get("microbatches", 1)
+  step_fn = jax.jit(lambda s, b: sft_lib.train_step(model, tx, s, b, microbatches),
                     in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
                     donate_argnums=0)
   loss_fn = jax.jit(lambda p, b: sft_lib.sft_loss(model, p, b["tokens"], b["roles"])[0],
@@ -257,6 +284,7 @@ def check_config(config):
   run_lib.check_positive(config, ("num_steps", "num_turns", "max_len", "log_every", "eval_every",
                                   "eval_batch_size"))
   mesh = run_lib.check_run(config, batches=("batch_size", "eval_batch_size"))
+  run_lib.check_microbatches(config, config.batch_size)
   need = episode_len(config, instructed_task(config))
   if config.max_len < need:
     # A cut conversation would train on replies without their <eot>.
