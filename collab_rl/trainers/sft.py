@@ -71,10 +71,15 @@ from collab_rl.tokenizer import ASSISTANT, CONTEXT, PAD
 # ------------------------------------------------------------------------------------------------
 
 
+def reply_starts(roles_BxL) -> tuple[jax.Array, jax.Array]:
+  """[B, L] the assistant's tokens, and the first token of each of its replies."""
+  asst_BxL = roles_BxL == ASSISTANT
+  return asst_BxL, asst_BxL & ~jnp.pad(asst_BxL[:, :-1], ((0, 0), (1, 0)))
+
+
 def question_mask(task, tokens_BxL, roles_BxL) -> jax.Array:
   """[B, L] the assistant tokens of replies that open with `ask` (the word, slot and `<eot>`)."""
-  asst_BxL = roles_BxL == ASSISTANT
-  start_BxL = asst_BxL & ~jnp.pad(asst_BxL[:, :-1], ((0, 0), (1, 0)))
+  asst_BxL, start_BxL = reply_starts(roles_BxL)
   reply_BxL = jnp.cumsum(start_BxL, 1)  # which reply a token belongs to
   ask_id_BxL = jax.lax.cummax(jnp.where(start_BxL & (tokens_BxL == task.ids["ask"]), reply_BxL,
                                         0), axis=1)
@@ -88,8 +93,7 @@ def guess_mask(task, intent, tokens_BxL, roles_BxL) -> jax.Array:
   their target is the uniform distribution over the slot's values, the same token positions
   where every conversation that asked must copy the user's reply instead (later answers are not
   included: after `wrong` the behaviour moves to the next value, which the conversation shows)."""
-  asst_BxL = roles_BxL == ASSISTANT
-  start_BxL = asst_BxL & ~jnp.pad(asst_BxL[:, :-1], ((0, 0), (1, 0)))
+  asst_BxL, start_BxL = reply_starts(roles_BxL)
   first_BxL = asst_BxL & (jnp.cumsum(start_BxL, 1) == 1)
   pos_L = jnp.arange(tokens_BxL.shape[1])
   start_B = jnp.argmax(start_BxL, 1)
