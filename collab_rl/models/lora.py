@@ -1,0 +1,144 @@
+"""LoRA (Hu et al., 2021) on the transformer's projection kernels, as a transform of param trees.
+
+The adapters are a tree of their own, nested like the params, with `lora_a` [in, r] and `lora_b`
+[r, out] where the base has `kernel` [in, out]:
+
+    {"layers_0": {"self_attn": {"q_proj": {"lora_a": [D, r], "lora_b": [r, H*hd]}}}, ...}
+
+and the policy's weights are `merge(base, adapters)`: every targeted kernel W becomes
+W + (alpha / r) * A @ B (computed in fp32, cast to W's dtype), every other leaf is the base's own
+array. So the base is held once and never trained: the train state holds only the adapters and
+their optimizer state, the frozen reference policy is the base itself (no adapters: no second
+copy), and an LM user or judge loaded from the same checkpoint can be handed the same arrays.
+`lora_b` starts at zero, so a fresh adapter leaves the base's outputs unchanged.
+
+Why not qwix's LoRA (which Tunix uses): it intercepts each `dot_general`/`einsum` by module path
+and adds its adapters there, but this model computes q/k/v and gate/up as one einsum over the
+concatenated kernels (`layers.fused_projection`), so q_proj and k_proj could not be targeted
+apart; and its adapters live inside the model's own params, next to the base weights, where a
+donated train state would carry the base. A merge of two trees keeps the model untouched and the
+targets regexes over the same paths as the sharding rules.
+
+Dropout on the adapter's input (`LoraConfig.dropout`) needs the unmerged form x A B inside the
+model; it is refused for now rather than ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from collab_rl import sharding
+
+# Every projection matrix of the decoder layers (not the embedding, the LM or value heads).
+DEFAULT_TARGETS = (r"self_attn/(q|k|v|o)_proj/kernel$", r"mlp/(gate|up|down)_proj/kernel$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  rank: int = 0  # r; 0: no adapters (full fine-tuning)
+  alpha: float = 16.0  # the update is scaled by alpha / r
+  dropout: float = 0.0
+  targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes (re.search) over "layers_0/.../kernel"
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ValueError(f"lora.rank={self.rank} must be >= 0 (0: no adapters)")
+    if self.dropout:
+      raise ValueError(f"lora.dropout={self.dropout}: dropout on the adapters' input is not "
+                       "implemented (models/lora.py merges A @ B into the kernel); use 0")
+    for t in self.targets:
+      try:
+        re.compile(t)
+      except re.error as e:
+        raise ValueError(f"lora.targets: bad regex {t!r}: {e}") from None
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  @classmethod
+  def from_dict(cls, d: dict | None) -> "LoraConfig":
+    d = dict(d or {})
+    if "targets" in d:
+      d["targets"] = tuple(d["targets"])
+    return cls(**d)
+
+
+def target_paths(params, cfg: LoraConfig) -> list[str]:
+  """The 2-D kernels the adapters go on ("layers_0/self_attn/q_proj/kernel", ...)."""
+  out = [sharding.path_str(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
+         if len(x.shape) == 2 and any(re.search(t, sharding.path_str(p)) for t in cfg.targets)]
+  if not out:
+    raise ValueError(f"lora.targets={list(cfg.targets)} match no 2-D kernel of the model "
+                     "(its kernels are named like layers_0/self_attn/q_proj/kernel)")
+  return out
+
+
+def _set(tree: dict, keys: Sequence[str], value) -> None:
+  for k in keys[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[keys[-1]] = value
+
+
+def _get(tree, keys: Sequence[str]):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def init_adapters(params, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+  """Fresh adapters for `params` (arrays or ShapeDtypeStructs): A ~ N(0, 1/in) (the
+  fan-in scale of the kernel it adapts), B = 0."""
+  adapters: dict = {}
+  for i, path in enumerate(target_paths(params, cfg)):
+    keys = path.split("/")
+    d_in, d_out = _get(params, keys).shape
+    a = jax.random.normal(jax.random.fold_in(key, i), (d_in, cfg.rank), dtype) / d_in ** 0.5
+    _set(adapters, keys[:-1] + ["lora_a"], a)
+    _set(adapters, keys[:-1] + ["lora_b"], jnp.zeros((cfg.rank, d_out), dtype))
+  return adapters
+
+
+def merge(base, adapters, cfg: LoraConfig):
+  """The policy's params: the base with W + scale * A @ B on every adapted kernel. Leaves
+  without an adapter are the base's own arrays (no copy)."""
+  def visit(b, a):
+    if not isinstance(b, dict):
+      return b
+    out = {}
+    for k, v in b.items():
+      sub = a.get(k) if isinstance(a, dict) else None
+      if k == "kernel" and isinstance(a, dict) and "lora_a" in a:
+        delta = jnp.einsum("ir,ro->io", a["lora_a"].astype(jnp.float32),
+                           a["lora_b"].astype(jnp.float32))
+        out[k] = (v.astype(jnp.float32) + cfg.scale * delta).astype(v.dtype)
+      else:
+        out[k] = visit(v, sub) if sub is not None else v
+    return out
+  return visit(dict(base), adapters)
+
+
+def adapter_shardings(adapters, base_shardings) -> Any:
+  """NamedShardings for the adapters from their kernels' (base_shardings: the params' tree of
+  NamedShardings): A [in, r] split like the kernel's rows, B [r, out] like its columns, r whole."""
+  def leaf(path, _):
+    keys = sharding.path_str(path).split("/")
+    kernel = _get(base_shardings, keys[:-1] + ["kernel"])
+    spec = tuple(kernel.spec) + (None,) * (2 - len(kernel.spec))
+    new = P(spec[0], None) if keys[-1] == "lora_a" else P(None, spec[1])
+    return NamedSharding(kernel.mesh, new)
+  return jax.tree_util.tree_map_with_path(leaf, adapters)
+
+
+def count(adapters) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(adapters))

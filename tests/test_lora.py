@@ -1,0 +1,117 @@
+"""LoRA as a transform of param trees (collab_rl/models/lora.py): targets by regex, a fresh
+adapter that changes nothing, the merged kernel W + (alpha / r) A B, gradients that reach only
+the adapters, shardings that follow the kernels', and config errors that name the field."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from collab_rl import sharding as sharding_lib
+from collab_rl.models import lora, transformer
+
+CFG = transformer.TransformerConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, heads=("lm", "value"))
+
+
+def _setup(rank=4, targets=lora.DEFAULT_TARGETS):
+  model = transformer.Transformer(CFG)
+  base = transformer.init_params(model, jax.random.key(0))
+  cfg = lora.LoraConfig(rank=rank, alpha=8.0, targets=targets)
+  return model, base, cfg, lora.init_adapters(base, cfg, jax.random.key(1))
+
+
+def test_targets_are_the_projection_kernels_by_default_and_by_regex():
+  _, base, cfg, adapters = _setup()
+  paths = lora.target_paths(base, cfg)
+  assert len(paths) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+  assert "layers_1/self_attn/k_proj/kernel" in paths and "lm_head/kernel" not in paths
+  a = adapters["layers_0"]["self_attn"]["k_proj"]
+  assert a["lora_a"].shape == (32, 4) and a["lora_b"].shape == (4, 16)  # k_proj is [32, 16]
+  only_q = lora.LoraConfig(rank=2, targets=(r"self_attn/q_proj/kernel$",))
+  assert lora.target_paths(base, only_q) == ["layers_0/self_attn/q_proj/kernel",
+                                              "layers_1/self_attn/q_proj/kernel"]
+  assert lora.count(adapters) == sum(
+      (k.shape[0] + k.shape[1]) * 4
+      for k in (jax.tree_util.tree_leaves(base["layers_0"]["self_attn"]) +
+                jax.tree_util.tree_leaves(base["layers_0"]["mlp"]))) * 2
+
+
+def test_a_fresh_adapter_leaves_the_model_unchanged_and_merge_is_w_plus_scaled_ab():
+  model, base, cfg, adapters = _setup()
+  tokens = jax.random.randint(jax.random.key(2), (2, 7), 1, 40)
+  out0 = model.apply({"params": base}, tokens).logits_BxLxV
+  np.testing.assert_array_equal(model.apply({"params": lora.merge(base, adapters, cfg)},
+                                            tokens).logits_BxLxV, out0)
+  # Untargeted leaves are the base's own arrays, not copies.
+  merged = lora.merge(base, adapters, cfg)
+  assert merged["lm_head"]["kernel"] is base["lm_head"]["kernel"]
+  assert merged["layers_0"]["input_layernorm"]["scale"] is base["layers_0"]["input_layernorm"][
+      "scale"]
+  trained = jax.tree_util.tree_map(lambda x: x + 0.1, adapters)
+  a = trained["layers_1"]["mlp"]["up_proj"]
+  want = base["layers_1"]["mlp"]["up_proj"]["kernel"] + 2.0 * a["lora_a"] @ a["lora_b"]
+  np.testing.assert_allclose(lora.merge(base, trained, cfg)["layers_1"]["mlp"]["up_proj"]["kernel"],
+                             want, rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_reach_only_the_adapters_and_move_the_loss():
+  model, base, cfg, adapters = _setup()
+  tokens = jax.random.randint(jax.random.key(2), (4, 9), 1, 40)
+
+  def loss(ad):
+    logits = model.apply({"params": lora.merge(base, ad, cfg)}, tokens[:, :-1]).logits_BxLxV
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+  l0, g = jax.value_and_grad(loss)(adapters)
+  assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(adapters)
+  # B = 0 at the start: A's gradient is zero, B's is not (as in the LoRA paper's init).
+  assert all(float(jnp.abs(x["lora_a"]).max()) == 0.0 for x in _pairs(g))
+  assert all(float(jnp.abs(x["lora_b"]).max()) > 0.0 for x in _pairs(g))
+  stepped = jax.tree_util.tree_map(lambda p, d: p - 0.5 * d, adapters, g)
+  assert float(loss(stepped)) < float(l0)
+
+
+def _pairs(tree):
+  out = []
+  def visit(t):
+    if isinstance(t, dict) and "lora_a" in t:
+      out.append(t)
+    elif isinstance(t, dict):
+      for v in t.values():
+        visit(v)
+  visit(tree)
+  return out
+
+
+def test_adapter_shardings_follow_their_kernels():
+  _, base, _, adapters = _setup()
+  mesh = sharding_lib.make_mesh((1, 4, 2))
+  rules = sharding_lib.rules_from_config(None)
+  shardings = sharding_lib.param_shardings(base, mesh, rules)
+  ad_sh = lora.adapter_shardings(adapters, shardings)
+  q = shardings["layers_0"]["self_attn"]["q_proj"]["kernel"].spec
+  aq = ad_sh["layers_0"]["self_attn"]["q_proj"]
+  assert tuple(aq["lora_a"].spec) == (q[0], None)
+  assert tuple(aq["lora_b"].spec) == (None, q[1])
+  placed = jax.device_put(adapters, ad_sh)  # every adapter splits over the mesh as planned
+  assert placed["layers_1"]["mlp"]["down_proj"]["lora_a"].sharding == ad_sh["layers_1"]["mlp"][
+      "down_proj"]["lora_a"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"rank": -1}, r"lora.rank=-1 must be >= 0"),
+    ({"rank": 4, "dropout": 0.05}, r"lora.dropout=0.05: dropout .* not implemented"),
+    ({"rank": 4, "targets": ("q_proj(",)}, r"lora.targets: bad regex 'q_proj\('"),
+])
+def test_bad_lora_config_names_the_field(fields, message):
+  with pytest.raises(ValueError, match=message):
+    lora.LoraConfig.from_dict(fields)
+
+
+def test_targets_that_match_nothing_are_refused():
+  _, base, _, _ = _setup()
+  with pytest.raises(ValueError, match=r"lora.targets=\['attn/qkv'\] match no 2-D kernel"):
+    lora.target_paths(base, lora.LoraConfig(rank=2, targets=("attn/qkv",)))
