@@ -316,6 +316,27 @@ def _restore_params_and_step(path: str, abstract_params: PyTree,
   return restored[_STATE]["params"], step
 
 
+def _is_split(params) -> bool:
+  return isinstance(params, Mapping) and set(params) == {"base", "lora"}
+
+
+def _stored_params(path: str) -> Mapping | None:
+  """The params tree (metadata) of the latest checkpoint in `path`; None if unreadable."""
+  check_init_from(path)
+  manager = _read_only_manager(path)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    stored = manager.item_metadata(step)[_STATE]
+    return getattr(stored, "tree", stored).get("params")
+  except Exception as e:  # noqa: BLE001  (the restore that follows names what is wrong)
+    logging.warning("Could not read the params metadata of %s: %s", path, e)
+    return None
+  finally:
+    manager.close()
+
+
 def restore_params(path: str, abstract_params: PyTree, *, step: int | None = None) -> PyTree:
   """Reads only the params of the run checkpointed in `path`, into `abstract_params`' shardings.
 
@@ -334,8 +355,16 @@ def restore_or_init(checkpointer: Checkpointer, abstract_state: State,
     state, data_state = checkpointer.restore(abstract_state, step)
     how = f"resumed step {step}"
   elif init_from:
-    params, from_step = _restore_params_and_step(init_from, _params_of(abstract_state), None)
-    state, data_state = _with_params(init_fn(), params), None
+    target, fresh = _params_of(abstract_state), init_fn()
+    # A run with adapters (params {"base", "lora"}, models/lora.py) started from a run without
+    # them: the stored params are its base, its adapters fresh. From a run with adapters (an
+    # ablation from a base plus adapters) both are read.
+    into_base = _is_split(target) and not _is_split(_stored_params(init_from))
+    params, from_step = _restore_params_and_step(
+        init_from, target["base"] if into_base else target, None)
+    if into_base:
+      params = {"base": params, "lora": _params_of(fresh)["lora"]}
+    state, data_state = _with_params(fresh, params), None
     how = f"init_from {init_from} step {from_step}"
   else:
     state, data_state, how = init_fn(), None, "fresh"

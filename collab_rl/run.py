@@ -46,6 +46,7 @@ from collab_rl import sharding as sharding_lib
 from collab_rl import storage
 from collab_rl import train_state as state_lib
 from collab_rl.models import hf as hf_lib
+from collab_rl.models import lora as lora_lib
 from collab_rl.models import transformer
 
 # ------------------------------------------------------------------------------------------------
@@ -147,6 +148,7 @@ def check_run(config, *, batches: Sequence[str] = ("batch_size",)) -> jax.shardi
   except re.error as e:
     raise ValueError(f"config.partition_rules: bad regex {e.pattern!r}: {e}") from None
   ckpt_lib.check_init_from(config.init_from or None)
+  lora_config(config)  # rank, dropout and target regexes
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   check_batches(config, mesh, batches)
   return mesh
@@ -187,12 +189,31 @@ def init_state(config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation
   reference (the starting policy) is then the loaded checkpoint too."""
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
   rules = sharding_lib.rules_from_config(config.get("partition_rules"))
+  lcfg = lora_config(config)
+  if lcfg.enabled:
+    tx = lora_lib.trainable_only(tx, lcfg)
   create_fn, abstract, shardings = state_lib.init_sharded(
-      state_lib.fresh_init_fn(model, tx, config.seed), mesh, rules)
+      state_lib.fresh_init_fn(model, tx, config.seed, lcfg), mesh, rules)
   if config.get("init_from_hf"):
     dtype = transformer.TransformerConfig.from_dict(config.model.to_dict()).param_dtype
     create_fn = _from_hf(create_fn, config.init_from_hf, dtype, mesh, rules)
+  if lcfg.enabled:
+    model = lora_lib.LoraModel(model, lcfg)
   return Init(model, tx, create_fn, abstract, shardings)
+
+
+def lora_config(config) -> lora_lib.LoraConfig:
+  """`config.lora` (absent: no adapters), checked."""
+  return lora_lib.LoraConfig.from_dict(config.get("lora") and config.lora.to_dict())
+
+
+def policy_model(config):
+  """The model a run's saved params belong to: the transformer of `config.model`, behind
+  `lora.LoraModel` when the run trained adapters."""
+  plain = lambda d: d.to_dict() if hasattr(d, "to_dict") else dict(d)
+  model = transformer.Transformer(transformer.TransformerConfig.from_dict(plain(config["model"])))
+  lcfg = lora_lib.LoraConfig.from_dict(plain(config.get("lora") or {}))
+  return lora_lib.LoraModel(model, lcfg) if lcfg.enabled else model
 
 
 def _from_hf(create_fn, folder: str, dtype: str, mesh, rules):
@@ -205,9 +226,13 @@ def _from_hf(create_fn, folder: str, dtype: str, mesh, rules):
     _, loaded = hf_lib.load_pretrained(folder, dtype=dtype, mesh=mesh, rules=rules)
     loaded = {sharding_lib.path_str(p): x
               for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    split = lora_lib.is_split(fresh.params)  # with adapters the folder is the base
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jax.device_put(loaded[sharding_lib.path_str(p)], x.sharding).astype(x.dtype)
-        if sharding_lib.path_str(p) in loaded else x, fresh.params)
+        if sharding_lib.path_str(p) in loaded else x,
+        fresh.params["base"] if split else fresh.params)
+    if split:
+      params = lora_lib.split(params, fresh.params["lora"])
     return fresh.replace(params=params)
 
   return create
@@ -347,7 +372,9 @@ class Run:
     # local staging folder, uploaded whole.
     with tempfile.TemporaryDirectory() as staging:
       local = staging if storage.is_remote(folder) else folder
-      hf_lib.save_pretrained(model, state.params, local, hf_config=hf_config)
+      # With adapters: merged into the base's kernels, one plain model.
+      params = lora_lib.weights(state.params, lora_config(self.config))
+      hf_lib.save_pretrained(model, params, local, hf_config=hf_config)
       if jax.process_index() == 0:
         if self.tokenizer is not None:
           self.tokenizer.save(local)

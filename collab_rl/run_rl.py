@@ -36,6 +36,7 @@ from collab_rl import run_text
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
+from collab_rl.models import lora as lora_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry, scoring
 from collab_rl.tasks import text as text_lib
@@ -108,12 +109,19 @@ class Setup(NamedTuple):
   model: transformer.Transformer
   tx: optax.GradientTransformation
   state: state_lib.TrainState
-  ref_params: Any  # the frozen reference policy: the run's starting point
+  # The frozen reference policy: the run's starting point (None with adapters: `reference`).
+  ref_params: Any
   shardings: state_lib.TrainState
   run: run_lib.Run  # resume order, checkpointer, writer, and the loop's steps (`steps`)
   evaluate: Callable[[Any], dict[str, float]]  # params -> greedy held-out metrics
   config: ml_collections.ConfigDict
   world: run_text.World | None = None  # the language tier's records, user and scorer
+
+  def reference(self, params) -> Any:
+    """The reference policy's params beside the policy's `params`: with adapters the same base
+    arrays without them (models/lora.py; the train state is donated every update, so it is
+    taken from the current params, never kept), else the run's starting params."""
+    return lora_lib.reference(params) if self.ref_params is None else self.ref_params
 
   @property
   def checkpointer(self) -> ckpt_lib.Checkpointer:
@@ -163,8 +171,12 @@ def build(config, workdir: str, task, mesh, rcfg) -> Setup:
   run = run_lib.Run(config, workdir, init.abstract, init.create_fn, tokenizer=task.tokenizer)
   # The reference is the run's starting policy, rebuilt the same way on every resume (frozen
   # params are never saved with the train state).
-  ref_params = (ckpt_lib.restore_params(config.init_from, init.abstract.params)
-                if config.init_from else init.create_fn().params)
+  # With adapters the reference is the base inside the state (`Setup.reference`): no copy.
+  if run_lib.lora_config(config).enabled:
+    ref_params = None
+  else:
+    ref_params = (ckpt_lib.restore_params(config.init_from, init.abstract.params)
+                  if config.init_from else init.create_fn().params)
   greedy = rollout_policy(config, init.model, task, rcfg, temperature=0.0)
   eval_key = jax.random.key(config.seed + 10_000)  # the same held-out episodes every time
   if not task.device_scored:

@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from collab_rl import sharding as sharding_lib
+from collab_rl.models import lora as lora_lib
 from collab_rl.models import transformer
 
 
@@ -35,13 +36,19 @@ def create(params, tx: optax.GradientTransformation, key: jax.Array) -> TrainSta
                     rng=jax.random.key_data(key))
 
 
-def fresh_init_fn(model, tx: optax.GradientTransformation, seed: int) -> Callable[[], TrainState]:
+def fresh_init_fn(model, tx: optax.GradientTransformation, seed: int,
+                  lora_cfg: lora_lib.LoraConfig | None = None) -> Callable[[], TrainState]:
   """The state a run starts from without a checkpoint: params from fold_in(key(seed), 0), the
-  run's RNG from fold_in(key(seed), 1). Every trainer derives it this way, on every process."""
+  run's RNG from fold_in(key(seed), 1). Every trainer derives it this way, on every process.
+  With adapters (`lora_cfg.rank` > 0) the params are `{"base", "lora"}` (models/lora.py), the
+  adapters drawn from fold_in(key(seed), 4)."""
   def init_fn():
     key = jax.random.key(seed)
-    return create(transformer.init_params(model, jax.random.fold_in(key, 0)), tx,
-                  jax.random.fold_in(key, 1))
+    params = transformer.init_params(model, jax.random.fold_in(key, 0))
+    if lora_cfg is not None and lora_cfg.enabled:
+      params = lora_lib.split(params, lora_lib.init_adapters(params, lora_cfg,
+                                                             jax.random.fold_in(key, 4)))
+    return create(params, tx, jax.random.fold_in(key, 1))
 
   return init_fn
 

@@ -36,11 +36,11 @@ from experiments import (data_engine, dpo_ambig_math, mediator, ppo_ambig_math, 
                          variants)
 
 ARMS = ("sft_base", "ppo_helpfulness", "ppo_ext", "ppo_ext_int", "ppo_mr_w1", "ppo_mr_w2",
-        "ppo_mr_w3", "dpo_online", "mediator", "data_engine", "dpo_offline")
+        "ppo_mr_w3", "ppo_mr_w2_lora", "dpo_online", "mediator", "data_engine", "dpo_offline")
 TASKS = ("ambig_math", "doc_edit", "code_spec")
 _PPO_REWARD = {"ppo_helpfulness": ("helpfulness", 0), "ppo_ext": ("next_turn_ext", 0),
                "ppo_ext_int": ("next_turn_ext_int", 0), "ppo_mr_w1": ("mr", 1),
-               "ppo_mr_w2": ("mr", 2), "ppo_mr_w3": ("mr", 3)}
+               "ppo_mr_w2": ("mr", 2), "ppo_mr_w3": ("mr", 3), "ppo_mr_w2_lora": ("mr", 2)}
 # Words of each task's vocabulary (tasks/registry.py); the model's vocabulary is exactly this.
 VOCAB = {"ambig_math": 37, "doc_edit": 43, "code_spec": 49}
 W_INT = 0.1  # weight of interactivity in R* for every arm with a reward (see get_config)
@@ -104,6 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # reward. With gamma > 0 a turn's advantage would sum the later turns' rewards and turn any
     # next-turn reward into a conversation-level return (measured: ppo_ext then asks, 1.0).
     c.ppo.gamma = 0.0
+    if arm.endswith("_lora"):
+      # The base frozen, rank-8 adapters on every projection and the critic trained (issue 20:
+      # CollabLLM trains LoRA r = 32 on an 8B model); adapters take a larger step.
+      c.lora.update(rank=8, alpha=16.0)
+      c.optimizer.learning_rate = 1e-3
     c.num_steps = 60 if small else 300
     c.eval_every = c.checkpoint.every_steps = 20 if small else 50
   elif arm == "mediator":

@@ -19,6 +19,7 @@ passive; MR learns to ask when the request is ambiguous and to answer when it is
 
 import ml_collections
 
+from collab_rl.models import lora
 from experiments import variants
 
 REWARDS = {"ppo_mr": "mr", "ppo_ext": "next_turn_ext", "ppo_ext_int": "next_turn_ext_int",
@@ -104,6 +105,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3 if sft else 1e-5, warmup_steps=20 if sft else 5, b1=0.9, b2=0.999,
       weight_decay=0.0, grad_clip=1.0, final_lr_fraction=0.1))
+  # LoRA (collab_rl/models/lora.py): rank 0 trains every weight; CollabLLM trains r = 32 adapters
+  # (`--config.lora.rank=32`), the base frozen and held once (it is the KL reference too).
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,
+                                          targets=list(lora.DEFAULT_TARGETS),
+                                          trainable=[r"^value_head/"]))
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, model)
   c.partition_rules = ml_collections.FieldReference(None, field_type=list)
   c.batch_size = 32 if sft else 16  # sequences per SFT step / conversations per iteration

@@ -13,6 +13,7 @@ ambiguous requests; next-turn rewards keep it passive.
 
 import ml_collections
 
+from collab_rl.models import lora
 from experiments import variants
 
 
@@ -69,6 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_steps=10, b1=0.9,
                                                b2=0.999, weight_decay=0.0, grad_clip=1.0))
+  # LoRA (collab_rl/models/lora.py): rank 0 trains every weight; rank > 0 trains adapters on
+  # the `targets` kernels only, the base frozen and held once (it is the KL reference too).
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,
+                                          targets=list(lora.DEFAULT_TARGETS),
+                                          trainable=[r"^value_head/"]))
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, model)
   c.partition_rules = ml_collections.FieldReference(None, field_type=list)
   c.batch_size = 64  # conversations per iteration

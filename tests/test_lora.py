@@ -115,3 +115,46 @@ def test_targets_that_match_nothing_are_refused():
   _, base, _, _ = _setup()
   with pytest.raises(ValueError, match=r"lora.targets=\['attn/qkv'\] match no 2-D kernel"):
     lora.target_paths(base, lora.LoraConfig(rank=2, targets=("attn/qkv",)))
+
+
+def test_ppo_with_adapters_trains_only_them_from_a_plain_base(tmp_path):
+  """PPO (MR) with `lora.rank` > 0 from a checkpoint without adapters (an SFT base's, say): the
+  base is that checkpoint's params and only its critic moves (`lora.trainable`), the adapters
+  train, the reference is the base itself (no copy), and the checkpoint holds both."""
+  from collab_rl import checkpoint as ckpt_lib
+  from collab_rl import run as run_lib
+  from collab_rl import run_rl
+  from collab_rl.trainers import ppo
+  from experiments import ppo_ambig_math
+  from test_rl_trainers import _tiny
+
+  c = _tiny(ppo_ambig_math.get_config("runlocal"))
+  c.ppo.minibatches = 1
+  mesh = sharding_lib.make_mesh(c.mesh_shape)
+  plain = run_lib.init_state(c, mesh, run_lib.make_optimizer(c.optimizer)).create_fn()
+  with ckpt_lib.Checkpointer(str(tmp_path / "plain")) as ckpt:  # the "SFT base"
+    ckpt.save(1, plain)
+  base0 = jax.device_get(plain.params)
+  c.init_from = str(tmp_path / "plain")
+  c.lora.update(rank=4, alpha=8.0)
+  c.num_steps = 1
+  task, _, mesh, rcfg = ppo.check_config(c)
+  setup = run_rl.build(c, str(tmp_path / "probe"), task, mesh, rcfg)
+  ref = setup.reference(setup.state.params)
+  assert ref["base"] is setup.state.params["base"] and ref["lora"] is None
+  setup.close()
+  out = ppo.train(c, str(tmp_path / "lora"))
+  params = jax.device_get(out["state"].params)
+  assert lora.is_split(params)
+  moved = set()
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params["base"]),
+                          jax.tree_util.tree_leaves(base0)):
+    if not np.array_equal(a, b):
+      moved.add(sharding_lib.path_str(path))
+  # The checkpoint's params, untouched by training but for the critic (lora.trainable).
+  assert moved == {"value_head/kernel", "value_head/bias"}
+  assert all(float(np.abs(x["lora_b"]).max()) > 0 for x in _pairs(params["lora"]))
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  stored = ckpt_lib.restore_params(str(tmp_path / "lora" / "checkpoints"), abstract)
+  for a, b in zip(jax.tree_util.tree_leaves(stored), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(a, b)

@@ -115,19 +115,22 @@ def test_accumulated_ppo_update_equals_one_minibatch():
   _assert_trees_close(g2, g1, rtol=1e-4, atol=1e-7)
 
 
-def test_lm_trainer_accumulates(tmp_path):
-  """The LM trainer's jitted step with config.microbatches = 2: its logged loss equals one
-  batch's (the data and init are the seed's, so both runs see the same batch)."""
-  losses_by_n = {}
+def test_lm_trainer_step_accumulates():
+  """The LM trainer's own jitted step (`lm.build`) with config.microbatches = 2 on a batch of
+  unequal lengths: the loss and updated params of one batch."""
+  outs = {}
   for n in (1, 2):
     c = lm_synthetic.get_config("runlocal")
     c.model.update(vocab_size=64, hidden_size=32, intermediate_size=64)
-    c.update(batch_size=8, seq_len=16, num_steps=1, log_every=1, eval_every=1, microbatches=n)
-    c.corpus.update(min_len=6, num_records=64)
-    c.checkpoint.every_steps = 1
-    out = lm.train(c, str(tmp_path / f"n{n}"))
-    losses_by_n[n] = out["final"]["loss"]
-  np.testing.assert_allclose(losses_by_n[2], losses_by_n[1], rtol=1e-5)
+    c.update(batch_size=8, seq_len=16, microbatches=n)
+    b = lm.build(c, sharding_lib.make_mesh(c.mesh_shape))
+    batch = {"tokens": jax.random.randint(jax.random.key(3), (8, 16), 1, 64),
+             "length": jnp.arange(8, dtype=jnp.int32) + 6}
+    outs[n] = b.step_fn(b.create_fn(), batch)
+  (s1, m1), (s2, m2) = outs[1], outs[2]
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+  assert int(m2["target_tokens"]) == int(m1["target_tokens"]) == int(np.sum(np.arange(8) + 5))
+  _assert_trees_close(s2.params, s1.params, rtol=0, atol=1e-5)
 
 
 def test_microbatches_that_do_not_divide_the_update_are_refused(tmp_path):

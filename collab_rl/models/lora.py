@@ -19,6 +19,12 @@ apart; and its adapters live inside the model's own params, next to the base wei
 donated train state would carry the base. A merge of two trees keeps the model untouched and the
 targets regexes over the same paths as the sharding rules.
 
+A run with adapters (`config.lora.rank` > 0) holds its params as one tree `{"base": ...,
+"lora": ...}` (`split`), its model is `LoraModel` (the transformer behind a merge, with the base
+behind `stop_gradient`), and its optimizer moves only the adapters (`trainable_only`). Every
+`model.apply({"params": params}, ...)` of the trainers then works unchanged; the reference
+policy is `reference(params)`: the same base arrays with no adapters.
+
 Dropout on the adapter's input (`LoraConfig.dropout`) needs the unmerged form x A B inside the
 model; it is refused for now rather than ignored.
 """
@@ -31,6 +37,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from collab_rl import sharding
@@ -45,6 +52,9 @@ class LoraConfig:
   alpha: float = 16.0  # the update is scaled by alpha / r
   dropout: float = 0.0
   targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes (re.search) over "layers_0/.../kernel"
+  # Base params trained in full beside the adapters (regexes over their paths): PPO's critic,
+  # a head the base checkpoint never trained (PEFT's `modules_to_save`).
+  trainable: tuple[str, ...] = (r"^value_head/",)
 
   def __post_init__(self):
     if self.rank < 0:
@@ -52,11 +62,12 @@ class LoraConfig:
     if self.dropout:
       raise ValueError(f"lora.dropout={self.dropout}: dropout on the adapters' input is not "
                        "implemented (models/lora.py merges A @ B into the kernel); use 0")
-    for t in self.targets:
-      try:
-        re.compile(t)
-      except re.error as e:
-        raise ValueError(f"lora.targets: bad regex {t!r}: {e}") from None
+    for field in ("targets", "trainable"):
+      for t in getattr(self, field):
+        try:
+          re.compile(t)
+        except re.error as e:
+          raise ValueError(f"lora.{field}: bad regex {t!r}: {e}") from None
 
   @property
   def enabled(self) -> bool:
@@ -69,8 +80,9 @@ class LoraConfig:
   @classmethod
   def from_dict(cls, d: dict | None) -> "LoraConfig":
     d = dict(d or {})
-    if "targets" in d:
-      d["targets"] = tuple(d["targets"])
+    for field in ("targets", "trainable"):
+      if field in d:
+        d[field] = tuple(d[field])
     return cls(**d)
 
 
@@ -142,3 +154,70 @@ def adapter_shardings(adapters, base_shardings) -> Any:
 
 def count(adapters) -> int:
   return sum(x.size for x in jax.tree_util.tree_leaves(adapters))
+
+
+# ------------------------------------------------------------------------------------------------
+# A run with adapters: params {"base", "lora"}, the model behind a merge, the optimizer on "lora".
+# ------------------------------------------------------------------------------------------------
+
+
+def is_split(params) -> bool:
+  return isinstance(params, dict) and set(params) == {"base", "lora"}
+
+
+def split(base, adapters) -> dict:
+  return {"base": base, "lora": adapters}
+
+
+def reference(params) -> dict:
+  """The frozen reference policy of a run with adapters: its base, no adapters (no copy)."""
+  return {"base": params["base"], "lora": None}
+
+
+def weights(params, cfg: "LoraConfig"):
+  """The plain model's params of a split tree (base merged with its adapters; the base alone
+  for `reference`'s tree); a plain tree unchanged."""
+  if not is_split(params):
+    return params
+  if params["lora"] is None:
+    return params["base"]
+  base = jax.tree_util.tree_map_with_path(
+      lambda p, x: x if trained_in_full(sharding.path_str(p), cfg) else jax.lax.stop_gradient(x),
+      params["base"])
+  return merge(base, params["lora"], cfg)
+
+
+def trained_in_full(path: str, cfg: LoraConfig) -> bool:
+  return any(re.search(t, path) for t in cfg.trainable)
+
+
+def plain_params(model, params):
+  """`params` as the plain transformer's: merged when `model` is a `LoraModel`."""
+  return weights(params, model.lora) if isinstance(model, LoraModel) else params
+
+
+class LoraModel:
+  """The transformer with params `{"base", "lora"}`: `apply` merges them (the base never gets a
+  gradient) and runs the model; `cfg` and every other attribute are the transformer's."""
+
+  def __init__(self, model, cfg: LoraConfig):
+    self.model, self.lora = model, cfg
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+  def apply(self, variables, *args, **kwargs):
+    return self.model.apply({**variables, "params": weights(variables["params"], self.lora)},
+                            *args, **kwargs)
+
+
+def trainable_only(tx: optax.GradientTransformation,
+                   cfg: LoraConfig) -> optax.GradientTransformation:
+  """`tx` on the adapters of a split tree and the base params `cfg.trainable` names; the rest of
+  the base gets no update and no optimizer state."""
+  def labels(params):
+    base = jax.tree_util.tree_map_with_path(
+        lambda p, _: "train" if trained_in_full(sharding.path_str(p), cfg) else "frozen",
+        params["base"])
+    return {"base": base, "lora": jax.tree_util.tree_map(lambda _: "train", params["lora"])}
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -228,7 +228,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   history = run.baseline(start)
   for it in run.steps(start, stop_after, f"dpo[{config.dpo.source}]"):
     t0 = time.perf_counter()
-    batch, stats = jax.block_until_ready(collect(state.params, run.ref_params,
+    batch, stats = jax.block_until_ready(collect(state.params, run.reference(state.params),
                                                  jax.random.fold_in(state.key, it)))
     t_collect = time.perf_counter() - t0
     state, m = step(state, batch)

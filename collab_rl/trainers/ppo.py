@@ -27,6 +27,7 @@ from collab_rl import rollout as rollout_lib
 from collab_rl import run as run_lib
 from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
+from collab_rl.models import lora as lora_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import scoring
 from collab_rl.tasks import text as text_lib
@@ -236,9 +237,9 @@ def token_stats(model, config, params, tokens_BxL, valid_BxL, heads=("value",)):
     return (out, losses.token_logprobs(out.logits_BxLxV, tokens_BxL),
             losses.token_entropy(out.logits_BxLxV))
   out = model.apply({"params": params}, tokens_BxL, valid_BxL=valid_BxL, heads=heads)
-  logp_BxL, ent_BxL = losses.head_token_stats(
-      out.hidden_BxLxD, transformer.lm_head_kernel(model.cfg, params), tokens_BxL, chunk,
-      jnp.dtype(model.cfg.dtype))
+  head_DxV = transformer.lm_head_kernel(model.cfg, lora_lib.plain_params(model, params))
+  logp_BxL, ent_BxL = losses.head_token_stats(out.hidden_BxLxD, head_DxV, tokens_BxL, chunk,
+                                              jnp.dtype(model.cfg.dtype))
   return out, logp_BxL, ent_BxL
 
 
@@ -295,11 +296,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     t0 = time.perf_counter()
     key = jax.random.fold_in(state.key, it)
     if world is None:
-      batch, stats = jax.block_until_ready(prep(state.params, run.ref_params, key))
+      batch, stats = jax.block_until_ready(prep(state.params, run.reference(state.params), key))
       stats = run_rl.host_means(stats)
     else:
       batch, stats = text_iteration(config, world, collect_fn, finish_fn, state.params,
-                                    run.ref_params, key)
+                                    run.reference(state.params), key)
     t_collect = time.perf_counter() - t0
     ms = []
     for epoch in range(config.ppo.epochs):

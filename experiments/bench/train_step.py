@@ -41,9 +41,10 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
                                                    k))
   step = run_rl.jit_update(run, mesh, lambda p, mb: ppo.ppo_loss(run.model, config, p, mb))
   key = jax.random.key(0)
-  t_collect = common.median_seconds(lambda: prep(run.state.params, run.ref_params, key), repeats,
+  ref = run.reference(run.state.params)
+  t_collect = common.median_seconds(lambda: prep(run.state.params, ref, key), repeats,
                                     jax.block_until_ready)
-  batch, _ = prep(run.state.params, run.ref_params, key)
+  batch, _ = prep(run.state.params, ref, key)
   n_mb = config.batch_size // config.ppo.minibatches
   minibatches = [jax.tree_util.tree_map(lambda x: x[i * n_mb:(i + 1) * n_mb], batch)
                  for i in range(config.ppo.minibatches)]
@@ -84,9 +85,10 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
                                                       run.model, k))
   step = run_rl.jit_update(run, mesh, lambda p, b: dpo.dpo_loss(run.model, config, p, b))
   key = jax.random.key(0)
-  t_collect = common.median_seconds(lambda: collect(run.state.params, run.ref_params, key),
+  ref = run.reference(run.state.params)
+  t_collect = common.median_seconds(lambda: collect(run.state.params, ref, key),
                                     repeats, jax.block_until_ready)
-  batch, _ = collect(run.state.params, run.ref_params, key)
+  batch, _ = collect(run.state.params, ref, key)
   holder = [run.state]
 
   def update():
