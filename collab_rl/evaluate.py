@@ -60,6 +60,7 @@ from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
 from collab_rl import storage
+from collab_rl.models import lora as lora_lib
 from collab_rl.models import transformer
 from collab_rl.tasks import registry, scoring
 
@@ -124,10 +125,16 @@ def play(task, policy, params, intent, *, turns: int, reply_tokens: int, batch: 
 
 
 def _restore_model(checkpoints: str, config: dict):
-  """(model, params) of the run checkpointed in `checkpoints`, built from its saved config."""
+  """(model, params) of the run checkpointed in `checkpoints`, built from its saved config; a
+  run that trained LoRA adapters gives its base with the adapters merged in (models/lora.py)."""
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(config["model"]))
   abstract = jax.eval_shape(lambda: transformer.init_params(model, jax.random.key(0)))
-  return model, ckpt_lib.restore_params(checkpoints, abstract)
+  lcfg = lora_lib.LoraConfig.from_dict(config.get("lora"))
+  if not lcfg.enabled:
+    return model, ckpt_lib.restore_params(checkpoints, abstract)
+  adapters = jax.eval_shape(lambda: lora_lib.init_adapters(abstract, lcfg, jax.random.key(0)))
+  params = ckpt_lib.restore_params(checkpoints, lora_lib.split(abstract, adapters))
+  return model, jax.jit(lambda p: lora_lib.weights(p, lcfg))(params)
 
 
 def load_policy(run_dir: str, turns: int, sim: dict | None = None):

@@ -158,3 +158,9 @@ def test_ppo_with_adapters_trains_only_them_from_a_plain_base(tmp_path):
   stored = ckpt_lib.restore_params(str(tmp_path / "lora" / "checkpoints"), abstract)
   for a, b in zip(jax.tree_util.tree_leaves(stored), jax.tree_util.tree_leaves(params)):
     np.testing.assert_array_equal(a, b)
+  # Evaluation reads the run as one plain model: its base with the adapters merged in.
+  from collab_rl import evaluate
+  _, _, merged, _, _ = evaluate.load_policy(str(tmp_path / "lora"), turns=2)
+  want = lora.merge(params["base"], params["lora"], lora.LoraConfig(rank=4, alpha=8.0))
+  for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
