@@ -22,6 +22,21 @@ from experiments.bench import common
 _OUT = flags.DEFINE_string("out", "bench_out/train_step.json", "Where the JSON goes.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
 _BATCH = flags.DEFINE_integer("batch", 64, "Conversations per iteration.")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "config.lora.rank of both configs (0: full "
+                                  "fine-tuning; > 0: adapters, the base frozen).")
+
+
+def state_stats(state) -> dict:
+  """What the train state holds: its bytes (params + optimizer state), and how many params
+  the optimizer moves (those with optimizer moments: all of them, or the adapters + critic)."""
+  import jax
+  import optax
+  leaves = lambda t: jax.tree_util.tree_leaves(t)
+  nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in leaves(t))
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  adam = [s for s in jax.tree_util.tree_leaves(state.opt_state, is_leaf=is_adam) if is_adam(s)]
+  return {"params_bytes": nbytes(state.params), "opt_state_bytes": nbytes(state.opt_state),
+          "trained_params": sum(x.size for s in adam for x in leaves(s.mu))}
 
 
 def bench_ppo(workdir: str, repeats: int) -> dict:
@@ -34,6 +49,7 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
 
   config = ppo_ambig_math.get_config("reward=mr,window=2")
   config.batch_size = _BATCH.value
+  config.lora.rank = _LORA_RANK.value
   task, mcfg, mesh, rcfg = ppo.check_config(config)
   run = run_rl.build(config, workdir, task, mesh, rcfg)
   policy = run_rl.rollout_policy(config, run.model, task, rcfg)
@@ -49,6 +65,7 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
   minibatches = [jax.tree_util.tree_map(lambda x: x[i * n_mb:(i + 1) * n_mb], batch)
                  for i in range(config.ppo.minibatches)]
   holder = [run.state]
+  held = state_stats(run.state)
 
   def update():
     for _ in range(config.ppo.epochs):
@@ -61,6 +78,7 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
   assistant = config.ppo.epochs * int(np.asarray(batch["mask_BxL"]).sum())
   run.close()
   return {"config": "ppo_ambig_math.py:reward=mr,window=2", "batch": config.batch_size,
+          "lora_rank": config.lora.rank, **held,
           "columns": int(batch["tokens_BxL"].shape[1]), "epochs": config.ppo.epochs,
           "minibatches": config.ppo.minibatches, "collect_s": t_collect, "update_s": t_update,
           "update_tokens_per_s": positions / t_update,
@@ -78,6 +96,7 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
 
   config = dpo_ambig_math.get_config(None)
   config.batch_size = _BATCH.value
+  config.lora.rank = _LORA_RANK.value
   task, mcfg, mesh, rcfg = dpo.check_config(config)
   run = run_rl.build(config, workdir, task, mesh, rcfg)
   policy = run_rl.rollout_policy(config, run.model, task, rcfg)
@@ -90,6 +109,7 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
                                     repeats, jax.block_until_ready)
   batch, _ = collect(run.state.params, ref, key)
   holder = [run.state]
+  held = state_stats(run.state)
 
   def update():
     holder[0], m = step(holder[0], batch)
@@ -100,6 +120,7 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
   scored = int(np.asarray(batch["c_mask"]).sum() + np.asarray(batch["r_mask"]).sum())
   run.close()
   return {"config": "dpo_ambig_math.py (online)", "batch": config.batch_size,
+          "lora_rank": config.lora.rank, **held,
           "candidates": config.candidates, "columns": int(batch["c_tokens"].shape[1]),
           "collect_s": t_collect, "update_s": t_update,
           "update_tokens_per_s": positions / t_update,
@@ -121,9 +142,10 @@ def main(argv):
               "dpo": bench_dpo(f"{d}/dpo", _REPEATS.value)}
   for name in ("ppo", "dpo"):
     r = result[name]
-    print(f"{name}: collect {r['collect_s']:.2f} s, update {r['update_s']:.2f} s "
-          f"({r['update_tokens_per_s']:,.0f} tokens/s), collection share "
-          f"{r['collect_share']:.0%}")
+    print(f"{name} (lora rank {r['lora_rank']}): collect {r['collect_s']:.2f} s, update "
+          f"{r['update_s']:.2f} s ({r['update_tokens_per_s']:,.0f} tokens/s), collection share "
+          f"{r['collect_share']:.0%}; state {r['params_bytes'] / 2**20:.1f} MiB params + "
+          f"{r['opt_state_bytes'] / 2**20:.1f} MiB optimizer, {r['trained_params']:,} trained")
   common.write_json(_OUT.value, result)
 
 
