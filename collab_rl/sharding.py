@@ -29,6 +29,12 @@ LLAMA_RULES: tuple[tuple[str, tuple], ...] = (
     (r"mlp/(gate_proj|up_proj)/kernel", ("fsdp", "model")),
     (r"mlp/down_proj/kernel", ("model", "fsdp")),
     (r"lm_head/kernel", ("fsdp", "model")),
+    # LoRA adapters (models/lora.py) split like the kernel they adapt: A [in, r] by its rows,
+    # B [r, out] by its columns, the rank whole.
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_a", ("fsdp", None)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_b", (None, "model")),
+    (r"(o_proj|down_proj)/lora_a", ("model", None)),
+    (r"(o_proj|down_proj)/lora_b", (None, "fsdp")),
     (r".*", ()),  # norms, heads' biases, scalars: replicated
 )
 

@@ -86,19 +86,19 @@ def _pairs(tree):
   return out
 
 
-def test_adapter_shardings_follow_their_kernels():
+def test_the_sharding_rules_split_adapters_like_their_kernels():
   _, base, _, adapters = _setup()
   mesh = sharding_lib.make_mesh((1, 4, 2))
-  rules = sharding_lib.rules_from_config(None)
-  shardings = sharding_lib.param_shardings(base, mesh, rules)
-  ad_sh = lora.adapter_shardings(adapters, shardings)
-  q = shardings["layers_0"]["self_attn"]["q_proj"]["kernel"].spec
-  aq = ad_sh["layers_0"]["self_attn"]["q_proj"]
-  assert tuple(aq["lora_a"].spec) == (q[0], None)
-  assert tuple(aq["lora_b"].spec) == (None, q[1])
-  placed = jax.device_put(adapters, ad_sh)  # every adapter splits over the mesh as planned
-  assert placed["layers_1"]["mlp"]["down_proj"]["lora_a"].sharding == ad_sh["layers_1"]["mlp"][
-      "down_proj"]["lora_a"]
+  sh = sharding_lib.param_shardings(lora.split(base, adapters), mesh)
+  for proj, part in (("self_attn", "q_proj"), ("self_attn", "o_proj"), ("mlp", "down_proj")):
+    k = tuple(sh["base"]["layers_0"][proj][part]["kernel"].spec)
+    a = sh["lora"]["layers_0"][proj][part]
+    assert tuple(a["lora_a"].spec) == (k[0], None), part
+    assert tuple(a["lora_b"].spec) == (None, k[1]), part
+    assert k[0] is not None and k[1] is not None  # the kernels are split on this mesh
+  placed = jax.device_put(adapters, sh["lora"])  # every adapter splits over the mesh as planned
+  assert placed["layers_1"]["mlp"]["up_proj"]["lora_b"].sharding == sh["lora"]["layers_1"]["mlp"][
+      "up_proj"]["lora_b"]
 
 
 @pytest.mark.parametrize("fields, message", [

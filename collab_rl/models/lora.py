@@ -10,7 +10,8 @@ W + (alpha / r) * A @ B (computed in fp32, cast to W's dtype), every other leaf 
 array. So the base is held once and never trained: the train state holds only the adapters and
 their optimizer state, the frozen reference policy is the base itself (no adapters: no second
 copy), and an LM user or judge loaded from the same checkpoint can be handed the same arrays.
-`lora_b` starts at zero, so a fresh adapter leaves the base's outputs unchanged.
+`lora_b` starts at zero, so a fresh adapter leaves the base's outputs unchanged. The sharding
+rules (`sharding.LLAMA_RULES`) split A like its kernel's rows and B like its columns.
 
 Why not qwix's LoRA (which Tunix uses): it intercepts each `dot_general`/`einsum` by module path
 and adds its adapters there, but this model computes q/k/v and gate/up as one einsum over the
@@ -38,8 +39,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 from collab_rl import sharding
 
 # Every projection matrix of the decoder layers (not the embedding, the LM or value heads).
@@ -138,18 +137,6 @@ def merge(base, adapters, cfg: LoraConfig):
         out[k] = visit(v, sub) if sub is not None else v
     return out
   return visit(dict(base), adapters)
-
-
-def adapter_shardings(adapters, base_shardings) -> Any:
-  """NamedShardings for the adapters from their kernels' (base_shardings: the params' tree of
-  NamedShardings): A [in, r] split like the kernel's rows, B [r, out] like its columns, r whole."""
-  def leaf(path, _):
-    keys = sharding.path_str(path).split("/")
-    kernel = _get(base_shardings, keys[:-1] + ["kernel"])
-    spec = tuple(kernel.spec) + (None,) * (2 - len(kernel.spec))
-    new = P(spec[0], None) if keys[-1] == "lora_a" else P(None, spec[1])
-    return NamedSharding(kernel.mesh, new)
-  return jax.tree_util.tree_map_with_path(leaf, adapters)
 
 
 def count(adapters) -> int:
