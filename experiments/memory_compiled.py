@@ -34,7 +34,7 @@ from collab_rl import run as run_lib
 from collab_rl import run_rl
 from collab_rl import sharding
 from collab_rl import train_state as state_lib
-from collab_rl.models import hf, transformer
+from collab_rl.models import hf, lora, transformer
 from collab_rl.trainers import ppo
 from experiments import collabllm_8b
 from experiments import pods
@@ -50,6 +50,7 @@ class Compiled:
   aliased: int  # outputs that reuse a donated argument's buffer
   temporaries: int
   fits: bool = True  # False: XLA refused it (the temporaries are what it asked for)
+  lora_rank: int = 0  # > 0: the run trains LoRA adapters of this rank, the base frozen
 
   @property
   def peak(self) -> int:
@@ -91,7 +92,7 @@ _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _TOO_BIG = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\)")
 
 
-def _stats(name: str, jitted, *args) -> Compiled:
+def _stats(name: str, jitted, *args, lora_rank: int = 0) -> Compiled:
   """`jitted` compiled for `args` (ShapeDtypeStructs with shardings), and its memory per chip;
   a program that does not fit is reported with the temporaries XLA asked for, not raised."""
   arg_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
@@ -103,15 +104,18 @@ def _stats(name: str, jitted, *args) -> Compiled:
     if "RESOURCE_EXHAUSTED" not in str(e) or not found:
       raise
     temps = int(float(found.group(1)) * _UNITS[found.group(2)])
-    return Compiled(name, arg_bytes, 0, 0, temps, fits=False)
+    return Compiled(name, arg_bytes, 0, 0, temps, fits=False, lora_rank=lora_rank)
   return Compiled(name, m.argument_size_in_bytes, m.output_size_in_bytes,
-                  m.alias_size_in_bytes, m.temp_size_in_bytes)
+                  m.alias_size_in_bytes, m.temp_size_in_bytes, lora_rank=lora_rank)
 
 
-def compile_collabllm(accelerator: str, judge: bool, length: int) -> list[Compiled]:
+def compile_collabllm(accelerator: str, judge: bool, length: int,
+                      lora_rank: int = 0) -> list[Compiled]:
   """Compiles experiments/collabllm_8b.py's PPO programs for `accelerator`'s topology, on
-  conversations of `length` tokens (memory_plan.plan_collabllm's `max_len`)."""
+  conversations of `length` tokens (memory_plan.plan_collabllm's `max_len`); with `lora_rank`
+  the run's LoRA state (config.lora: the base frozen, adapters and the critic trained)."""
   config = collabllm_8b.get_config(f"slice={accelerator}" + (",judge" if judge else ""))
+  config.lora.rank = lora_rank
   s = pods.get_slice(accelerator)
   mesh = sharding.make_mesh(pods.check_mesh(config.mesh_shape, s), devices=topology_devices(s))
   rules = sharding.rules_from_config(config.partition_rules)
@@ -120,8 +124,12 @@ def compile_collabllm(accelerator: str, judge: bool, length: int) -> list[Compil
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(
       {**config.model.to_dict(), **arch}))
   tx = run_lib.make_optimizer(config.optimizer, config.num_steps)
-  abstract = jax.eval_shape(lambda: state_lib.create(
-      transformer.init_params(model, jax.random.key(0)), tx, jax.random.key(1)))
+  lcfg = run_lib.lora_config(config)
+  if lcfg.enabled:  # as run.init_state builds a run with adapters
+    tx = lora.trainable_only(tx, lcfg)
+  abstract = jax.eval_shape(lambda: state_lib.fresh_init_fn(model, tx, 0, lcfg)())
+  if lcfg.enabled:
+    model = lora.LoraModel(model, lcfg)
   state_sh = state_lib.state_shardings(abstract, mesh, rules)
   batch_sh = sharding.batch_sharding(mesh)
   turns = config.num_turns
@@ -146,19 +154,25 @@ def compile_collabllm(accelerator: str, judge: bool, length: int) -> list[Compil
                              lambda p, mb: ppo.ppo_loss(model, config, p, mb))
   with jax.set_mesh(mesh):  # as the trainers run: activations carry their row sharding
     out.append(_stats("update", update, state,
-                      batch(config.batch_size // config.ppo.minibatches)))
+                      batch(config.batch_size // config.ppo.minibatches), lora_rank=lora_rank))
 
   # The log-prob pass over a whole collected batch: policy and reference (the starting params,
-  # the train state's dtype and sharding).
+  # the train state's dtype and sharding; with adapters the base inside the params, no copy).
   rows = config.batch_size
   played = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh),
       jax.eval_shape(lambda: conv_lib.empty(rows, length)))
   per_turn = [jax.ShapeDtypeStruct((rows, turns), d, sharding=batch_sh)
               for d in (jnp.float32, jnp.bool_, jnp.float32, jnp.int32)]
-  finish = jax.jit(lambda p, r, c, *t: ppo.finish_batch(config, model, p, r, c, *t))
   with jax.set_mesh(mesh):
-    out.append(_stats("logprob_pass", finish, state.params, state.params, played, *per_turn))
+    if lcfg.enabled:
+      finish = jax.jit(lambda p, c, *t: ppo.finish_batch(config, model, p, lora.reference(p), c,
+                                                         *t))
+      out.append(_stats("logprob_pass", finish, state.params, played, *per_turn,
+                        lora_rank=lora_rank))
+    else:
+      finish = jax.jit(lambda p, r, c, *t: ppo.finish_batch(config, model, p, r, c, *t))
+      out.append(_stats("logprob_pass", finish, state.params, state.params, played, *per_turn))
   return out
 
 
@@ -175,7 +189,8 @@ def markdown(results: dict[str, list[Compiled]], plans: dict[str, dict]) -> str:
                "logprob_pass": p["persistent"] + p["logprob_pass"]}
     for c in programs:
       lines.append(
-          f"| {s.accelerator_type} | {c.program} | {c.arguments / GIB:.2f} | "
+          f"| {s.accelerator_type} | {c.program}{f' (LoRA r={c.lora_rank})' if c.lora_rank else ''}"
+          f" | {c.arguments / GIB:.2f} | "
           f"{c.outputs / GIB:.2f} | {c.aliased / GIB:.2f} | {c.temporaries / GIB:.2f} | "
           f"{c.peak / GIB:.2f}{'' if c.fits else ' (refused)'} | "
           f"{planned[c.program] / GIB:.2f} | {s.hbm_gib:g} | {s.hbm_gib - c.peak / GIB:.2f} |")

@@ -64,6 +64,8 @@ _COMPILE = flags.DEFINE_bool("compile", False, "With --collabllm: also compile t
                              "programs for each slice's TPU topology on this CPU and print their "
                              "memory_analysis() beside the plan (needs libtpu: pip install "
                              "'jax[tpu]'; experiments/memory_compiled.py).")
+_LORA_RANK = flags.DEFINE_list("lora_ranks", ["0"], "With --compile: the LoRA ranks to compile "
+                               "the PPO programs with (0: full fine-tuning), e.g. 0,32.")
 _OUT = flags.DEFINE_string("out", None, "Also write the Markdown here.")
 
 COLLABLLM_SLICES = ("v5litepod-64", "v4-64", "v5litepod-256")
@@ -345,8 +347,10 @@ def main(argv):
       print(text, flush=True)
       compiled = {}
       for a, p in plans.items():  # minutes a slice: each printed as soon as it is compiled
-        compiled[a] = memory_compiled.compile_collabllm(a, _JUDGE.value, p["max_len"])
-        print(memory_compiled.markdown({a: compiled[a]}, plans), flush=True)
+        compiled[a] = []
+        for rank in (int(r) for r in _LORA_RANK.value):
+          compiled[a] += memory_compiled.compile_collabllm(a, _JUDGE.value, p["max_len"], rank)
+          print(memory_compiled.markdown({a: compiled[a][-2:]}, plans), flush=True)
       text += "\n" + memory_compiled.markdown(compiled, plans)
       if _OUT.value:
         with open(_OUT.value, "w", encoding="utf-8") as f:
