@@ -19,6 +19,7 @@ from absl import flags as absl_flags
 from ml_collections import config_flags
 
 from collab_rl import config_names
+from collab_rl.models import lora
 from collab_rl.tasks import registry
 from experiments import pods
 from launch import gcloud
@@ -158,6 +159,11 @@ def check_job(job: gcloud.Job) -> None:
     if batch is not None and batch % s.hosts:
       raise LaunchError(f"config.batch_size={batch} of {job.config} does not split over the "
                         f"{s.hosts} hosts of {s.accelerator_type}")
+  if "lora" in config:
+    try:
+      lora.LoraConfig.from_dict(config.lora.to_dict())
+    except ValueError as e:
+      raise LaunchError(f"{job.config}: {e}") from None
   check_folders(config, job)
 
 

@@ -70,10 +70,14 @@ def _collabllm_8b(accelerator, flags=(), main_args=FOLDERS, variant=""):
           "--workdir=gs://bkt/cllm", *STAGE, "--dry-run", *flags, "--", *main_args]
 
 
+@pytest.mark.parametrize("lora_rank", [0, 32])
 @pytest.mark.parametrize("accelerator, chips, mesh, batch", [
-    ("v5litepod-64", 64, "(1, 64, 1)", 64), ("v4-64", 32, "(1, 32, 1)", 64)])
-def test_dry_run_of_llama_8b_collabllm(accelerator, chips, mesh, batch, capsys):
-  tpu.main(_collabllm_8b(accelerator))
+    ("v5litepod-64", 64, "(1, 64, 1)", 64), ("v4-64", 32, "(1, 32, 1)", 64),
+    ("v5litepod-256", 256, "(4, 64, 1)", 256)])
+def test_dry_run_of_llama_8b_collabllm(accelerator, chips, mesh, batch, lora_rank, capsys):
+  """Full fine-tuning, and LoRA r = 32 as CollabLLM trains it (`--config.lora.rank=32`)."""
+  folders = FOLDERS + ([f"--config.lora.rank={lora_rank}"] if lora_rank else [])
+  tpu.main(_collabllm_8b(accelerator, main_args=folders))
   commands = _commands(capsys.readouterr().out)
   verbs = [(c[3], c[4]) for c in commands]
   assert verbs == [("tpu-vm", "create"), ("tpu-vm", "scp"), ("tpu-vm", "ssh"), ("tpu-vm", "ssh"),
@@ -93,12 +97,13 @@ def test_dry_run_of_llama_8b_collabllm(accelerator, chips, mesh, batch, capsys):
   main_argv = shlex.split(command.split("&&", 1)[1].split("2>&1")[0])
   assert main_argv[1:] == ["-m", "collab_rl.main",
                            f"--config=experiments/collabllm_8b.py:slice={accelerator}",
-                           "--workdir=gs://bkt/cllm", "--distributed", *FOLDERS]
+                           "--workdir=gs://bkt/cllm", "--distributed", *folders]
   assert delete[-1] == "--quiet"
   # The config the workers load: the 8B mesh for this slice, one conversation a chip per update
   # step (two a chip per iteration on v4's 32 GiB, one on v5e's 16), bf16 compute over fp32
   # master weights.
-  config = checks.load_config(f"experiments/collabllm_8b.py:slice={accelerator}", FOLDERS)
+  config = checks.load_config(f"experiments/collabllm_8b.py:slice={accelerator}", folders)
+  assert config.lora.rank == lora_rank
   assert (str(tuple(config.mesh_shape)), config.batch_size) == (mesh, batch)
   assert mesh == str(pods.policy_8b_mesh(accelerator))
   assert config.batch_size // config.ppo.minibatches == chips == config.eval_batch_size
@@ -114,6 +119,8 @@ def test_dry_run_of_llama_8b_collabllm(accelerator, chips, mesh, batch, capsys):
     ([], FOLDERS[:2] + ["--config.data_dir=/home/me/data"], "",
      "config.data_dir='/home/me/data' is not on the workers"),
     ([], FOLDERS[1:], "", "config.init_from_hf is not set"),
+    ([], FOLDERS + ["--config.lora.rank=32", "--config.lora.dropout=0.05"], "",
+     "lora.dropout=0.05: dropout on the adapters' input is not implemented"),
     ([], FOLDERS, ",judge", "config.judge.folder is not set"),
     (["--stage=llama=gs://bkt/x"], FOLDERS, "", "--stage='llama=gs://bkt/x': give LOCAL=gs://"),
     (["--accelerator=v4-64"], FOLDERS, "", "config.mesh_shape=(1, 64, 1) of experiments/"
