@@ -355,13 +355,15 @@ def restore_or_init(checkpointer: Checkpointer, abstract_state: State,
     state, data_state = checkpointer.restore(abstract_state, step)
     how = f"resumed step {step}"
   elif init_from:
-    target, fresh = _params_of(abstract_state), init_fn()
+    target = _params_of(abstract_state)
     # A run with adapters (params {"base", "lora"}, models/lora.py) started from a run without
     # them: the stored params are its base, its adapters fresh. From a run with adapters (an
-    # ablation from a base plus adapters) both are read.
+    # ablation from a base plus adapters) both are read. The fresh state is built after the
+    # read, so that a checkpoint that does not fit fails before anything compiles.
     into_base = _is_split(target) and not _is_split(_stored_params(init_from))
     params, from_step = _restore_params_and_step(
         init_from, target["base"] if into_base else target, None)
+    fresh = init_fn()
     if into_base:
       params = {"base": params, "lora": _params_of(fresh)["lora"]}
     state, data_state = _with_params(fresh, params), None
