@@ -133,8 +133,9 @@ def test_inf_loss_stops_before_the_bad_step_is_saved(tmp_path, monkeypatch):
     return jax.pure_callback(lambda: np.float32(np.inf if next(count) == 3 else 1.0),
                              jax.ShapeDtypeStruct((), jnp.float32))
 
-  def poisoned(state, tx, loss_fn):  # the training step's loss only, not the evaluation's
-    return update(state, tx, lambda p: (lambda l, aux: (l * factor(), aux))(*loss_fn(p)))
+  def poisoned(state, tx, loss_fn, *args, **kw):  # the training step only, not the evaluation
+    return update(state, tx, lambda *a: (lambda l, aux: (l * factor(), aux))(*loss_fn(*a)), *args,
+                  **kw)
 
   monkeypatch.setattr(state_lib, "update", poisoned)
   with pytest.raises(state_lib.NonFiniteError, match=r"lm step 3: .*last good checkpoint is "
@@ -164,8 +165,9 @@ def test_a_refused_update_between_logs_is_read_one_step_late(tmp_path, monkeypat
     return jax.pure_callback(lambda: np.float32(np.inf if next(count) == 2 else 1.0),
                              jax.ShapeDtypeStruct((), jnp.float32))
 
-  def poisoned(state, tx, loss_fn):
-    return update(state, tx, lambda p: (lambda l, aux: (l * factor(), aux))(*loss_fn(p)))
+  def poisoned(state, tx, loss_fn, *args, **kw):
+    return update(state, tx, lambda *a: (lambda l, aux: (l * factor(), aux))(*loss_fn(*a)), *args,
+                  **kw)
 
   stop = state_lib.stop_if_nonfinite
 

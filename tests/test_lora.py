@@ -128,7 +128,9 @@ def test_ppo_with_adapters_trains_only_them_from_a_plain_base(tmp_path):
   from experiments import ppo_ambig_math
   from test_rl_trainers import _tiny
 
-  c = _tiny(ppo_ambig_math.get_config("runlocal"))
+  # The next-turn reward: the LoRA plumbing does not depend on the reward, and MR's futures
+  # would only add compile time.
+  c = _tiny(ppo_ambig_math.get_config("runlocal,reward=next_turn_ext"))
   c.ppo.minibatches = 1
   mesh = sharding_lib.make_mesh(c.mesh_shape)
   plain = run_lib.init_state(c, mesh, run_lib.make_optimizer(c.optimizer)).create_fn()

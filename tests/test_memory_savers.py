@@ -146,14 +146,14 @@ def test_microbatches_that_do_not_divide_the_update_are_refused(tmp_path):
     ppo.check_config(c)
 
 
-@pytest.mark.parametrize("policy", REMAT_POLICIES)
-def test_remat_policies_give_the_same_loss_and_gradient(policy):
+def test_remat_policies_give_the_same_loss_and_gradient():
   params = transformer.init_params(_model(), jax.random.key(0))
   batch = _sft_batch()
   loss0, g0 = _grads(_model(), params, batch)
-  loss1, g1 = _grads(_model(remat=True, remat_policy=policy), params, batch)
-  np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
-  _assert_trees_close(g1, g0, rtol=1e-5, atol=1e-8)
+  for policy in REMAT_POLICIES:
+    loss1, g1 = _grads(_model(remat=True, remat_policy=policy), params, batch)
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6, err_msg=policy)
+    _assert_trees_close(g1, g0, rtol=1e-5, atol=1e-8)
 
 
 def test_an_unknown_remat_policy_is_refused():
@@ -161,15 +161,16 @@ def test_an_unknown_remat_policy_is_refused():
     transformer.TransformerConfig(remat=True, remat_policy="dots")
 
 
-@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
-def test_bf16_loss_and_gradient_are_close_to_fp32(param_dtype):
+def test_bf16_loss_and_gradient_are_close_to_fp32():
   params = transformer.init_params(_model(), jax.random.key(0))
   batch = _sft_batch()
   loss0, g0 = _grads(_model(), params, batch)
-  low = _model(dtype="bfloat16", param_dtype=param_dtype)
-  params_low = jax.tree_util.tree_map(lambda x: x.astype(param_dtype), params)
-  loss1, g1 = _grads(low, params_low, batch)
-  assert jax.tree_util.tree_leaves(g1)[0].dtype == jnp.dtype(param_dtype)
-  assert abs(float(loss1) - float(loss0)) < 0.01 * float(loss0)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree_util.tree_leaves(g0)):
-    assert _cosine(a, b) > 0.99, sharding_lib.path_str(path)
+  for param_dtype in ("float32", "bfloat16"):  # bf16 compute over fp32 params, then all bf16
+    low = _model(dtype="bfloat16", param_dtype=param_dtype)
+    params_low = jax.tree_util.tree_map(lambda x: x.astype(param_dtype), params)
+    loss1, g1 = _grads(low, params_low, batch)
+    assert jax.tree_util.tree_leaves(g1)[0].dtype == jnp.dtype(param_dtype)
+    assert abs(float(loss1) - float(loss0)) < 0.01 * float(loss0), param_dtype
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1),
+                            jax.tree_util.tree_leaves(g0)):
+      assert _cosine(a, b) > 0.99, (param_dtype, sharding_lib.path_str(path))
