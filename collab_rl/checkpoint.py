@@ -30,6 +30,8 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from collab_rl import config_names
 from collab_rl import storage
+from collab_rl.models import lora as lora_lib
+from collab_rl.models import transformer
 
 State = TypeVar("State")
 PyTree = Any
@@ -335,6 +337,21 @@ def _stored_params(path: str) -> Mapping | None:
     return None
   finally:
     manager.close()
+
+
+def restore_policy(checkpoints: str, config: Mapping):
+  """(model, params) of the run checkpointed in `checkpoints`, built from its saved `config`
+  (`read_config`'s dict or a ConfigDict); a run that trained LoRA adapters gives its base with
+  the adapters merged in, one plain model (models/lora.py)."""
+  plain = lambda d: d.to_dict() if hasattr(d, "to_dict") else dict(d or {})
+  model = transformer.Transformer(transformer.TransformerConfig.from_dict(plain(config["model"])))
+  abstract = jax.eval_shape(lambda: transformer.init_params(model, jax.random.key(0)))
+  lcfg = lora_lib.LoraConfig.from_dict(plain(config.get("lora")))
+  if not lcfg.enabled:
+    return model, restore_params(checkpoints, abstract)
+  adapters = jax.eval_shape(lambda: lora_lib.init_adapters(abstract, lcfg, jax.random.key(0)))
+  params = restore_params(checkpoints, lora_lib.split(abstract, adapters))
+  return model, jax.jit(lambda p: lora_lib.weights(p, lcfg))(params)
 
 
 def restore_params(path: str, abstract_params: PyTree, *, step: int | None = None) -> PyTree:

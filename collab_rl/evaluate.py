@@ -60,8 +60,6 @@ from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
 from collab_rl import storage
-from collab_rl.models import lora as lora_lib
-from collab_rl.models import transformer
 from collab_rl.tasks import registry, scoring
 
 _RUN = re.compile(r"(?:(?P<task>[^/]+)/)?seed(?P<seed>\d+)/(?P<arm>[^/]+)$")
@@ -124,19 +122,6 @@ def play(task, policy, params, intent, *, turns: int, reply_tokens: int, batch: 
   return {k: np.concatenate(v) for k, v in per_episode.items()}, first
 
 
-def _restore_model(checkpoints: str, config: dict):
-  """(model, params) of the run checkpointed in `checkpoints`, built from its saved config; a
-  run that trained LoRA adapters gives its base with the adapters merged in (models/lora.py)."""
-  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config["model"]))
-  abstract = jax.eval_shape(lambda: transformer.init_params(model, jax.random.key(0)))
-  lcfg = lora_lib.LoraConfig.from_dict(config.get("lora"))
-  if not lcfg.enabled:
-    return model, ckpt_lib.restore_params(checkpoints, abstract)
-  adapters = jax.eval_shape(lambda: lora_lib.init_adapters(abstract, lcfg, jax.random.key(0)))
-  params = ckpt_lib.restore_params(checkpoints, lora_lib.split(abstract, adapters))
-  return model, jax.jit(lambda p: lora_lib.weights(p, lcfg))(params)
-
-
 def load_policy(run_dir: str, turns: int, sim: dict | None = None):
   """(task, policy, params, reply budget, config) of a run's latest checkpoint, its simulator
   fields overridden by `sim` (e.g. {"sharded": True}). A mediator run gives the
@@ -145,13 +130,13 @@ def load_policy(run_dir: str, turns: int, sim: dict | None = None):
   checkpoints = storage.join(storage.absolute(run_dir), "checkpoints")
   config = ckpt_lib.read_config(checkpoints)
   task = registry.make_task(config["task"], {**config["sim"], **(sim or {})})
-  model, params = _restore_model(checkpoints, config)
+  model, params = ckpt_lib.restore_policy(checkpoints, config)
   reply = task.answer_len + 3
   sc = sampling.SamplingConfig(max_new_tokens=reply, greedy=True, stop_tokens=(task.eot_id,))
   if config.get("trainer") == "mediator":
     if not config.get("assistant_from"):
       raise ValueError(f"{run_dir}: a mediator run whose config names no assistant_from")
-    a_model, a_params = _restore_model(config["assistant_from"],
+    a_model, a_params = ckpt_lib.restore_policy(config["assistant_from"],
                                        ckpt_lib.read_config(config["assistant_from"]))
     policy = mediator_lib.MediatorAssistant(task, model, a_model, sc)
     return task, policy, {"mediator": params, "assistant": a_params}, reply, config

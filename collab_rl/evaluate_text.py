@@ -36,7 +36,6 @@ from collab_rl import sharding as sharding_lib
 from collab_rl import storage
 from collab_rl import text_scores
 from collab_rl.data import loader as loader_lib
-from collab_rl.models import transformer
 from collab_rl.tasks import text as text_lib
 
 
@@ -61,9 +60,8 @@ def load(run_dir: str, *, turns: int, data_dir: str | None = None,
   if user_from:
     config.sim.user_from = user_from
   task = text_lib.from_config(config, max_turns=turns)
-  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model.to_dict()))
-  abstract = jax.eval_shape(lambda: transformer.init_params(model, jax.random.key(0)))
-  return config, task, model, ckpt_lib.restore_params(checkpoints, abstract)
+  model, params = ckpt_lib.restore_policy(checkpoints, config)
+  return config, task, model, params
 
 
 def play(config, task, model, params, records, *, turns: int, batch: int, seed: int,

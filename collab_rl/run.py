@@ -207,15 +207,6 @@ def lora_config(config) -> lora_lib.LoraConfig:
   return lora_lib.LoraConfig.from_dict(config.get("lora") and config.lora.to_dict())
 
 
-def policy_model(config):
-  """The model a run's saved params belong to: the transformer of `config.model`, behind
-  `lora.LoraModel` when the run trained adapters."""
-  plain = lambda d: d.to_dict() if hasattr(d, "to_dict") else dict(d)
-  model = transformer.Transformer(transformer.TransformerConfig.from_dict(plain(config["model"])))
-  lcfg = lora_lib.LoraConfig.from_dict(plain(config.get("lora") or {}))
-  return lora_lib.LoraModel(model, lcfg) if lcfg.enabled else model
-
-
 def _from_hf(create_fn, folder: str, dtype: str, mesh, rules):
   """`create_fn` with its params replaced by the HF folder's wherever the folder has them."""
 
