@@ -318,10 +318,6 @@ def _restore_params_and_step(path: str, abstract_params: PyTree,
   return restored[_STATE]["params"], step
 
 
-def _is_split(params) -> bool:
-  return isinstance(params, Mapping) and set(params) == {"base", "lora"}
-
-
 def _stored_params(path: str) -> Mapping | None:
   """The params tree (metadata) of the latest checkpoint in `path`; None if unreadable."""
   check_init_from(path)
@@ -377,7 +373,8 @@ def restore_or_init(checkpointer: Checkpointer, abstract_state: State,
     # them: the stored params are its base, its adapters fresh. From a run with adapters (an
     # ablation from a base plus adapters) both are read. The fresh state is built after the
     # read, so that a checkpoint that does not fit fails before anything compiles.
-    into_base = _is_split(target) and not _is_split(_stored_params(init_from))
+    into_base = (lora_lib.is_split(target)
+                 and not lora_lib.is_split(_stored_params(init_from)))
     params, from_step = _restore_params_and_step(
         init_from, target["base"] if into_base else target, None)
     fresh = init_fn()

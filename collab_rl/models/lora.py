@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -149,7 +149,8 @@ def count(adapters) -> int:
 
 
 def is_split(params) -> bool:
-  return isinstance(params, dict) and set(params) == {"base", "lora"}
+  """A run-with-adapters tree (or its checkpoint metadata): exactly `{"base", "lora"}`."""
+  return isinstance(params, Mapping) and set(params) == {"base", "lora"}
 
 
 def split(base, adapters) -> dict:
