@@ -105,6 +105,11 @@ def rollout_policy(config, model, task, rcfg: rewards.RewardConfig,
 # ------------------------------------------------------------------------------------------------
 
 
+def reference(params, ref_params) -> Any:
+  """`Setup.reference`: the base of `params` without adapters when `ref_params` is None."""
+  return lora_lib.reference(params) if ref_params is None else ref_params
+
+
 class Setup(NamedTuple):
   model: transformer.Transformer
   tx: optax.GradientTransformation
@@ -121,7 +126,7 @@ class Setup(NamedTuple):
     """The reference policy's params beside the policy's `params`: with adapters the same base
     arrays without them (models/lora.py; the train state is donated every update, so it is
     taken from the current params, never kept), else the run's starting params."""
-    return lora_lib.reference(params) if self.ref_params is None else self.ref_params
+    return reference(params, self.ref_params)
 
   @property
   def checkpointer(self) -> ckpt_lib.Checkpointer:
@@ -211,7 +216,9 @@ def _build_text(config, task, mesh, rcfg, init, run, ref_params, greedy, eval_ke
   world = run_text.build(config, task, mesh, batch=config.batch_size // group_size(config),
                          seed=config.seed)
   run.resume(world.train)
-  eval_intent = world.eval_intent(jax.random.fold_in(eval_key, 1))
+  # A user that shares the policy's base reads it from the params at hand (`World.bind`).
+  eval_intent = world.bind(reference(run.state.params, ref_params)).eval_intent(
+      jax.random.fold_in(eval_key, 1))
 
   def episodes(params, user_params, intent, key):
     ro = rollout_lib.rollout(greedy, task.bind(user_params), params, key, config.eval_batch_size,
@@ -222,8 +229,9 @@ def _build_text(config, task, mesh, rcfg, init, run, ref_params, greedy, eval_ke
   episodes = jax.jit(episodes)
 
   def evaluate(params) -> dict[str, float]:
-    conv, user = sharding_lib.to_host(episodes(params, world.user_params, eval_intent, eval_key))
-    m, stats = world.scorer.episode_metrics(conv, user, world.eval_records)
+    bound = world.bind(reference(params, ref_params))
+    conv, user = sharding_lib.to_host(episodes(params, bound.user_params, eval_intent, eval_key))
+    m, stats = bound.scorer.episode_metrics(conv, user, world.eval_records)
     return {**scoring.summarize(m), "reward": float(np.mean(m["reward"])), **stats}
 
   return Setup(init.model, init.tx, run.state, ref_params, init.shardings, run, evaluate, config,

@@ -24,6 +24,7 @@ verifiers run over them (sandboxed tests in a few threads), the judges in padded
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import os
 from typing import Any, Sequence
@@ -37,6 +38,7 @@ from collab_rl import rewards
 from collab_rl import sharding as sharding_lib
 from collab_rl import tokenizer as tokenizer_lib
 from collab_rl.models import hf
+from collab_rl.models.transformer import Transformer
 from collab_rl.tasks import verifiers
 from collab_rl.tokenizer import ASSISTANT, USER
 
@@ -105,9 +107,11 @@ class Judge:
 
 
 def load_judge(folder: str, ratings: Sequence[str] = DEFAULT_RATINGS, *, min_mass: float = 0.5,
-               mesh: jax.sharding.Mesh | None = None, dtype: str | None = None) -> Judge:
+               mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
+               weights: bool = True) -> Judge:
   """The judge of a Hugging Face folder; a missing folder or a rating word that is not one token
-  of its vocabulary fails here, before anything compiles."""
+  of its vocabulary fails here, before anything compiles. `weights=False` reads none: the judge
+  shares the policy's frozen reference, handed to it by `TextScorer.bind_judge`."""
   if not os.path.isfile(os.path.join(folder, "config.json")):
     raise FileNotFoundError(f"judge folder {folder!r}: no config.json there (expected a Hugging "
                             "Face checkpoint folder)")
@@ -116,7 +120,10 @@ def load_judge(folder: str, ratings: Sequence[str] = DEFAULT_RATINGS, *, min_mas
     ids = rm.rating_ids(tok, ratings)
   except ValueError as e:
     raise ValueError(f"judge {folder}: {e}") from None
-  model, params = hf.load_pretrained(folder, dtype, mesh)
+  if weights:
+    model, params = hf.load_pretrained(folder, dtype, mesh)
+  else:
+    model, params = Transformer(hf.folder_config(folder, dtype)), None
   rows = 1 if mesh is None else sharding_lib.data_parallel_size(mesh)
   return Judge(rm.LMJudge(model, ids, mesh=mesh), params, tok, tuple(ratings), min_mass, rows)
 
@@ -140,6 +147,12 @@ class TextScorer:
       raise ValueError("metric='judge' scores the task with an LM judge: set config.judge.folder")
     self.task, self.rcfg, self.judge = task, rcfg, judge
     self.metric, self.timeout_s, self.threads = metric, timeout_s, threads
+
+  def bind_judge(self, params) -> "TextScorer":
+    """This scorer with its judge's weights `params` (a judge that shares the policy's base)."""
+    bound = copy.copy(self)
+    bound.judge = dataclasses.replace(self.judge, params=params)
+    return bound
 
   def chats(self, conv) -> list[list[dict[str, str]]]:
     return [chat(self.task.tokenizer, conv, r) for r in range(conv.tokens_BxL.shape[0])]
@@ -253,12 +266,14 @@ def score_live(scorer: TextScorer, pending, live_N, records, kind: str = "mr"
   return out, stats
 
 
-def from_config(config, task, mesh=None) -> TextScorer:
+def from_config(config, task, mesh=None, judge_weights: bool = True) -> TextScorer:
   """The scorer of an experiment config: `reward`'s weights, `metric`, and the judge of
-  `judge.folder` where one is set (loaded here; a bad folder or rating word fails here)."""
+  `judge.folder` where one is set (loaded here unless `judge_weights` is False: see
+  `load_judge`; a bad folder or rating word fails here)."""
   j = config.judge
   judge = None
   if j.folder:
-    judge = load_judge(j.folder, tuple(j.ratings.split(",")), min_mass=j.min_mass, mesh=mesh)
+    judge = load_judge(j.folder, tuple(j.ratings.split(",")), min_mass=j.min_mass, mesh=mesh,
+                       weights=judge_weights)
   return TextScorer(task, rewards.RewardConfig.from_config(config.reward), judge,
                     metric=config.metric)

@@ -60,6 +60,10 @@ _TRAIN_ROWS = flags.DEFINE_integer("train_rows_per_chip", 1, "Conversations per 
 _COLLABLLM = flags.DEFINE_bool("collabllm", False, "Plan experiments/collabllm_8b.py (the "
                                 "language tier) on --slices (default: COLLABLLM_SLICES).")
 _JUDGE = flags.DEFINE_bool("judge", True, "With --collabllm: its `judge` variant, an 8B LM judge.")
+_SHARE = flags.DEFINE_bool("share_base", True, "With --collabllm: the LM user and judge are the "
+                           "policy's folder (as collabllm_8b's command gives them) and read its "
+                           "frozen reference (run_text.shared_models); --noshare_base plans a "
+                           "copy of each.")
 _COMPILE = flags.DEFINE_bool("compile", False, "With --collabllm: also compile the run's PPO "
                              "programs for each slice's TPU topology on this CPU and print their "
                              "memory_analysis() beside the plan (needs libtpu: pip install "
@@ -221,9 +225,10 @@ def collabllm_config(accelerator: str, judge: bool):
   return collabllm_8b.get_config(f"slice={accelerator}" + (",judge" if judge else ""))
 
 
-def plan_collabllm(accelerator: str, judge: bool = True) -> dict:
+def plan_collabllm(accelerator: str, judge: bool = True, share: bool = True) -> dict:
   """Per-chip bytes of experiments/collabllm_8b.py on `accelerator` (its `judge` variant with an
-  8B judge when `judge`)."""
+  8B judge when `judge`); with `share` the user and judge hold no weights of their own (their
+  bf16 checkpoint is the policy's, whose fp32 reference holds it exactly)."""
   config = collabllm_config(accelerator, judge)
   s = pods.get_slice(accelerator)
   shape = pods.check_mesh(config.mesh_shape, s)
@@ -248,6 +253,9 @@ def plan_collabllm(accelerator: str, judge: bool = True) -> dict:
   out["user_params"] = transformer.count_params(user_params)
   out["user"] = _bytes_per_chip(user_params, sharding.param_specs(user_params, rules, mesh), mesh)
   out["judge"] = out["user"] if config.reward.w_int > 0 else 0  # hf.load_pretrained, bf16
+  out["shared"] = share
+  if share:
+    out["user"] = out["judge"] = 0
 
   # Rollout: the conversations' and the user's state as `rollout.start` and the policy's `init`
   # make them; MR's S futures tile every row (`rollout.tile_rows`) beside the B originals.
@@ -304,16 +312,20 @@ COLLABLLM_COLUMNS = (("policy params", "params"), ("AdamW", "adam"), ("grads", "
 def markdown_collabllm(plans: list[dict]) -> str:
   p = plans[0]
   c, cfg = p["config"], p["policy"]
-  judged = any(q["judge"] for q in plans)
+  judged = c.reward.w_int > 0  # the `judge` variant (its weights may be shared: 0 bytes)
   lines = [
       f"`experiments/collabllm_8b.py:slice=SLICE{',judge' if judged else ''}` "
       f"({c.reward.kind}, w = {c.reward.window}, S = {c.reward.samples}): Llama-3.1-8B-Instruct "
       f"policy ({p['policy_params'] / 1e9:.2f}B params with its value head, {cfg.param_dtype} "
       f"master weights + AdamW, {cfg.dtype} compute{', remat' if cfg.remat else ''}); its frozen "
       f"reference is the starting params as the train state holds them ({cfg.param_dtype}). The "
-      f"LM user is the same checkpoint loaded again as it is stored, {p['user_cfg'].dtype} "
-      f"({p['user_params'] / 1e9:.2f}B: a second copy even when `sim.user_from` is the policy's "
-      "folder)" + ("; the judge a third copy." if judged else "; no judge.")
+      + (f"LM user{' and the judge' if judged else ''} (the policy's folder, "
+         f"{p['user_cfg'].dtype}, {p['user_params'] / 1e9:.2f}B) read that reference, which "
+         "holds their weights exactly: no copy of their own (`run_text.shared_models`)."
+         if p["shared"] else
+         f"LM user is the same checkpoint loaded again as it is stored, {p['user_cfg'].dtype} "
+         f"({p['user_params'] / 1e9:.2f}B: a second copy)"
+         + ("; the judge a third copy." if judged else "; no judge."))
       + f" Rollout: each conversation and its MR futures ({p['copies']} rows), the policy's KV "
       f"cache {p['policy_cache']} tokens a row (conversations of {p['max_len']} columns), the "
       f"user's {p['user_cache']} (its chat: {p['view_len']}). Log-prob pass: old and reference "
@@ -340,7 +352,7 @@ def main(argv):
   del argv
   if _COLLABLLM.value:
     slices = _SLICES.value if flags.FLAGS["slices"].present else COLLABLLM_SLICES
-    plans = {a: plan_collabllm(a, _JUDGE.value) for a in slices}
+    plans = {a: plan_collabllm(a, _JUDGE.value, _SHARE.value) for a in slices}
     text = markdown_collabllm(list(plans.values()))
     if _COMPILE.value:
       from experiments import memory_compiled  # pylint: disable=g-import-not-at-top

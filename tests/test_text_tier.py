@@ -6,6 +6,8 @@ and bad input failing before anything compiles."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,7 @@ from collab_rl import run_rl
 from collab_rl import sampling
 from collab_rl import text_scores
 from collab_rl.data import builders
-from collab_rl.models import hf
+from collab_rl.models import hf, transformer
 from collab_rl.tasks import text as text_lib
 from collab_rl.tasks import verifiers
 from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
@@ -350,3 +352,58 @@ def test_the_user_can_write_the_opening(world):
     grown = np.asarray(intent.user_prompt_BxP[b, :int(intent.user_prompt_len_B[b])]).tolist()
     start = int(plain.user_prompt_len_B[b])
     assert grown[start:start + len(said)] == said  # its own words, in its own chat
+
+
+def test_a_user_and_judge_of_the_policy_folder_read_its_base(world, tmp_path):
+  """One copy of the base: a LoRA policy started from the folder its user and judge come from
+  holds no weights for them; both read the base arrays inside the train state (the same buffers,
+  equal to the folder's). Another params dtype, or a trained base param the user reads, gives
+  them a copy of their own."""
+  from collab_rl import run_text  # pylint: disable=g-import-not-at-top
+  c = _config(world)
+  c.judge.folder = world["llama3"]
+  c.lora.rank = 4
+  task, _, mesh, rcfg = run_rl.check_common(c)
+  setup = run_rl.build(c, str(tmp_path / "run"), task, mesh, rcfg)
+  world_ = setup.world
+  assert set(world_.shared) == {"user", "judge"}
+  assert world_.user_params is None and world_.scorer.judge.params is None
+  bound = world_.bind(setup.reference(setup.state.params))
+  base = setup.state.params["base"]
+  assert "value_head" in base and "value_head" not in bound.user_params
+  for k, tree in bound.user_params.items():
+    for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(base[k])):
+      assert a is b
+  assert bound.scorer.judge.params["layers_0"] is base["layers_0"]
+  loaded = hf.load_pretrained(world["llama3"])[1]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(bound.user_params),
+                         jax.device_get(loaded))
+  for change in ({"model.param_dtype": "bfloat16"},
+                 {"lora.trainable": [r"^value_head/", r"^lm_head/"]}):
+    other = _config(world)
+    other.lora.rank = 4
+    other.judge.folder = world["llama3"]
+    for field, value in change.items():
+      target, name = (other, field) if "." not in field else (
+          other[field.split(".")[0]], field.split(".")[1])
+      target[name] = value
+    run_rl.check_common(other)
+    assert not run_text.shared_models(other, task), change
+  # A bf16 folder under fp32 master params (the 8B config's case) is shared: the user computes in
+  # bf16, and the fp32 reference holds its weights exactly, so it plays as if it had loaded them.
+  model16, params16 = hf.load_pretrained(world["llama3"], "bfloat16")
+  folder16 = tmp_path / "bf16"
+  hf.save_pretrained(model16, params16, folder16)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(world["llama3"], name), folder16 / name)
+  c16 = _config(world)
+  c16.init_from_hf = c16.sim.user_from = c16.judge.folder = str(folder16)
+  task16, *_ = run_rl.check_common(c16)
+  policy16 = transformer.TransformerConfig.from_dict(c16.model.to_dict())
+  assert policy16.param_dtype == "float32" and task16.user_model.cfg.dtype == "bfloat16"
+  assert set(run_text.shared_models(c16, task16)) == {"user", "judge"}
+  tokens = jnp.asarray(np.arange(24).reshape(2, 12) % 300)
+  up = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params16)
+  np.testing.assert_array_equal(
+      task16.user_model.apply({"params": up}, tokens).logits_BxLxV,
+      task16.user_model.apply({"params": params16}, tokens).logits_BxLxV)

@@ -207,6 +207,23 @@ def _weight_files(folder: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, p
                           "(only safetensors checkpoints are supported)")
 
 
+def folder_config(path: PathLike, dtype: Any = None) -> TransformerConfig:
+  """The config `load_pretrained` builds for a folder, reading no weights. dtype None keeps the
+  checkpoint's: config.json's `dtype` / `torch_dtype`, else the stored embedding's."""
+  folder = pathlib.Path(path)
+  config_file = folder / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(f"{folder}: no config.json")
+  hf = json.loads(config_file.read_text())
+  if dtype is None and not (hf.get("dtype") or hf.get("torch_dtype")):
+    files, listed = _weight_files(folder)
+    embed = "model.embed_tokens.weight"
+    with safe_open(str(listed.get(embed, files[0])), framework="numpy") as handle:
+      if embed in handle.keys():
+        dtype = _FROM_ST.get(handle.get_slice(embed).get_dtype(), "float32")
+  return config_from_hf(hf, dtype, where=str(config_file))
+
+
 def load_pretrained(path: PathLike, dtype: Any = None, mesh: jax.sharding.Mesh | None = None,
                     rules=sharding.LLAMA_RULES) -> tuple[Transformer, dict]:
   """A Hugging Face folder -> (model, params), params placed in their `rules` sharding on `mesh`.
@@ -216,10 +233,8 @@ def load_pretrained(path: PathLike, dtype: Any = None, mesh: jax.sharding.Mesh |
   everything on the first device.
   """
   folder = pathlib.Path(path)
+  cfg = folder_config(folder, dtype)
   config_file = folder / "config.json"
-  if not config_file.exists():
-    raise FileNotFoundError(f"{folder}: no config.json")
-  hf = json.loads(config_file.read_text())
   files, listed = _weight_files(folder)
   with contextlib.ExitStack() as stack:
     handles = {f: stack.enter_context(safe_open(str(f), framework="numpy")) for f in files}
@@ -234,11 +249,6 @@ def load_pretrained(path: PathLike, dtype: Any = None, mesh: jax.sharding.Mesh |
         actual = f"it is in {found[name]}" if name in found else "no file has it"
         raise ValueError(f"{folder / 'model.safetensors.index.json'} maps tensor {name} to {f}, "
                          f"but {actual}")
-    if dtype is None and not (hf.get("dtype") or hf.get("torch_dtype")):
-      embed = "model.embed_tokens.weight"
-      if embed in found:
-        dtype = _FROM_ST.get(handles[found[embed]].get_slice(embed).get_dtype(), "float32")
-    cfg = config_from_hf(hf, dtype, where=str(config_file))
     model = Transformer(cfg)
     shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     expected = _expected(shapes)

@@ -19,7 +19,6 @@ finished conversations between jitted phases.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Any, Sequence
 
@@ -336,8 +335,7 @@ def from_config(config, *, max_turns: int | None = None) -> TextTask:
   folder = _hf_folder(ucfg.user_from, "config.sim.user_from")
   policy_tok = tokenizer_lib.Tokenizer.from_pretrained(tokenizer_folder(config))
   user_tok = tokenizer_lib.Tokenizer.from_pretrained(folder)
-  with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-    user_cfg = hf.config_from_hf(json.load(f), where=os.path.join(folder, "config.json"))
+  user_cfg = hf.folder_config(folder)  # the dtype `load_user_params` loads its weights in
   turns = config.num_turns if max_turns is None else max_turns
   task = TextTask(policy_tok, Transformer(user_cfg), user_tok, ucfg,
                   reply_tokens=config.reply_tokens, max_turns=turns)

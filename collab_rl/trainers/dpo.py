@@ -206,11 +206,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     pair_fn = jax.jit(lambda r, *args: pairs(config, model, r, *args))
 
     def collect(params, ref_params, key):
-      intent, records = world.next_batch(jax.random.fold_in(key, 2))
-      conv, reply, reply_len, fut = futures(params, world.user_params, key, intent)
+      w = world.bind(ref_params)  # a user or judge sharing the policy's base reads it here
+      intent, records = w.next_batch(jax.random.fold_in(key, 2))
+      conv, reply, reply_len, fut = futures(params, w.user_params, key, intent)
       b, g, s = config.batch_size, config.candidates, rcfg.samples
       live = np.repeat(~np.asarray(sharding_lib.to_host(conv.done_B)), g * s)
-      mr, _ = world.score(fut, live, records)
+      mr, _ = w.score(fut, live, records)
       return pair_fn(ref_params, conv, reply, reply_len, jnp.asarray(mr.reshape(b, g, s).mean(-1)))
   else:
     data_iter = iter(loader_lib.make_loader(config.data_dir, engine.NAME, "train",

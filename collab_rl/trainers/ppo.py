@@ -198,6 +198,7 @@ def score_pending(world, kind: str, pending, valid_BxT, records) -> tuple[np.nda
 def text_iteration(config, world, collect_fn, finish_fn, params, ref_params, key):
   """One language-tier batch: records -> collection (jit) -> host rewards -> `finish_batch`
   (jit); returns the batch and the stats `prepare_batch` gives, as host means."""
+  world = world.bind(ref_params)  # a user or judge sharing the policy's base reads it here
   intent, records = world.next_batch(jax.random.fold_in(key, 2), run_rl.group_size(config))
   conv, user, pending, done_BxT, valid_BxT, pos_BxT = collect_fn(params, world.user_params, key,
                                                                  intent)
