@@ -202,9 +202,18 @@ def init_state(config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation
   return Init(model, tx, create_fn, abstract, shardings)
 
 
+# Trainers whose losses take the step's dropout key (`train_state.update(dropout=True)`).
+DROPOUT_TRAINERS = ("sft", "sft_records", "mediator", "lm", "ppo", "dpo")
+
+
 def lora_config(config) -> lora_lib.LoraConfig:
   """`config.lora` (absent: no adapters), checked."""
-  return lora_lib.LoraConfig.from_dict(config.get("lora") and config.lora.to_dict())
+  lcfg = lora_lib.LoraConfig.from_dict(config.get("lora") and config.lora.to_dict())
+  trainer = config.get("trainer")
+  if lcfg.enabled and lcfg.dropout and trainer and trainer not in DROPOUT_TRAINERS:
+    raise ValueError(f"lora.dropout={lcfg.dropout}: the {trainer} trainer's loss takes no "
+                     f"dropout key (those that do: {list(DROPOUT_TRAINERS)}); use 0")
+  return lcfg
 
 
 def _from_hf(create_fn, folder: str, dtype: str, mesh, rules):

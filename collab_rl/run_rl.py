@@ -244,18 +244,23 @@ def _build_text(config, task, mesh, rcfg, init, run, ref_params, greedy, eval_ke
 
 
 def guarded_update(loss_fn, tx, state: state_lib.TrainState, batch, microbatches: int = 1,
-                   weight_fn=None):
-  """One optimizer step on `loss_fn(params, batch) -> (loss, metrics)`, kept only if finite;
-  with `microbatches` > 1 accumulated over slices of the batch (`state_lib.update`)."""
-  new, loss, m, extra = state_lib.update(state, tx, loss_fn, batch, microbatches, weight_fn)
+                   weight_fn=None, dropout: bool = False):
+  """One optimizer step on `loss_fn(params, batch) -> (loss, metrics)` (with `dropout`,
+  `loss_fn(params, batch, key)`), kept only if finite; with `microbatches` > 1 accumulated over
+  slices of the batch (`state_lib.update`)."""
+  new, loss, m, extra = state_lib.update(state, tx, loss_fn, batch, microbatches, weight_fn,
+                                         dropout)
   return new, {**m, "loss": loss, **extra}
 
 
 def jit_update(run: Setup, mesh: jax.sharding.Mesh, loss_fn, microbatches: int = 1,
                weight_fn=None):
   """`guarded_update` jitted: `(state, batch) -> (state, metrics)`, the state donated and kept
-  in its shardings, the metrics replicated."""
-  return jax.jit(lambda s, b: guarded_update(loss_fn, run.tx, s, b, microbatches, weight_fn),
+  in its shardings, the metrics replicated. `loss_fn(params, batch, key=None)` gets the step's
+  dropout key when the run's model has LoRA dropout."""
+  dropout = lora_lib.uses_dropout(run.model)
+  return jax.jit(lambda s, b: guarded_update(loss_fn, run.tx, s, b, microbatches, weight_fn,
+                                             dropout),
                  donate_argnums=0, out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
 
 

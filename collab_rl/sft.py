@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from collab_rl import losses
 from collab_rl import rollout as rollout_lib
 from collab_rl import train_state as state_lib
+from collab_rl.models import lora as lora_lib
 from collab_rl.tokenizer import ASSISTANT, PAD
 
 # ------------------------------------------------------------------------------------------------
@@ -112,11 +113,12 @@ def loss_mask(roles_BxL: jax.Array) -> jax.Array:
   return roles_BxL == ASSISTANT
 
 
-def sft_loss(model, params, tokens_BxL, roles_BxL):
-  """Mean -log p of the assistant tokens given everything before them; aux (accuracy, count)."""
+def sft_loss(model, params, tokens_BxL, roles_BxL, key=None):
+  """Mean -log p of the assistant tokens given everything before them; aux (accuracy, count).
+  `key`: the step's dropout key (LoRA dropout: models/lora.py)."""
   valid_BxL = roles_BxL != PAD
   logits_BxLxV = model.apply({"params": params}, tokens_BxL, valid_BxL=valid_BxL,
-                             heads=("lm",)).logits_BxLxV
+                             heads=("lm",), rngs=lora_lib.dropout_rngs(key)).logits_BxLxV
   logp_BxL = losses.token_logprobs(logits_BxLxV, tokens_BxL)
   mask_BxL = loss_mask(roles_BxL)
   pred_BxL = jnp.pad(jnp.argmax(logits_BxLxV[:, :-1], -1), ((0, 0), (1, 0)))
@@ -128,7 +130,8 @@ def train_step(model, tx, state: state_lib.TrainState, batch, microbatches: int 
   """One AdamW step; with `microbatches` > 1 the gradient is accumulated over slices of the
   batch weighted by their assistant tokens, i.e. the same mean over all of them."""
   new, loss, (acc, _), m = state_lib.update(
-      state, tx, lambda p, b: sft_loss(model, p, b["tokens"], b["roles"]), batch, microbatches,
-      weight_fn=lambda b: loss_mask(b["roles"]).sum())
+      state, tx, lambda p, b, key=None: sft_loss(model, p, b["tokens"], b["roles"], key), batch,
+      microbatches, weight_fn=lambda b: loss_mask(b["roles"]).sum(),
+      dropout=lora_lib.uses_dropout(model))
   n = loss_mask(batch["roles"]).sum()
   return new, {"loss": loss, "token_acc": acc, "assistant_tokens": n, **m}

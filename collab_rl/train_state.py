@@ -97,10 +97,12 @@ class NonFiniteError(FloatingPointError):
 
 
 def update(state: TrainState, tx: optax.GradientTransformation, loss_fn, batch=None,
-           microbatches: int = 1, weight_fn=None):
+           microbatches: int = 1, weight_fn=None, dropout: bool = False):
   """One optimizer step, applied only if it is finite.
 
-  `loss_fn(params) -> (loss, aux)`, or with `batch`, `loss_fn(params, batch)`. With
+  `loss_fn(params) -> (loss, aux)`, or with `batch`, `loss_fn(params, batch)`; with `dropout`,
+  `loss_fn(params, batch, key)`, the key fresh at every step (`fold_in(state.key, step)`, each
+  microbatch folding in its index) for the model's dropout (models/lora.py). With
   `microbatches` > 1 the batch (a pytree of [B, ...] arrays) is split into that many slices of
   B / microbatches rows and their gradients are accumulated in a `lax.scan` inside this step,
   so that only one slice's activations are alive at a time. The slices are weighted by
@@ -113,14 +115,16 @@ def update(state: TrainState, tx: optax.GradientTransformation, loss_fn, batch=N
   step keeps the old values even though the caller donates the state, so a bad update never
   exists outside it, let alone in a checkpoint. `nonfinite` (1.0 or 0.0) tells the host.
   """
+  key = jax.random.fold_in(state.key, state.step) if dropout else None
   if batch is None:
-    if microbatches != 1:
-      raise ValueError("microbatches > 1 needs the batch passed to update()")
+    if microbatches != 1 or dropout:
+      raise ValueError("microbatches > 1 and dropout need the batch passed to update()")
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   elif microbatches == 1:
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    fn = loss_fn if key is None else lambda p, b: loss_fn(p, b, key)
+    (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(state.params, batch)
   else:
-    loss, aux, grads = accumulate(loss_fn, state.params, batch, microbatches, weight_fn)
+    loss, aux, grads = accumulate(loss_fn, state.params, batch, microbatches, weight_fn, key)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -143,14 +147,20 @@ def split_microbatches(batch, microbatches: int):
   return jax.tree_util.tree_map(split, batch)
 
 
-def accumulate(loss_fn, params, batch, microbatches: int, weight_fn=None):
-  """(loss, aux, grads) of `loss_fn(params, batch)` computed slice by slice (`update`)."""
+def accumulate(loss_fn, params, batch, microbatches: int, weight_fn=None, key=None):
+  """(loss, aux, grads) of `loss_fn(params, batch)` computed slice by slice (`update`); with a
+  `key`, `loss_fn(params, batch, fold_in(key, slice))`."""
   sliced = split_microbatches(batch, microbatches)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(
+      loss_fn if key is None else lambda p, b: loss_fn(p, b[0], jax.random.fold_in(key, b[1])),
+      has_aux=True)
+  if key is not None:
+    sliced = (sliced, jnp.arange(microbatches))
 
   def body(carry, mb):
     (loss, aux), grads = grad_fn(params, mb)
-    w = jnp.asarray(1.0 if weight_fn is None else weight_fn(mb), jnp.float32)
+    w = jnp.asarray(1.0 if weight_fn is None else weight_fn(mb if key is None else mb[0]),
+                    jnp.float32)
     scaled = jax.tree_util.tree_map(lambda x: w * x.astype(jnp.float32), (loss, aux, grads))
     return jax.tree_util.tree_map(jnp.add, carry, (scaled, w)), None
 

@@ -119,8 +119,8 @@ def test_dry_run_of_llama_8b_collabllm(accelerator, chips, mesh, batch, lora_ran
     ([], FOLDERS[:2] + ["--config.data_dir=/home/me/data"], "",
      "config.data_dir='/home/me/data' is not on the workers"),
     ([], FOLDERS[1:], "", "config.init_from_hf is not set"),
-    ([], FOLDERS + ["--config.lora.rank=32", "--config.lora.dropout=0.05"], "",
-     "lora.dropout=0.05: dropout on the adapters' input is not implemented"),
+    ([], FOLDERS + ["--config.lora.rank=32", "--config.lora.dropout=1.5"], "",
+     "lora.dropout=1.5 must be in [0, 1)"),
     ([], FOLDERS, ",judge", "config.judge.folder is not set"),
     (["--stage=llama=gs://bkt/x"], FOLDERS, "", "--stage='llama=gs://bkt/x': give LOCAL=gs://"),
     (["--accelerator=v4-64"], FOLDERS, "", "config.mesh_shape=(1, 64, 1) of experiments/"

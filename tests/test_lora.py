@@ -2,6 +2,8 @@
 adapter that changes nothing, the merged kernel W + (alpha / r) A B, gradients that reach only
 the adapters, shardings that follow the kernels', and config errors that name the field."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,11 +17,13 @@ CFG = transformer.TransformerConfig(vocab_size=40, hidden_size=32, intermediate_
                                     num_key_value_heads=2, heads=("lm", "value"))
 
 
+@functools.cache  # every test reads the same arrays (immutable); built once, jitted
 def _setup(rank=4, targets=lora.DEFAULT_TARGETS):
   model = transformer.Transformer(CFG)
-  base = transformer.init_params(model, jax.random.key(0))
+  base = jax.jit(lambda k: transformer.init_params(model, k))(jax.random.key(0))
   cfg = lora.LoraConfig(rank=rank, alpha=8.0, targets=targets)
-  return model, base, cfg, lora.init_adapters(base, cfg, jax.random.key(1))
+  return model, base, cfg, jax.jit(lambda b, k: lora.init_adapters(b, cfg, k))(
+      base, jax.random.key(1))
 
 
 def test_targets_are_the_projection_kernels_by_default_and_by_regex():
@@ -65,7 +69,8 @@ def test_gradients_reach_only_the_adapters_and_move_the_loss():
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
-  l0, g = jax.value_and_grad(loss)(adapters)
+  loss = jax.jit(loss)
+  l0, g = jax.jit(jax.value_and_grad(loss))(adapters)
   assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(adapters)
   # B = 0 at the start: A's gradient is zero, B's is not (as in the LoRA paper's init).
   assert all(float(jnp.abs(x["lora_a"]).max()) == 0.0 for x in _pairs(g))
@@ -103,12 +108,61 @@ def test_the_sharding_rules_split_adapters_like_their_kernels():
 
 @pytest.mark.parametrize("fields, message", [
     ({"rank": -1}, r"lora.rank=-1 must be >= 0"),
-    ({"rank": 4, "dropout": 0.05}, r"lora.dropout=0.05: dropout .* not implemented"),
+    ({"rank": 4, "dropout": 1.0}, r"lora.dropout=1.0 must be in \[0, 1\)"),
     ({"rank": 4, "targets": ("q_proj(",)}, r"lora.targets: bad regex 'q_proj\('"),
 ])
 def test_bad_lora_config_names_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
     lora.LoraConfig.from_dict(fields)
+
+
+def test_dropout_runs_the_adapters_unmerged_on_their_input_only():
+  """With a "dropout" RNG the model adds dropout(x) A B unmerged: at rate 0 that equals the
+  merged kernel; at 0.5 the output moves, the same key gives the same output, and each dropped
+  input costs only its adapter term (the base path is untouched: with B = 0 nothing moves);
+  without the RNG (rollouts, log-probs) the merged model runs. The train step hands the loss a
+  fresh key every step, and a trainer whose loss takes none refuses a dropout."""
+  from collab_rl import run as run_lib  # pylint: disable=g-import-not-at-top
+  from collab_rl import train_state as state_lib  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  model, base, cfg, adapters = _setup()
+  trained = jax.tree_util.tree_map(lambda x: x + 0.05, adapters)
+  tokens = jax.random.randint(jax.random.key(2), (2, 7), 1, 40)
+  # Jitted once per (model, with or without an RNG): eager Flax would dominate the test's time.
+  jitted = {}
+
+  def logits(m, params, rngs=None):
+    if (m, rngs is None) not in jitted:
+      jitted[m, rngs is None] = jax.jit(
+          lambda p, r: m.apply({"params": p}, tokens, rngs=r).logits_BxLxV)
+    return jitted[m, rngs is None](params, rngs)
+
+  merged = logits(model, lora.merge(base, trained, cfg))
+  params = lora.split(base, trained)
+  at0 = lora.LoraModel(model, lora.LoraConfig(rank=4, alpha=8.0, dropout=1e-9))  # unmerged
+  np.testing.assert_allclose(logits(at0, params, rngs=lora.dropout_rngs(jax.random.key(0))),
+                             merged, rtol=1e-5, atol=1e-5)
+  drop = lora.LoraModel(model, lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5))
+  np.testing.assert_array_equal(logits(drop, params), merged)  # no RNG: merged
+  k0, k1 = lora.dropout_rngs(jax.random.key(0)), lora.dropout_rngs(jax.random.key(1))
+  d0 = logits(drop, params, rngs=k0)
+  assert float(jnp.abs(d0 - merged).max()) > 1e-3
+  np.testing.assert_array_equal(logits(drop, params, rngs=k0), d0)
+  assert float(jnp.abs(logits(drop, params, rngs=k1) - d0).max()) > 1e-3
+  fresh = lora.split(base, adapters)  # B = 0: dropping the adapters' input changes nothing
+  np.testing.assert_allclose(logits(drop, fresh, rngs=k0), logits(model, base), rtol=1e-6,
+                             atol=1e-6)
+  # The step's key: fold_in(state key, step), so a step differs from the next and repeats.
+  tx = lora.trainable_only(__import__("optax").sgd(0.1), drop.lora)
+  state = state_lib.create(params, tx, jax.random.key(5))
+  loss_fn = lambda p, b, key=None: (jnp.mean(logits(drop, p, rngs=lora.dropout_rngs(key))), {})
+  step = jax.jit(lambda st: state_lib.update(st, tx, loss_fn, {"x": tokens}, dropout=True)[1])
+  later = state.replace(step=state.step + 1)
+  assert float(step(state)) == float(step(state)) != float(step(later))
+  bad = ml_collections.ConfigDict({"trainer": "reward_model",
+                                   "lora": {"rank": 4, "dropout": 0.1}})
+  with pytest.raises(ValueError, match=r"lora.dropout=0.1: the reward_model trainer's loss"):
+    run_lib.lora_config(bad)
 
 
 def test_targets_that_match_nothing_are_refused():

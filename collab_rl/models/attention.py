@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from collab_rl.models.config import TransformerConfig
-from collab_rl.models.layers import Weights, dense, fused_projection
+from collab_rl.models.layers import Weights, fused_projection
 
 # ------------------------------------------------------------------------------------------------
 # Rotary position embeddings.
@@ -115,11 +115,11 @@ class Attention(nn.Module):
     cfg = self.cfg
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
     b, l, _ = x_BxLxD.shape
-    d, pdt = x_BxLxD.shape[-1], jnp.dtype(cfg.param_dtype)
+    pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     q, k_, v = fused_projection(x_BxLxD, [
-        Weights(n * h, cfg.attention_bias, pdt, name="q_proj")(d),
-        Weights(k * h, cfg.attention_bias, pdt, name="k_proj")(d),
-        Weights(k * h, cfg.attention_bias, pdt, name="v_proj")(d)], jnp.dtype(cfg.dtype))
+        Weights(n * h, cfg.attention_bias, pdt, name="q_proj"),
+        Weights(k * h, cfg.attention_bias, pdt, name="k_proj"),
+        Weights(k * h, cfg.attention_bias, pdt, name="v_proj")], dt, cfg.lora_dropout)
     q_BxLxNxH = q.reshape(b, l, n, h)
     k_BxLxKxH = k_.reshape(b, l, k, h)
     v_BxLxKxH = v.reshape(b, l, k, h)
@@ -147,5 +147,7 @@ class Attention(nn.Module):
     else:
       out_BxLxNxH = attend(q_BxLxNxH, k_all, v_all, mask_BxLxS,
                            keys_transposed=cache_kv is not None)
-    out_BxLxD = dense(cfg.hidden_size, "o_proj", cfg)(out_BxLxNxH.reshape(b, l, n * h))
+    (out_BxLxD,) = fused_projection(out_BxLxNxH.reshape(b, l, n * h),
+                                    [Weights(cfg.hidden_size, False, pdt, name="o_proj")], dt,
+                                    cfg.lora_dropout)
     return out_BxLxD, new_kv

@@ -43,6 +43,9 @@ class TransformerConfig:
   # keys it can see (causal): ~40% less attention work at L = 256 and smaller softmax tensors.
   # 0 disables. Numerics are unchanged (each query still sees all its keys at once).
   causal_query_chunk: int = 64
+  # Dropout on the input of LoRA adapters given unmerged, in a "lora" variables collection, with
+  # a "dropout" RNG (models/lora.py sets it; a checkpoint's model never carries it).
+  lora_dropout: float = 0.0
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:

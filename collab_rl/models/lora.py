@@ -26,8 +26,12 @@ behind `stop_gradient`), and its optimizer moves only the adapters (`trainable_o
 `model.apply({"params": params}, ...)` of the trainers then works unchanged; the reference
 policy is `reference(params)`: the same base arrays with no adapters.
 
-Dropout on the adapter's input (`LoraConfig.dropout`) needs the unmerged form x A B inside the
-model; it is refused for now rather than ignored.
+Dropout on the adapters' input (`LoraConfig.dropout`, as PEFT's `lora_dropout`) needs the
+unmerged form x W + dropout(x) A B: a training loss that passes a "dropout" RNG
+(`model.apply(..., rngs=dropout_rngs(key))`; `train_state.update(dropout=True)` hands its loss a
+fresh key every step) runs the transformer with the adapters in a "lora" variables collection
+(`layers.Weights.lora_delta`) instead of merged. Without the RNG (rollouts, log-probs,
+evaluation) or at dropout 0 the merged form runs, which equals the unmerged one.
 """
 
 from __future__ import annotations
@@ -58,9 +62,8 @@ class LoraConfig:
   def __post_init__(self):
     if self.rank < 0:
       raise ValueError(f"lora.rank={self.rank} must be >= 0 (0: no adapters)")
-    if self.dropout:
-      raise ValueError(f"lora.dropout={self.dropout}: dropout on the adapters' input is not "
-                       "implemented (models/lora.py merges A @ B into the kernel); use 0")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
     for field in ("targets", "trainable"):
       for t in getattr(self, field):
         try:
@@ -169,10 +172,7 @@ def weights(params, cfg: "LoraConfig"):
     return params
   if params["lora"] is None:
     return params["base"]
-  base = jax.tree_util.tree_map_with_path(
-      lambda p, x: x if trained_in_full(sharding.path_str(p), cfg) else jax.lax.stop_gradient(x),
-      params["base"])
-  return merge(base, params["lora"], cfg)
+  return merge(_frozen_base(params["base"], cfg), params["lora"], cfg)
 
 
 def trained_in_full(path: str, cfg: LoraConfig) -> bool:
@@ -184,19 +184,50 @@ def plain_params(model, params):
   return weights(params, model.lora) if isinstance(model, LoraModel) else params
 
 
+def _frozen_base(base, cfg: LoraConfig):
+  """The base with `stop_gradient` on everything but the params `cfg.trainable` names."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x if trained_in_full(sharding.path_str(p), cfg) else jax.lax.stop_gradient(x),
+      base)
+
+
+def scaled(adapters, cfg: LoraConfig) -> dict:
+  """The adapters as the model's "lora" collection takes them: B scaled by alpha / r."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x * cfg.scale if sharding.path_str(p).endswith("lora_b") else x, adapters)
+
+
+def dropout_rngs(key: jax.Array | None) -> dict | None:
+  """`model.apply`'s rngs for a training loss's `key` (None: no dropout anywhere)."""
+  return None if key is None else {"dropout": key}
+
+
+def uses_dropout(model) -> bool:
+  """Whether `model`'s training loss should get a dropout key (`train_state.update`)."""
+  return isinstance(model, LoraModel) and model.lora.dropout > 0
+
+
 class LoraModel:
   """The transformer with params `{"base", "lora"}`: `apply` merges them (the base never gets a
-  gradient) and runs the model; `cfg` and every other attribute are the transformer's."""
+  gradient) and runs the model, or, given a "dropout" RNG and `dropout` > 0, runs it with the
+  adapters unmerged and their input dropped; `cfg` and every other attribute are the
+  transformer's."""
 
   def __init__(self, model, cfg: LoraConfig):
     self.model, self.lora = model, cfg
+    self.unmerged = type(model)(dataclasses.replace(model.cfg, lora_dropout=cfg.dropout))
 
   def __getattr__(self, name):
     return getattr(self.model, name)
 
-  def apply(self, variables, *args, **kwargs):
-    return self.model.apply({**variables, "params": weights(variables["params"], self.lora)},
-                            *args, **kwargs)
+  def apply(self, variables, *args, rngs=None, **kwargs):
+    params = variables["params"]
+    if self.lora.dropout and rngs and "dropout" in rngs and params["lora"] is not None:
+      return self.unmerged.apply(
+          {**variables, "params": _frozen_base(params["base"], self.lora),
+           "lora": scaled(params["lora"], self.lora)}, *args, rngs=rngs, **kwargs)
+    return self.model.apply({**variables, "params": weights(params, self.lora)}, *args,
+                            rngs=rngs, **kwargs)
 
 
 def trainable_only(tx: optax.GradientTransformation,

@@ -33,6 +33,7 @@ from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl.data import engine
 from collab_rl.data import loader as loader_lib
+from collab_rl.models import lora as lora_lib
 from collab_rl.tasks import text as text_lib
 from collab_rl.tokenizer import ASSISTANT
 
@@ -176,12 +177,14 @@ def _pair_batch(model, ref_params, chosen, rejected, keep):
 # ------------------------------------------------------------------------------------------------
 
 
-def dpo_loss(model, config, params, batch):
-  # Chosen and rejected in one forward pass: one set of larger matmuls instead of two.
+def dpo_loss(model, config, params, batch, key=None):
+  # Chosen and rejected in one forward pass: one set of larger matmuls instead of two. `key`:
+  # the step's dropout key (LoRA dropout).
   b = batch["c_tokens"].shape[0]
   tokens, valid, mask = (jnp.concatenate([batch[f"c_{k}"], batch[f"r_{k}"]])
                          for k in ("tokens", "valid", "mask"))
-  out = model.apply({"params": params}, tokens, valid_BxL=valid, heads=("lm",))
+  out = model.apply({"params": params}, tokens, valid_BxL=valid, heads=("lm",),
+                    rngs=lora_lib.dropout_rngs(key))
   logp_2B = losses.sequence_logprob(losses.token_logprobs(out.logits_BxLxV, tokens), mask)
   return losses.dpo_loss(logp_2B[:b], logp_2B[b:], batch["ref_c"], batch["ref_r"],
                          config.dpo.beta, batch["keep"])
@@ -193,7 +196,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   run = run_rl.build(config, workdir, task, mesh, rcfg)
   model, state = run.model, run.state
   # Microbatches weighted by their kept pairs: the loss is a mean over them.
-  step = run_rl.jit_update(run, mesh, lambda p, b: dpo_loss(model, config, p, b),
+  step = run_rl.jit_update(run, mesh, lambda p, b, key=None: dpo_loss(model, config, p, b, key),
                            config.get("microbatches", 1), lambda b: b["keep"].sum())
   data_iter, world = None, run.world
   if config.dpo.source == "online" and world is None:

@@ -22,6 +22,7 @@ import optax
 from collab_rl import run as run_lib
 from collab_rl import sharding as sharding_lib
 from collab_rl import train_state as state_lib
+from collab_rl.models import lora as lora_lib
 from collab_rl.models import transformer
 
 # ------------------------------------------------------------------------------------------------
@@ -75,11 +76,13 @@ def make_dataset(config, split: str) -> grain.MapDataset:
 # ------------------------------------------------------------------------------------------------
 
 
-def lm_loss(model, params, tokens_BxL, length_B):
-  """Mean cross-entropy over real next-token targets (padding excluded)."""
+def lm_loss(model, params, tokens_BxL, length_B, key=None):
+  """Mean cross-entropy over real next-token targets (padding excluded); `key`: the step's
+  dropout key (LoRA dropout)."""
   inputs_BxL, targets_BxL = tokens_BxL[:, :-1], tokens_BxL[:, 1:]
   valid_BxL = jnp.arange(inputs_BxL.shape[1])[None, :] < length_B[:, None]
-  logits = model.apply({"params": params}, inputs_BxL, valid_BxL=valid_BxL).logits_BxLxV
+  logits = model.apply({"params": params}, inputs_BxL, valid_BxL=valid_BxL,
+                       rngs=lora_lib.dropout_rngs(key)).logits_BxLxV
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxL)
   target_mask_BxL = (jnp.arange(inputs_BxL.shape[1])[None, :] < (length_B - 1)[:, None])
   n = jnp.maximum(target_mask_BxL.sum(), 1)
@@ -91,8 +94,8 @@ def train_step(model, tx, state: state_lib.TrainState, batch, microbatches: int 
   their target tokens (the same mean as one batch)."""
   targets = lambda b: jnp.maximum(b["length"] - 1, 0).sum()
   new, loss, _, m = state_lib.update(
-      state, tx, lambda p, b: lm_loss(model, p, b["tokens"], b["length"]), batch, microbatches,
-      weight_fn=targets)
+      state, tx, lambda p, b, key=None: lm_loss(model, p, b["tokens"], b["length"], key), batch,
+      microbatches, weight_fn=targets, dropout=lora_lib.uses_dropout(model))
   return new, {"loss": loss, "target_tokens": jnp.maximum(targets(batch), 1), **m}
 
 

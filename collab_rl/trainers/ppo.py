@@ -227,28 +227,31 @@ def text_iteration(config, world, collect_fn, finish_fn, params, ref_params, key
 # ------------------------------------------------------------------------------------------------
 
 
-def token_stats(model, config, params, tokens_BxL, valid_BxL, heads=("value",)):
+def token_stats(model, config, params, tokens_BxL, valid_BxL, heads=("value",), key=None):
   """(model output with `heads`, log-probs [B, L], next-token entropies [B, L]) of the policy
   on `tokens_BxL`; with `config.ppo.logits_chunk` the LM head runs chunk by chunk on the final
-  hidden states (losses.head_token_stats) and the output carries no logits."""
-  chunk = config.ppo.logits_chunk
+  hidden states (losses.head_token_stats) and the output carries no logits. `key`: the update's
+  dropout key (LoRA dropout; None for the log-probs of collected batches)."""
+  chunk, rngs = config.ppo.logits_chunk, lora_lib.dropout_rngs(key)
   if not chunk:
     out = model.apply({"params": params}, tokens_BxL, valid_BxL=valid_BxL,
-                      heads=("lm", *heads))
+                      heads=("lm", *heads), rngs=rngs)
     return (out, losses.token_logprobs(out.logits_BxLxV, tokens_BxL),
             losses.token_entropy(out.logits_BxLxV))
-  out = model.apply({"params": params}, tokens_BxL, valid_BxL=valid_BxL, heads=heads)
+  out = model.apply({"params": params}, tokens_BxL, valid_BxL=valid_BxL, heads=heads, rngs=rngs)
   head_DxV = transformer.lm_head_kernel(model.cfg, lora_lib.plain_params(model, params))
   logp_BxL, ent_BxL = losses.head_token_stats(out.hidden_BxLxD, head_DxV, tokens_BxL, chunk,
                                               jnp.dtype(model.cfg.dtype))
   return out, logp_BxL, ent_BxL
 
 
-def ppo_loss(model, config, params, mb):
-  """`mb`: a minibatch of `prepare_batch`'s dictionary (its keys carry their shapes)."""
+def ppo_loss(model, config, params, mb, key=None):
+  """`mb`: a minibatch of `prepare_batch`'s dictionary (its keys carry their shapes); `key`:
+  the step's dropout key (LoRA dropout)."""
   p = config.ppo
   tokens_BxL, mask_BxL = mb["tokens_BxL"], mb["mask_BxL"]
-  out, logp_BxL, ent_BxL = token_stats(model, config, params, tokens_BxL, mb["valid_BxL"])
+  out, logp_BxL, ent_BxL = token_stats(model, config, params, tokens_BxL, mb["valid_BxL"],
+                                       key=key)
   pg, m = losses.ppo_policy_loss(logp_BxL, mb["old_logprobs_BxL"], mb["advantages_BxL"],
                                  mask_BxL, p.clip_eps)
   kl = losses.masked_mean(losses.kl_k3(logp_BxL, mb["ref_logprobs_BxL"]), mask_BxL)
@@ -287,7 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                                                    *per_turn))
   # Microbatches weighted by their reply tokens: the policy, KL and entropy terms are means over
   # them (the value term, a mean over turns, is then weighted by tokens too).
-  step = run_rl.jit_update(run, mesh, lambda p, mb: ppo_loss(model, config, p, mb),
+  step = run_rl.jit_update(run, mesh, lambda p, mb, key=None: ppo_loss(model, config, p, mb, key),
                            config.get("microbatches", 1), lambda mb: mb["mask_BxL"].sum())
 
   it0 = int(state.step) // (config.ppo.epochs * config.ppo.minibatches)
