@@ -150,8 +150,8 @@ def compile_collabllm(accelerator: str, judge: bool, length: int,
   out = []
   # The trainer's own jitted step (ppo.train: run_rl.jit_update of ppo_loss), on what its
   # run scaffold would hold: the optimizer and the state's shardings.
-  update = run_rl.jit_update(types.SimpleNamespace(tx=tx, shardings=state_sh), mesh,
-                             lambda p, mb: ppo.ppo_loss(model, config, p, mb))
+  update = run_rl.jit_update(types.SimpleNamespace(model=model, tx=tx, shardings=state_sh),
+                             mesh, lambda p, mb, key=None: ppo.ppo_loss(model, config, p, mb, key))
   with jax.set_mesh(mesh):  # as the trainers run: activations carry their row sharding
     out.append(_stats("update", update, state,
                       batch(config.batch_size // config.ppo.minibatches), lora_rank=lora_rank))

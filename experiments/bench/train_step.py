@@ -55,7 +55,8 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
   policy = run_rl.rollout_policy(config, run.model, task, rcfg)
   prep = jax.jit(lambda p, r, k: ppo.prepare_batch(config, run.model, task, policy, rcfg, p, r,
                                                    k))
-  step = run_rl.jit_update(run, mesh, lambda p, mb: ppo.ppo_loss(run.model, config, p, mb))
+  step = run_rl.jit_update(run, mesh,
+                           lambda p, mb, key=None: ppo.ppo_loss(run.model, config, p, mb, key))
   key = jax.random.key(0)
   ref = run.reference(run.state.params)
   t_collect = common.median_seconds(lambda: prep(run.state.params, ref, key), repeats,
@@ -102,7 +103,8 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
   policy = run_rl.rollout_policy(config, run.model, task, rcfg)
   collect = jax.jit(lambda p, r, k: dpo.collect_pairs(config, task, policy, rcfg, p, r,
                                                       run.model, k))
-  step = run_rl.jit_update(run, mesh, lambda p, b: dpo.dpo_loss(run.model, config, p, b))
+  step = run_rl.jit_update(run, mesh,
+                           lambda p, b, key=None: dpo.dpo_loss(run.model, config, p, b, key))
   key = jax.random.key(0)
   ref = run.reference(run.state.params)
   t_collect = common.median_seconds(lambda: collect(run.state.params, ref, key),
