@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ppo = ml_collections.ConfigDict(dict(
       advantage="gae", group_size=4, gamma=0.0, lam=0.95, clip_eps=0.2, vf_coef=0.5,
       vf_clip=0.5, kl_coef=0.05, ent_coef=0.0, epochs=2, minibatches=2, whiten=True,
-      logits_chunk=0))  # ppo_ambig_math.py says what each field is
+      logits_chunk=0, one_call=False))  # ppo_ambig_math.py says what each field is
 
   # SFT on the records' conversations (trainers/sft_records.py): the loss on the assistant's
   # tokens; side=user trains the user simulator on the same conversations, seen from the user's

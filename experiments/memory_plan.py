@@ -251,11 +251,12 @@ def plan_collabllm(accelerator: str, judge: bool = True, share: bool = True) -> 
   out["reference"] = out["params"]  # run_rl.build: the starting params, as the state holds them
   user_params = _user_params(hf_cfg)
   out["user_params"] = transformer.count_params(user_params)
-  out["user"] = _bytes_per_chip(user_params, sharding.param_specs(user_params, rules, mesh), mesh)
-  out["judge"] = out["user"] if config.reward.w_int > 0 else 0  # hf.load_pretrained, bf16
+  # What a copy of the user's (and the judge's) weights costs a chip: hf.load_pretrained, bf16.
+  out["user_copy"] = _bytes_per_chip(user_params, sharding.param_specs(user_params, rules, mesh),
+                                     mesh)
   out["shared"] = share
-  if share:
-    out["user"] = out["judge"] = 0
+  out["user"] = 0 if share else out["user_copy"]
+  out["judge"] = out["user"] if config.reward.w_int > 0 else 0
 
   # Rollout: the conversations' and the user's state as `rollout.start` and the policy's `init`
   # make them; MR's S futures tile every row (`rollout.tile_rows`) beside the B originals.

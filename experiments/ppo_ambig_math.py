@@ -67,6 +67,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Positions whose LM-head logits are made at once in the update and the log-prob pass
   # (losses.head_token_stats); 0: all of them. A 128k vocabulary needs it at 4k tokens.
   c.ppo.logits_chunk = 0
+  # Every update step of an iteration in one jitted call (a scan over the minibatches, gathered
+  # on the device: ppo.jit_all_steps) instead of one call per step. Off: the runs in the README
+  # were made with the loop; on a loaded 2-core CPU it took 0.84 s against 1.10 s
+  # (experiments/bench/train_step.py, update_one_call_s).
+  c.ppo.one_call = False
 
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_steps=10, b1=0.9,
                                                b2=0.999, weight_decay=0.0, grad_clip=1.0))

@@ -42,6 +42,7 @@ def _tiny(cfg):
 def test_ppo_runs_resumes_and_logs(tmp_path):
   cfg = _tiny(ppo_ambig_math.get_config("runlocal"))
   cfg.ppo.minibatches = 1
+  cfg.ppo.one_call = True  # the update steps as one scan (its equality: test below)
   cfg.export_hf = True
   first = ppo.train(cfg, str(tmp_path / "run"), stop_after=1)
   assert int(first["state"].step) == cfg.ppo.epochs  # one iteration of `epochs` minibatch steps
@@ -258,3 +259,34 @@ def test_ppo_chunked_lm_head_gives_the_same_loss_and_gradient(tied):
     np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-6, err_msg=k)
   for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree_util.tree_leaves(g0)):
     np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-6, err_msg=sharding_lib.path_str(path))
+
+
+def test_ppo_steps_in_one_call_equal_the_step_loop():
+  """config.ppo.one_call: an iteration's epochs x minibatches update steps as one jitted scan
+  (minibatches gathered on the device) give the params and metrics of one jitted step per
+  minibatch on the same rows (`minibatch_rows`: epoch e shuffled by fold_in(key, 1000 + e))."""
+  import types  # pylint: disable=g-import-not-at-top
+  cfg = _tiny(ppo_ambig_math.get_config("runlocal"))
+  cfg.ppo.epochs = cfg.ppo.minibatches = 2
+  cfg.model.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1)  # two compiles
+  mesh = run_lib.check_run(cfg)
+  init = run_lib.init_state(cfg, mesh, run_lib.make_optimizer(cfg.optimizer))
+  run = types.SimpleNamespace(model=init.model, tx=init.tx, shardings=init.shardings)
+  batch = ppo_minibatch(cfg, cfg.batch_size, 11)
+  rows_SxN = ppo.minibatch_rows(cfg, jax.random.key(7))
+  assert rows_SxN.shape == (4, 4)
+  for e in range(2):  # each epoch's steps cover the batch once
+    assert sorted(np.asarray(rows_SxN[2 * e:2 * e + 2]).reshape(-1)) == list(range(8))
+  loss_fn = lambda p, mb, key=None: ppo.ppo_loss(init.model, cfg, p, mb, key)
+  weight_fn = lambda mb: mb["mask_BxL"].sum()
+  with jax.set_mesh(mesh):
+    one, ms = ppo.jit_all_steps(run, mesh, loss_fn, 1, weight_fn)(init.create_fn(), batch,
+                                                                   rows_SxN)
+    step, state, losses = run_rl.jit_update(run, mesh, loss_fn, 1, weight_fn), init.create_fn(), []
+    for rows_N in np.asarray(rows_SxN):
+      state, m = step(state, jax.tree_util.tree_map(lambda x: x[rows_N], batch))
+      losses.append(float(m["loss"]))
+  assert int(one.step) == int(state.step) == 4
+  np.testing.assert_allclose(np.asarray(ms["loss"]), losses, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -267,6 +267,34 @@ def ppo_loss(model, config, params, mb, key=None):
   return loss, m
 
 
+def minibatch_rows(config, key: jax.Array) -> jax.Array:
+  """[epochs x minibatches, B / minibatches] the batch rows of an iteration's update steps in
+  order: epoch e shuffles the batch with `fold_in(key, 1000 + e)` and cuts it in minibatches."""
+  b, n = config.batch_size, config.ppo.minibatches
+  perms = [jax.random.permutation(jax.random.fold_in(key, 1000 + e), b)
+           for e in range(config.ppo.epochs)]
+  return jnp.stack(perms).reshape(config.ppo.epochs * n, b // n)
+
+
+def jit_all_steps(run, mesh, loss_fn, microbatches: int = 1, weight_fn=None):
+  """Every update step of an iteration in one jitted call (`config.ppo.one_call`):
+  `(state, batch, rows [S, N]) -> (state, metrics [S])`, a `lax.scan` of `run_rl`'s guarded
+  step over the minibatches `rows` picks (gathered on the device, rows kept split), the state
+  donated. The host then dispatches once per iteration instead of once per step, and gathers
+  no minibatch itself."""
+  dropout = lora_lib.uses_dropout(run.model)
+
+  def all_steps(state, batch, rows_SxN):
+    def body(st, rows_N):
+      mb = jax.tree_util.tree_map(
+          lambda x: sharding_lib.constrain_rows(jnp.take(x, rows_N, axis=0)), batch)
+      return run_rl.guarded_update(loss_fn, run.tx, st, mb, microbatches, weight_fn, dropout)
+    return jax.lax.scan(body, state, rows_SxN)
+
+  return jax.jit(all_steps, donate_argnums=0,
+                 out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop.
 # ------------------------------------------------------------------------------------------------
@@ -290,11 +318,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                                                    *per_turn))
   # Microbatches weighted by their reply tokens: the policy, KL and entropy terms are means over
   # them (the value term, a mean over turns, is then weighted by tokens too).
-  step = run_rl.jit_update(run, mesh, lambda p, mb, key=None: ppo_loss(model, config, p, mb, key),
-                           config.get("microbatches", 1), lambda mb: mb["mask_BxL"].sum())
+  loss_fn = lambda p, mb, key=None: ppo_loss(model, config, p, mb, key)
+  weight_fn = lambda mb: mb["mask_BxL"].sum()
+  one_call = config.ppo.get("one_call", False)  # absent in configs saved before it
+  step = (jit_all_steps if one_call else run_rl.jit_update)(
+      run, mesh, loss_fn, config.get("microbatches", 1), weight_fn)
 
   it0 = int(state.step) // (config.ppo.epochs * config.ppo.minibatches)
-  n_mb = config.batch_size // config.ppo.minibatches
   history = run.baseline(it0)
   for it in run.steps(it0, stop_after, f"ppo[{config.reward.kind}]"):
     t0 = time.perf_counter()
@@ -306,18 +336,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       batch, stats = text_iteration(config, world, collect_fn, finish_fn, state.params,
                                     run.reference(state.params), key)
     t_collect = time.perf_counter() - t0
-    ms = []
-    for epoch in range(config.ppo.epochs):
-      perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 1000 + epoch),
-                                               config.batch_size))
-      for i in range(config.ppo.minibatches):
-        idx = perm[i * n_mb:(i + 1) * n_mb]
-        state, m = step(state, jax.tree_util.tree_map(lambda x: x[idx], batch))
+    rows_SxN = minibatch_rows(config, key)
+    if one_call:
+      state, ms = step(state, batch, rows_SxN)
+      ms = sharding_lib.to_host(ms)  # each metric [steps]
+    else:
+      ms = []
+      for rows_N in np.asarray(rows_SxN):
+        state, m = step(state, jax.tree_util.tree_map(lambda x: x[rows_N], batch))
         ms.append(m)
-    ms = sharding_lib.to_host(ms)
-    bad_steps = int(sum(m.pop("nonfinite") for m in ms))
+      ms = sharding_lib.to_host(ms)
+      ms = {k: np.stack([m[k] for m in ms]) for k in ms[0]}
+    bad_steps = int(ms.pop("nonfinite").sum())
     # Means over the iteration's minibatch steps (skipped ones included: they show what broke).
-    ms = run_rl.host_means({k: np.stack([m[k] for m in ms]) for k in ms[0]})
+    ms = run_rl.host_means(ms)
     scalars = {**ms, **stats, "nonfinite/skipped": bad_steps,
                "time/collect_s": t_collect, "time/iteration_s": time.perf_counter() - t0}
     # Conversation tokens collected and trained on per second of the whole iteration.

@@ -6,9 +6,11 @@ The configs are the experiments' own (`experiments/ppo_ambig_math.py` with rewar
 3 samples; `experiments/dpo_ambig_math.py`, online, 4 candidates), random weights, on this
 machine's devices. For each: the collection call (rollout + rewards, MR futures included, + the
 reference and old log-probs) and the update (PPO: epochs x minibatches jitted steps; DPO: one
-step on chosen + rejected), timed separately after a warm-up. Update tokens/s counts every
-sequence position the update's forward + backward passes process (conversations x columns x
-passes); `assistant_tokens_per_s` counts only the tokens the loss is on.
+step on chosen + rejected), timed separately after a warm-up; PPO's update also as one jitted
+call (`config.ppo.one_call`: `update_one_call_s`), alternated with the loop of steps. Update
+tokens/s counts every sequence position the update's forward + backward passes process
+(conversations x columns x passes); `assistant_tokens_per_s` counts only the tokens the loss
+is on.
 """
 
 from __future__ import annotations
@@ -62,19 +64,26 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
   t_collect = common.median_seconds(lambda: prep(run.state.params, ref, key), repeats,
                                     jax.block_until_ready)
   batch, _ = prep(run.state.params, ref, key)
-  n_mb = config.batch_size // config.ppo.minibatches
-  minibatches = [jax.tree_util.tree_map(lambda x: x[i * n_mb:(i + 1) * n_mb], batch)
-                 for i in range(config.ppo.minibatches)]
   holder = [run.state]
   held = state_stats(run.state)
+  all_steps = ppo.jit_all_steps(
+      run, mesh, lambda p, mb, key=None: ppo.ppo_loss(run.model, config, p, mb, key))
 
-  def update():
-    for _ in range(config.ppo.epochs):
-      for mb in minibatches:
-        holder[0], m = step(holder[0], mb)
+  def update():  # as ppo.train does it: the rows, a gather and a step per minibatch
+    for rows_N in np.asarray(ppo.minibatch_rows(config, key)):
+      holder[0], m = step(holder[0], jax.tree_util.tree_map(lambda x: x[rows_N], batch))
     return m["loss"]
 
-  t_update = common.median_seconds(update, repeats, jax.block_until_ready)
+  def update_one_call():  # config.ppo.one_call: every step in one jitted call
+    holder[0], m = all_steps(holder[0], batch, ppo.minibatch_rows(config, key))
+    return m["loss"]
+
+  # Alternated, so that a machine's load changes both alike.
+  t_update, t_one_call = [], []
+  for _ in range(repeats):
+    t_update.append(common.median_seconds(update, 1, jax.block_until_ready))
+    t_one_call.append(common.median_seconds(update_one_call, 1, jax.block_until_ready))
+  t_update, t_one_call = float(np.median(t_update)), float(np.median(t_one_call))
   positions = config.ppo.epochs * batch["tokens_BxL"].size
   assistant = config.ppo.epochs * int(np.asarray(batch["mask_BxL"]).sum())
   run.close()
@@ -82,6 +91,7 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
           "lora_rank": config.lora.rank, **held,
           "columns": int(batch["tokens_BxL"].shape[1]), "epochs": config.ppo.epochs,
           "minibatches": config.ppo.minibatches, "collect_s": t_collect, "update_s": t_update,
+          "update_one_call_s": t_one_call,
           "update_tokens_per_s": positions / t_update,
           "assistant_tokens_per_s": assistant / t_update,
           "collect_share": t_collect / (t_collect + t_update)}
