@@ -27,6 +27,7 @@ pass that computes the batch's old and reference log-probs, and the update.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import types
@@ -103,8 +104,9 @@ def _mesh(shape) -> AbstractMesh:
 @functools.lru_cache(maxsize=None)  # the same per-chip shapes recur from slice to slice
 def _update_bytes(cfg: transformer.TransformerConfig, rows: int, length: int) -> tuple:
   """(remat activations of an update on `rows` x `length` tokens, its fp32 logits): each layer's
-  input is kept for the backward pass; the logits and their gradient coexist."""
-  model = transformer.Transformer(cfg)
+  input is kept for the backward pass; the logits and their gradient coexist. The shapes come
+  from a forward pass of a one-layer model of the same widths (the layer count changes none)."""
+  model = transformer.Transformer(dataclasses.replace(cfg, num_hidden_layers=1))
   fwd = jax.eval_shape(lambda p, t: model.apply({"params": p}, t, heads=("lm",)),
                        _abstract_params(model), jax.ShapeDtypeStruct((rows, length), jnp.int32))
   hidden = math.prod(fwd.hidden_BxLxD.shape) * jnp.dtype(fwd.hidden_BxLxD.dtype).itemsize
