@@ -96,13 +96,18 @@ class NonFiniteError(FloatingPointError):
   """A loss, gradient, reward or batch went NaN/inf; the run stopped before saving it."""
 
 
+# The dropout keys' own branch of the state's RNG: trainers fold iteration numbers into it
+# (`fold_in(state.key, it)`), which never reach this value.
+DROPOUT_STREAM = 2**32 - 1
+
+
 def update(state: TrainState, tx: optax.GradientTransformation, loss_fn, batch=None,
            microbatches: int = 1, weight_fn=None, dropout: bool = False):
   """One optimizer step, applied only if it is finite.
 
   `loss_fn(params) -> (loss, aux)`, or with `batch`, `loss_fn(params, batch)`; with `dropout`,
-  `loss_fn(params, batch, key)`, the key fresh at every step (`fold_in(state.key, step)`, each
-  microbatch folding in its index) for the model's dropout (models/lora.py). With
+  `loss_fn(params, batch, key)`, the key fresh at every step (the step folded into the
+  `DROPOUT_STREAM` branch of `state.key`, each microbatch folding in its index) for the model's dropout (models/lora.py). With
   `microbatches` > 1 the batch (a pytree of [B, ...] arrays) is split into that many slices of
   B / microbatches rows and their gradients are accumulated in a `lax.scan` inside this step,
   so that only one slice's activations are alive at a time. The slices are weighted by
@@ -115,7 +120,8 @@ def update(state: TrainState, tx: optax.GradientTransformation, loss_fn, batch=N
   step keeps the old values even though the caller donates the state, so a bad update never
   exists outside it, let alone in a checkpoint. `nonfinite` (1.0 or 0.0) tells the host.
   """
-  key = jax.random.fold_in(state.key, state.step) if dropout else None
+  key = (jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT_STREAM), state.step)
+         if dropout else None)
   if batch is None:
     if microbatches != 1 or dropout:
       raise ValueError("microbatches > 1 and dropout need the batch passed to update()")

@@ -152,7 +152,8 @@ def test_dropout_runs_the_adapters_unmerged_on_their_input_only():
   fresh = lora.split(base, adapters)  # B = 0: dropping the adapters' input changes nothing
   np.testing.assert_allclose(logits(drop, fresh, rngs=k0), logits(model, base), rtol=1e-6,
                              atol=1e-6)
-  # The step's key: fold_in(state key, step), so a step differs from the next and repeats.
+  # The step's key: the step folded into the dropout branch of the state's key, so a step
+  # differs from the next and repeats.
   tx = lora.trainable_only(__import__("optax").sgd(0.1), drop.lora)
   state = state_lib.create(params, tx, jax.random.key(5))
   loss_fn = lambda p, b, key=None: (jnp.mean(logits(drop, p, rngs=lora.dropout_rngs(key))), {})
