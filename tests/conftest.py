@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices, asked for before JAX is imported anywhere."""
 
 import os
+import tempfile
 
 # Must run before the first `import jax`: XLA reads the flag when the CPU backend starts.
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -17,6 +18,14 @@ import pytest  # noqa: E402
 # while the last still runs. Synchronous CPU dispatch rules that out in tests; real runs on
 # accelerators keep asynchronous dispatch.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+# One persistent compilation cache for the whole session, fresh each run (nothing carries over
+# between runs): the trainers' tests build the same tiny programs again and again, from new
+# closures that jit's in-memory cache cannot match, and a cache hit skips XLA's compile (the
+# suite's largest cost on 2 cores). `compile_counter` still sees every real compilation.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="collab_rl_tests_jax_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session", autouse=True)
