@@ -109,11 +109,12 @@ def update(state: TrainState, tx: optax.GradientTransformation, loss_fn, batch=N
   `loss_fn(params, batch, key)`, the key fresh at every step (the step folded into the
   `DROPOUT_STREAM` branch of `state.key`, each microbatch folding in its index) for the
   model's dropout (models/lora.py). With `microbatches` > 1 the batch (a pytree of [B, ...]
-  arrays) is split into that many slices of B / microbatches rows and their gradients are accumulated in a `lax.scan` inside this step,
-  so that only one slice's activations are alive at a time. The slices are weighted by
-  `weight_fn(slice)` (e.g. the tokens a masked-mean loss averages over; None: equally), which
-  makes the accumulated loss, gradient and float aux those of the whole batch at once for a
-  loss that is a weighted mean over its slice (tests/test_train_state.py checks it).
+  arrays) is split into that many slices of B / microbatches rows and their gradients are
+  accumulated in a `lax.scan` inside this step, so that only one slice's activations are alive
+  at a time. The slices are weighted by `weight_fn(slice)` (e.g. the tokens a masked-mean loss
+  averages over; None: equally), which makes the accumulated loss, gradient and float aux those
+  of the whole batch at once for a loss that is a weighted mean over its slice
+  (tests/test_train_state.py checks it).
 
   Returns (state, loss, aux, {"grad_norm", "nonfinite"}). When the loss or the gradient norm is
   NaN or inf, the state comes back unchanged (step count included): selecting inside the jitted
