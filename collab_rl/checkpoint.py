@@ -195,6 +195,11 @@ class Checkpointer:
       logging.info("Saving checkpoint step %d to %s.", step, self.directory)
     return saved
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step)` would save: the interval, or a preemption signal (on a multi-host
+    run a collective: every process asks at the same point)."""
+    return int(step) not in self._manager.all_steps() and self._manager.should_save(int(step))
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 

@@ -19,6 +19,7 @@ latest), "skip" drops the update, counts it in `nonfinite/skipped` and goes on.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
@@ -151,20 +152,33 @@ class Setup(NamedTuple):
       return {}
     return self.run.log(0, {f"eval/{k}": v for k, v in self.evaluate(self.state.params).items()})
 
-  def end_iteration(self, it: int, state: state_lib.TrainState, scalars: dict[str, float],
-                    bad_steps: int, data_state: dict | None = None) -> dict[str, float]:
+  def read_now(self, it: int) -> bool:
+    """Whether iteration `it` must be read before the next one is queued: it evaluates, may
+    save (the checkpoint interval or a preemption) or is this process's last. Every other
+    iteration is read one late (`LateReader`)."""
+    return (it % self.config.eval_every == 0 or it == self.run.last
+            or self.checkpointer.due(it))
+
+  def end_iteration(self, it: int, state: state_lib.TrainState | None,
+                    scalars: dict[str, float], bad_steps: int,
+                    data_state: dict | None = None) -> dict[str, float]:
     """After an iteration's updates, in this order: the non-finite check (`check_finite`), the
     greedy evaluation when due (every `eval_every` iterations and at this process's last), the
     log (every `log_every` iterations, and with every evaluation), the checkpoint (always at the
-    last). Returns `scalars` with the evaluation added."""
+    last). `state` is None for an iteration read late, whose state the next update consumed:
+    such an iteration is never one that evaluates or saves (`read_now`). Returns `scalars`
+    with the evaluation added."""
     config, last = self.config, self.run.last
     check_finite(config, it, scalars, bad_steps, self.checkpointer)
     evaluated = it % config.eval_every == 0 or it == last
+    if state is None and evaluated:
+      raise ValueError(f"iteration {it} evaluates but was read without its state")
     if evaluated:
       scalars.update({f"eval/{k}": v for k, v in self.evaluate(state.params).items()})
     if evaluated or it % config.log_every == 0:
       self.run.writer.write_scalars(it, scalars)
-    self.run.save(it, state, data_state)
+    if state is not None:
+      self.run.save(it, state, data_state)
     return scalars
 
   def close(self) -> None:
@@ -262,6 +276,50 @@ def jit_update(run: Setup, mesh: jax.sharding.Mesh, loss_fn, microbatches: int =
   return jax.jit(lambda s, b: guarded_update(loss_fn, run.tx, s, b, microbatches, weight_fn,
                                              dropout),
                  donate_argnums=0, out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
+
+
+class LateReader:
+  """Reads an RL loop's iterations one late, so that the host never waits on the device.
+
+  A trainer queues iteration i (collection and updates, all asynchronous on a device-scored
+  task) and hands its results, still on the device, to `push`; only then is iteration i - 1
+  read (its non-finite flags, metrics and stats copied to the host, checked and logged), by
+  when the device has finished it and is busy with i. An iteration that evaluates, may save or
+  ends the process (`Setup.read_now`) is read at once, with its state.
+
+  `scalars_fn(device_values_on_host, host_values, seconds) -> (scalars, bad_steps)` turns what
+  an iteration left into its logged scalars. `time/iteration_s` is the host's time from the
+  iteration's start to the next one's (to the end of its reading when read at once): in a
+  steady loop that is the time the iteration costs the run.
+
+  With `config.on_nonfinite = "stop"`, a refused update is then seen one iteration late: the
+  next iteration's update has run in memory (on the last good params) but nothing after the
+  refused one is ever saved, since an iteration that may save is read at once.
+  """
+
+  def __init__(self, setup: Setup, scalars_fn: Callable[..., tuple[dict[str, float], int]]):
+    self.setup, self.scalars_fn = setup, scalars_fn
+    self._late = None  # (it, t0, device values, host values, data_state) not read yet
+
+  def push(self, it: int, t0: float, device, host: dict, state: state_lib.TrainState,
+           data_state: dict | None = None) -> dict[str, float]:
+    """Iteration `it` (started at `t0`, `time.perf_counter`) is queued: reads the one before
+    it, and `it` itself when `Setup.read_now(it)`; returns what they logged."""
+    logged = {}
+    if self._late is not None:
+      logged.update(self._read(*self._late, end=t0, state=None))
+    self._late = (it, t0, device, host, data_state)
+    if self.setup.read_now(it):
+      self._late, late = None, self._late
+      logged.update(self._read(*late, end=None, state=state))
+    return logged
+
+  def _read(self, it, t0, device, host, data_state, *, end, state) -> dict[str, float]:
+    device = sharding_lib.to_host(device)  # waits for iteration `it`, finished or nearly
+    seconds = (time.perf_counter() if end is None else end) - t0
+    scalars, bad_steps = self.scalars_fn(device, host, seconds)
+    scalars["time/iteration_s"] = seconds
+    return self.setup.end_iteration(it, state, scalars, bad_steps, data_state)
 
 
 def host_means(stats) -> dict[str, float]:

@@ -172,13 +172,19 @@ def _fault_config(**fields):
 
 
 def test_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """Iteration 3 neither saves nor evaluates, so it is read one late (`run_rl.LateReader`),
+  while iteration 4, which would save, is queued: the stop still comes before that save."""
   cfg = _fault_config(num_steps=4)
+  cfg.checkpoint.every_steps = 2
   _inject_nan_reward(monkeypatch, {3})
   with pytest.raises(run_rl.NonFiniteError, match=r"iteration 3: .*last good checkpoint is "
                                                      r"step 2"):
     ppo.train(cfg, str(tmp_path / "run"))
+  logged = [r["step"] for r in metrics_lib.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+            if "time/iteration_s" in r]
+  assert logged == [1, 2]  # iteration 1 read late, 2 at once (it saves), 3 stopped the run
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints"))
-  assert checkpointer.all_steps() == [1, 2]
+  assert checkpointer.all_steps() == [2]
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(cfg.model.to_dict()))
   _, abstract, _ = state_lib.init_sharded(
       state_lib.fresh_init_fn(model, run_lib.make_optimizer(cfg.optimizer), cfg.seed),
@@ -263,8 +269,8 @@ def test_ppo_chunked_lm_head_gives_the_same_loss_and_gradient(tied):
 
 def test_ppo_steps_in_one_call_equal_the_step_loop():
   """config.ppo.one_call: an iteration's epochs x minibatches update steps as one jitted scan
-  (minibatches gathered on the device) give the params and metrics of one jitted step per
-  minibatch on the same rows (`minibatch_rows`: epoch e shuffled by fold_in(key, 1000 + e))."""
+  give the params and metrics of one jitted step per minibatch (`jit_steps`, the default) on
+  the same rows, both gathered on the device (`minibatch_rows`: epoch e shuffled by fold_in(key, 1000 + e))."""
   import types  # pylint: disable=g-import-not-at-top
   cfg = _tiny(ppo_ambig_math.get_config("runlocal"))
   cfg.ppo.epochs = cfg.ppo.minibatches = 2
@@ -282,11 +288,9 @@ def test_ppo_steps_in_one_call_equal_the_step_loop():
   with jax.set_mesh(mesh):
     one, ms = ppo.jit_all_steps(run, mesh, loss_fn, 1, weight_fn)(init.create_fn(), batch,
                                                                    rows_SxN)
-    step, state, losses = run_rl.jit_update(run, mesh, loss_fn, 1, weight_fn), init.create_fn(), []
-    for rows_N in np.asarray(rows_SxN):
-      state, m = step(state, jax.tree_util.tree_map(lambda x: x[rows_N], batch))
-      losses.append(float(m["loss"]))
+    state, steps = ppo.jit_steps(run, mesh, loss_fn, 1, weight_fn)(init.create_fn(), batch,
+                                                                   rows_SxN)
   assert int(one.step) == int(state.step) == 4
-  np.testing.assert_allclose(np.asarray(ms["loss"]), losses, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(ms["loss"]), ppo.stack_steps(steps)["loss"], rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

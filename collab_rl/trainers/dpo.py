@@ -228,23 +228,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       fields = {k: v for k, v in next(data_iter).items() if k in engine.FIELDS}
       return offline(ref_params, sharding_lib.shard_batch(fields, mesh))
 
+  def scalars_fn(device, host, seconds):
+    scalars = {**run_rl.host_means(device), **host}
+    bad_steps = int(scalars.pop("nonfinite"))
+    scalars.update({"nonfinite/skipped": bad_steps,
+                    "tokens_per_s": scalars["tokens/trained"] / seconds})
+    return scalars, bad_steps
+
+  reader = run_rl.LateReader(run, scalars_fn)
   start = int(state.step)
   history = run.baseline(start)
   for it in run.steps(start, stop_after, f"dpo[{config.dpo.source}]"):
     t0 = time.perf_counter()
-    batch, stats = jax.block_until_ready(collect(state.params, run.reference(state.params),
-                                                 jax.random.fold_in(state.key, it)))
-    t_collect = time.perf_counter() - t0
+    # Queued, not awaited, where the pairs are made on the device (the language tier's host
+    # scoring waits for its futures, and offline data is read on the host).
+    batch, stats = collect(state.params, run.reference(state.params),
+                           jax.random.fold_in(state.key, it))
+    host = {"time/collect_s": time.perf_counter() - t0} if world is not None else {}
     state, m = step(state, batch)
-    scalars = run_rl.host_means({**m, **stats})
-    bad_steps = int(scalars.pop("nonfinite"))
-    seconds = time.perf_counter() - t0
-    scalars.update({"nonfinite/skipped": bad_steps, "time/collect_s": t_collect,
-                    "time/iteration_s": seconds,
-                    "tokens_per_s": scalars["tokens/trained"] / seconds})
     position = data_iter if data_iter is not None else world.train if world else None
-    history.update(run.end_iteration(
-        it, state, scalars, bad_steps,
-        data_state=None if position is None else position.get_state()))
+    history.update(reader.push(it, t0, {**m, **stats}, host, state,
+                               None if position is None else position.get_state()))
   run.close()
   return {"state": state, "final": history, "how": run.how}

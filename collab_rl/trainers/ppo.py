@@ -6,7 +6,9 @@ whole conversation on its last turn); read values at each turn's assistant heade
 (or a group baseline over repeated intents) broadcast to the turn's tokens; then `epochs` passes
 of clipped-ratio minibatch updates with a value loss, a k3 KL penalty to the frozen reference
 policy and an entropy bonus. Collection is one jitted call (simulator, MR futures and all); the
-update is one jitted, donated step per minibatch.
+update is one jitted, donated step per minibatch (all of them in one call with
+`config.ppo.one_call`). The host queues an iteration without waiting for the device and reads
+each iteration's metrics one iteration late (`run_rl.LateReader`).
 """
 
 from __future__ import annotations
@@ -276,6 +278,42 @@ def minibatch_rows(config, key: jax.Array) -> jax.Array:
   return jnp.stack(perms).reshape(config.ppo.epochs * n, b // n)
 
 
+def mean_stats(batch, stats):
+  """(batch, each stat's mean over the batch in fp32): what the host reads of a collection."""
+  return batch, {k: jnp.mean(v.astype(jnp.float32)) for k, v in stats.items()}
+
+
+def take_rows(batch, rows_N: jax.Array):
+  """The minibatch of `batch` at `rows_N`, gathered on the device, rows kept split."""
+  return jax.tree_util.tree_map(
+      lambda x: sharding_lib.constrain_rows(jnp.take(x, rows_N, axis=0)), batch)
+
+
+def jit_steps(run, mesh, loss_fn, microbatches: int = 1, weight_fn=None):
+  """Every update step of an iteration, one jitted call per step: `(state, batch, rows [S, N])
+  -> (state, [each step's metrics])`, each minibatch gathered by one jitted call. The host
+  queues the steps without waiting for any."""
+  step = run_rl.jit_update(run, mesh, loss_fn, microbatches, weight_fn)
+  take = jax.jit(lambda batch, rows_SxN, i: take_rows(batch, rows_SxN[i]))
+
+  def all_steps(state, batch, rows_SxN):
+    ms = []
+    for i in range(rows_SxN.shape[0]):
+      state, m = step(state, take(batch, rows_SxN, i))
+      ms.append(m)
+    return state, ms  # stacked when read (`stack_steps`): no device work for the host to queue
+
+  return all_steps
+
+
+def stack_steps(ms) -> dict[str, np.ndarray]:
+  """The update metrics on the host, each [steps], from either `jit_steps` (a list of each
+  step's) or `jit_all_steps` (already stacked)."""
+  if isinstance(ms, dict):
+    return ms
+  return {k: np.stack([m[k] for m in ms]) for k in ms[0]}
+
+
 def jit_all_steps(run, mesh, loss_fn, microbatches: int = 1, weight_fn=None):
   """Every update step of an iteration in one jitted call (`config.ppo.one_call`):
   `(state, batch, rows [S, N]) -> (state, metrics [S])`, a `lax.scan` of `run_rl`'s guarded
@@ -286,9 +324,8 @@ def jit_all_steps(run, mesh, loss_fn, microbatches: int = 1, weight_fn=None):
 
   def all_steps(state, batch, rows_SxN):
     def body(st, rows_N):
-      mb = jax.tree_util.tree_map(
-          lambda x: sharding_lib.constrain_rows(jnp.take(x, rows_N, axis=0)), batch)
-      return run_rl.guarded_update(loss_fn, run.tx, st, mb, microbatches, weight_fn, dropout)
+      return run_rl.guarded_update(loss_fn, run.tx, st, take_rows(batch, rows_N), microbatches,
+                                   weight_fn, dropout)
     return jax.lax.scan(body, state, rows_SxN)
 
   return jax.jit(all_steps, donate_argnums=0,
@@ -307,7 +344,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   model, state, world = run.model, run.state, run.world
   policy = run_rl.rollout_policy(config, model, task, rcfg)
   if world is None:
-    prep = jax.jit(lambda p, r, k: prepare_batch(config, model, task, policy, rcfg, p, r, k))
+    # The batch's rows over data x fsdp, as the update reads them; the stats as means.
+    prep = jax.jit(lambda p, r, k: mean_stats(*prepare_batch(config, model, task, policy, rcfg,
+                                                             p, r, k)),
+                   out_shardings=(sharding_lib.batch_sharding(mesh),
+                                  sharding_lib.replicated(mesh)))
   else:
     def collect_played(p, u, k, intent):
       conv, sim, pending, *per_turn = collect(config, model, task.bind(u), policy, rcfg, p, k,
@@ -321,41 +362,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   loss_fn = lambda p, mb, key=None: ppo_loss(model, config, p, mb, key)
   weight_fn = lambda mb: mb["mask_BxL"].sum()
   one_call = config.ppo.get("one_call", False)  # absent in configs saved before it
-  step = (jit_all_steps if one_call else run_rl.jit_update)(
+  update = (jit_all_steps if one_call else jit_steps)(
       run, mesh, loss_fn, config.get("microbatches", 1), weight_fn)
+  rows_fn = jax.jit(lambda k: minibatch_rows(config, k),
+                    out_shardings=sharding_lib.replicated(mesh))
 
+  def scalars_fn(ms, stats, seconds):
+    ms = stack_steps(ms)
+    bad_steps = int(ms.pop("nonfinite").sum())
+    # Means over the iteration's minibatch steps (skipped ones included: they show what broke).
+    scalars = {**run_rl.host_means(ms), **run_rl.host_means(stats),
+               "nonfinite/skipped": bad_steps}
+    # Conversation tokens collected and trained on per second of the whole iteration.
+    scalars["tokens_per_s"] = scalars["tokens/conversation"] * config.batch_size / seconds
+    return scalars, bad_steps
+
+  reader = run_rl.LateReader(run, scalars_fn)
   it0 = int(state.step) // (config.ppo.epochs * config.ppo.minibatches)
   history = run.baseline(it0)
   for it in run.steps(it0, stop_after, f"ppo[{config.reward.kind}]"):
     t0 = time.perf_counter()
     key = jax.random.fold_in(state.key, it)
-    if world is None:
-      batch, stats = jax.block_until_ready(prep(state.params, run.reference(state.params), key))
-      stats = run_rl.host_means(stats)
-    else:
+    if world is None:  # queued, not awaited: the previous iteration is read meanwhile
+      batch, stats = prep(state.params, run.reference(state.params), key)
+    else:  # the host scores the rewards, so it waits for the collection anyway
       batch, stats = text_iteration(config, world, collect_fn, finish_fn, state.params,
                                     run.reference(state.params), key)
-    t_collect = time.perf_counter() - t0
-    rows_SxN = minibatch_rows(config, key)
-    if one_call:
-      state, ms = step(state, batch, rows_SxN)
-      ms = sharding_lib.to_host(ms)  # each metric [steps]
-    else:
-      ms = []
-      for rows_N in np.asarray(rows_SxN):
-        state, m = step(state, jax.tree_util.tree_map(lambda x: x[rows_N], batch))
-        ms.append(m)
-      ms = sharding_lib.to_host(ms)
-      ms = {k: np.stack([m[k] for m in ms]) for k in ms[0]}
-    bad_steps = int(ms.pop("nonfinite").sum())
-    # Means over the iteration's minibatch steps (skipped ones included: they show what broke).
-    ms = run_rl.host_means(ms)
-    scalars = {**ms, **stats, "nonfinite/skipped": bad_steps,
-               "time/collect_s": t_collect, "time/iteration_s": time.perf_counter() - t0}
-    # Conversation tokens collected and trained on per second of the whole iteration.
-    scalars["tokens_per_s"] = (scalars["tokens/conversation"] * config.batch_size
-                               / scalars["time/iteration_s"])
+      stats["time/collect_s"] = time.perf_counter() - t0
+    state, ms = update(state, batch, rows_fn(key))
     data_state = None if world is None else world.train.get_state()
-    history.update(run.end_iteration(it, state, scalars, bad_steps, data_state))
+    history.update(reader.push(it, t0, ms, stats, state, data_state))
   run.close()
   return {"state": state, "final": history, "how": run.how}
