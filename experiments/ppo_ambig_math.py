@@ -68,9 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (losses.head_token_stats); 0: all of them. A 128k vocabulary needs it at 4k tokens.
   c.ppo.logits_chunk = 0
   # Every update step of an iteration in one jitted call (a scan over the minibatches, gathered
-  # on the device: ppo.jit_all_steps) instead of one call per step. Off: the runs in the README
-  # were made with the loop; on a loaded 2-core CPU it took 0.84 s against 1.10 s
-  # (experiments/bench/train_step.py, update_one_call_s).
+  # on the device: ppo.jit_all_steps) instead of one call per step (ppo.jit_steps). Off: the
+  # runs in the README were made with the loop (equal to 1e-5 per step, not bit for bit); on
+  # this 2-core CPU one call makes an MR iteration 0.778 s against 0.870 s at batch 64
+  # (experiments/bench/rl_idle.py).
   c.ppo.one_call = False
 
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_steps=10, b1=0.9,

@@ -1,20 +1,23 @@
 """The device-idle share of a PPO iteration: how much of an iteration's wall time the device
 waits for the host.
 
-* busy: the device time of one iteration's programs, each run alone and awaited (medians over
-  --repeats): the collection (`ppo.prepare_batch`, jitted) and the update steps (one jitted step
-  per minibatch, or all of them in one call with --one_call; the minibatches are gathered before
-  the clock starts).
-* period: the trainer's own loop (`ppo.train`) timed between the starts of consecutive
-  iterations (a wrapper around `run.Run.steps`), median over the iterations after the first
-  --warmup (they compile) and before the last (it evaluates and saves).
-* idle share = 1 - busy / period: the part of the loop in which the device has nothing queued
-  (host reads, logging, dispatch, the host's own array work).
+Two measurements of the same loop (`ppo.train` on `ppo_ambig_math.py:reward=mr,window=2`, the
+MR headline arm's trainer, evaluating and saving at its last iteration only):
 
-On this CPU the "device" is XLA's CPU runtime, which shares the 2 cores with the host's Python;
-on an accelerator host work overlaps device work fully once the host never waits. The script
-uses only what older commits have too (`prepare_batch`, `minibatch_rows`, `jit_all_steps`,
-`run_rl.jit_update`), so the "before" is this file run from an older checkout:
+* traced (the figure reported): the loop runs under `jax.profiler.trace` (Python tracer off);
+  every XLA execution appears as a `ThunkExecutor::Execute` span on XLA's threads, and each
+  iteration as a `TraceAnnotation` on the host. Over the iterations after the first --warmup
+  (they compile) and before the last (it evaluates and saves): idle share = 1 - (the union of
+  the execution spans) / (the iterations' wall time).
+* estimated (a cross-check without the profiler): the device seconds of one iteration's
+  programs, each run alone and awaited (the collection, `ppo.prepare_batch` jitted, and the
+  update steps: a jitted step per minibatch or all in one call with one_call), against the
+  loop's median period between iteration starts: 1 - busy / period.
+
+On this CPU the "device" is XLA's CPU runtime, which shares the 2 cores with the host's Python:
+host work there also slows the device down, which no reordering removes. The script uses only
+what older commits have too (`prepare_batch`, `minibatch_rows`, `jit_all_steps`,
+`run_rl.jit_update`, `run.Run.steps`), so the "before" is this file run from an older checkout:
 
   python -m experiments.bench.rl_idle --out runs/bench/rl_idle.json
   (cd OLD_CHECKOUT && PYTHONPATH=. python /path/to/experiments/bench/rl_idle.py ...)
@@ -94,9 +97,15 @@ def busy_seconds(config, workdir: str, repeats: int) -> dict:
   return {"collect_s": t_collect, "update_s": t_update, "busy_s": t_collect + t_update}
 
 
-def loop_periods(config, workdir: str) -> list[float]:
-  """Seconds between the starts of consecutive iterations of `ppo.train` (the last: to the
-  loop's end)."""
+def traced_loop(config, workdir: str, trace_dir: str, warmup: int) -> dict:
+  """Runs `ppo.train` under the profiler; returns the loop's periods between iteration starts
+  and, over iterations warmup + 1 .. last - 1, the traced wall and device-busy seconds."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
   from collab_rl import run as run_lib  # pylint: disable=g-import-not-at-top
   from collab_rl.trainers import ppo  # pylint: disable=g-import-not-at-top
 
@@ -105,15 +114,39 @@ def loop_periods(config, workdir: str) -> list[float]:
   def timed_steps(self, *args, **kwargs):
     for it in steps(self, *args, **kwargs):
       stamps.append(time.perf_counter())
-      yield it
+      with jax.profiler.TraceAnnotation(f"rl_idle iteration {it}"):
+        yield it
     stamps.append(time.perf_counter())
 
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0  # it would multiply the host's own time
   run_lib.Run.steps = timed_steps
   try:
-    ppo.train(config, workdir)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
+      ppo.train(config, workdir)
   finally:
     run_lib.Run.steps = steps
-  return [b - a for a, b in zip(stamps, stamps[1:])]
+  (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace)
+            if e.get("ph") == "X"]
+  iterations = {int(e["name"].rsplit(" ", 1)[1]): (e["ts"], e["ts"] + e["dur"])
+                for e in events if e["name"].startswith("rl_idle iteration ")}
+  its = sorted(iterations)
+  timed = its[warmup:-1]
+  lo, hi = iterations[timed[0]][0], iterations[timed[-1]][1]
+  spans = sorted((max(e["ts"], lo), min(e["ts"] + e["dur"], hi)) for e in events
+                 if e["name"] == "ThunkExecutor::Execute" and e["ts"] < hi
+                 and e["ts"] + e["dur"] > lo)
+  busy, end = 0.0, lo
+  for a, b in spans:  # the union of the (nested, overlapping) execution spans
+    if b > end:
+      busy += b - max(a, end)
+      end = b
+  return {"periods_s": [b - a for a, b in zip(stamps, stamps[1:])],
+          "traced_iterations": [timed[0], timed[-1]], "traced_wall_s": (hi - lo) / 1e6,
+          "traced_busy_s": busy / 1e6}
 
 
 def main(argv):
@@ -137,18 +170,22 @@ def main(argv):
     one_call = value.lower() in ("1", "true", "yes")
     config = _config(one_call, warm + timed + 1)
     with tempfile.TemporaryDirectory() as d:
-      periods = loop_periods(config, f"{d}/loop")
+      traced = traced_loop(config, f"{d}/loop", f"{d}/trace", warm)
       busy = busy_seconds(config, f"{d}/busy", _REPEATS.value)
+    periods = traced.pop("periods_s")
     steady = periods[warm:warm + timed]
     period = statistics.median(steady)
-    r = {"one_call": one_call, **busy, "period_s": period,
+    idle = 1.0 - traced["traced_busy_s"] / traced["traced_wall_s"]
+    r = {"one_call": one_call, "idle_share": idle, **traced, **busy, "period_s": period,
          "period_range_s": [min(steady), max(steady)], "periods_s": periods,
-         "idle_share": 1.0 - busy["busy_s"] / period}
+         "estimated_idle_share": 1.0 - busy["busy_s"] / period}
     result["runs"].append(r)
-    print(f"commit {commit} one_call={one_call}: iteration {period:.3f} s "
-          f"(range {min(steady):.3f}-{max(steady):.3f}), device busy {busy['busy_s']:.3f} s "
-          f"(collect {busy['collect_s']:.3f} + update {busy['update_s']:.3f}), "
-          f"idle share {r['idle_share']:.1%}")
+    print(f"commit {commit} one_call={one_call}: idle share {idle:.1%} (traced: device busy "
+          f"{traced['traced_busy_s']:.3f} s of {traced['traced_wall_s']:.3f} s over iterations "
+          f"{traced['traced_iterations'][0]}-{traced['traced_iterations'][1]}); iteration "
+          f"{period:.3f} s (range {min(steady):.3f}-{max(steady):.3f}), programs alone "
+          f"{busy['busy_s']:.3f} s (collect {busy['collect_s']:.3f} + update "
+          f"{busy['update_s']:.3f}): estimated idle share {r['estimated_idle_share']:.1%}")
   if _OUT.value:
     common.write_json(_OUT.value, result)
 
