@@ -273,9 +273,11 @@ def jit_update(run: Setup, mesh: jax.sharding.Mesh, loss_fn, microbatches: int =
   in its shardings, the metrics replicated. `loss_fn(params, batch, key=None)` gets the step's
   dropout key when the run's model has LoRA dropout."""
   dropout = lora_lib.uses_dropout(run.model)
-  return jax.jit(lambda s, b: guarded_update(loss_fn, run.tx, s, b, microbatches, weight_fn,
-                                             dropout),
-                 donate_argnums=0, out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
+  def update_step(state, batch):
+    return guarded_update(loss_fn, run.tx, state, batch, microbatches, weight_fn, dropout)
+
+  return jax.jit(update_step, donate_argnums=0,
+                 out_shardings=(run.shardings, sharding_lib.replicated(mesh)))
 
 
 class LateReader:

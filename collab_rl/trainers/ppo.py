@@ -13,6 +13,7 @@ each iteration's metrics one iteration late (`run_rl.LateReader`).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -294,7 +295,10 @@ def jit_steps(run, mesh, loss_fn, microbatches: int = 1, weight_fn=None):
   -> (state, [each step's metrics])`, each minibatch gathered by one jitted call. The host
   queues the steps without waiting for any."""
   step = run_rl.jit_update(run, mesh, loss_fn, microbatches, weight_fn)
-  take = jax.jit(lambda batch, rows_SxN, i: take_rows(batch, rows_SxN[i]))
+  def take_minibatch(batch, rows_SxN, i):
+    return take_rows(batch, rows_SxN[i])
+
+  take = jax.jit(take_minibatch)
 
   def all_steps(state, batch, rows_SxN):
     ms = []
@@ -345,10 +349,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   policy = run_rl.rollout_policy(config, model, task, rcfg)
   if world is None:
     # The batch's rows over data x fsdp, as the update reads them; the stats as means.
-    prep = jax.jit(lambda p, r, k: mean_stats(*prepare_batch(config, model, task, policy, rcfg,
-                                                             p, r, k)),
-                   out_shardings=(sharding_lib.batch_sharding(mesh),
-                                  sharding_lib.replicated(mesh)))
+    def collect_batch(p, r, k):
+      return mean_stats(*prepare_batch(config, model, task, policy, rcfg, p, r, k))
+
+    prep = jax.jit(collect_batch, out_shardings=(sharding_lib.batch_sharding(mesh),
+                                                 sharding_lib.replicated(mesh)))
   else:
     def collect_played(p, u, k, intent):
       conv, sim, pending, *per_turn = collect(config, model, task.bind(u), policy, rcfg, p, k,
@@ -364,7 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   one_call = config.ppo.get("one_call", False)  # absent in configs saved before it
   update = (jit_all_steps if one_call else jit_steps)(
       run, mesh, loss_fn, config.get("microbatches", 1), weight_fn)
-  rows_fn = jax.jit(lambda k: minibatch_rows(config, k),
+  rows_fn = jax.jit(functools.partial(minibatch_rows, config),
                     out_shardings=sharding_lib.replicated(mesh))
 
   def scalars_fn(ms, stats, seconds):
