@@ -361,7 +361,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       return (*text_lib.played(conv, sim), pending, *per_turn)
     collect_fn = jax.jit(collect_played)
     finish_fn = jax.jit(lambda p, r, conv, *per_turn: finish_batch(config, model, p, r, conv,
-                                                                   *per_turn))
+                                                                   *per_turn),
+                        out_shardings=sharding_lib.batch_sharding(mesh))
   # Microbatches weighted by their reply tokens: the policy, KL and entropy terms are means over
   # them (the value term, a mean over turns, is then weighted by tokens too).
   loss_fn = lambda p, mb, key=None: ppo_loss(model, config, p, mb, key)
