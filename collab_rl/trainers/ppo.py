@@ -295,6 +295,7 @@ def jit_steps(run, mesh, loss_fn, microbatches: int = 1, weight_fn=None):
   -> (state, [each step's metrics])`, each minibatch gathered by one jitted call. The host
   queues the steps without waiting for any."""
   step = run_rl.jit_update(run, mesh, loss_fn, microbatches, weight_fn)
+
   def take_minibatch(batch, rows_SxN, i):
     return take_rows(batch, rows_SxN[i])
 
