@@ -25,6 +25,7 @@ import math
 import os
 import re
 import types
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -109,13 +110,30 @@ def _stats(name: str, jitted, *args, lora_rank: int = 0) -> Compiled:
                   m.alias_size_in_bytes, m.temp_size_in_bytes, lora_rank=lora_rank)
 
 
-def compile_collabllm(accelerator: str, judge: bool, length: int,
-                      lora_rank: int = 0) -> list[Compiled]:
+def override(config, assignments: Sequence[str]) -> None:
+  """Sets `key=value` fields of `config` (dotted keys), each value parsed as the field's type."""
+  for a in assignments:
+    key, sep, value = a.partition("=")
+    *path, name = key.split(".")
+    node = config
+    for p in path:
+      node = node[p]
+    if not sep or name not in node:
+      raise ValueError(f"override {a!r}: want key=value with an existing config field")
+    old = node[name]
+    node[name] = (value.lower() in ("1", "true") if isinstance(old, bool)
+                  else type(old)(value) if old is not None else value)
+
+
+def compile_collabllm(accelerator: str, judge: bool, length: int, lora_rank: int = 0,
+                      overrides: Sequence[str] = ()) -> list[Compiled]:
   """Compiles experiments/collabllm_8b.py's PPO programs for `accelerator`'s topology, on
   conversations of `length` tokens (memory_plan.plan_collabllm's `max_len`); with `lora_rank`
-  the run's LoRA state (config.lora: the base frozen, adapters and the critic trained)."""
+  the run's LoRA state (config.lora: the base frozen, adapters and the critic trained);
+  `overrides`: config fields set first (`override`)."""
   config = collabllm_8b.get_config(f"slice={accelerator}" + (",judge" if judge else ""))
   config.lora.rank = lora_rank
+  override(config, overrides)
   s = pods.get_slice(accelerator)
   mesh = sharding.make_mesh(pods.check_mesh(config.mesh_shape, s), devices=topology_devices(s))
   rules = sharding.rules_from_config(config.partition_rules)

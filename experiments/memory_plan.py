@@ -71,6 +71,9 @@ _COMPILE = flags.DEFINE_bool("compile", False, "With --collabllm: also compile t
                              "'jax[tpu]'; experiments/memory_compiled.py).")
 _LORA_RANK = flags.DEFINE_list("lora_ranks", ["0"], "With --compile: the LoRA ranks to compile "
                                "the PPO programs with (0: full fine-tuning), e.g. 0,32.")
+_OVERRIDES = flags.DEFINE_list("compile_overrides", [], "With --compile: config fields set "
+                                "before compiling, as key=value (e.g. model.param_dtype="
+                                "bfloat16): a candidate plan for a program that does not fit.")
 _OUT = flags.DEFINE_string("out", None, "Also write the Markdown here.")
 
 COLLABLLM_SLICES = ("v5litepod-64", "v4-64", "v5litepod-256")
@@ -364,7 +367,8 @@ def main(argv):
       for a, p in plans.items():  # minutes a slice: each printed as soon as it is compiled
         compiled[a] = []
         for rank in (int(r) for r in _LORA_RANK.value):
-          compiled[a] += memory_compiled.compile_collabllm(a, _JUDGE.value, p["max_len"], rank)
+          compiled[a] += memory_compiled.compile_collabllm(a, _JUDGE.value, p["max_len"], rank,
+                                                           _OVERRIDES.value)
           print(memory_compiled.markdown({a: compiled[a][-2:]}, plans), flush=True)
       text += "\n" + memory_compiled.markdown(compiled, plans)
       if _OUT.value:

@@ -56,3 +56,14 @@ def test_without_the_tpu_compiler_the_error_says_what_is_missing(monkeypatch):
   with pytest.raises(RuntimeError, match=r"v5litepod-64: no TPU compiler for topology "
                      r"v5e:8x8 .*pip install -e '.\[tpu\]'"):
     memory_compiled.topology_devices(pods.get_slice("v5litepod-64"))
+
+
+def test_overrides_set_fields_as_their_type_and_refuse_unknown_ones():
+  from experiments import collabllm_8b  # pylint: disable=g-import-not-at-top
+  config = collabllm_8b.get_config("slice=v5litepod-64")
+  memory_compiled.override(config, ["model.param_dtype=bfloat16", "ppo.logits_chunk=256",
+                                    "model.remat=false"])
+  assert config.model.param_dtype == "bfloat16" and config.ppo.logits_chunk == 256
+  assert config.model.remat is False
+  with pytest.raises(ValueError, match="model.no_such_field"):
+    memory_compiled.override(config, ["model.no_such_field=1"])
