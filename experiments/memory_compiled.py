@@ -90,7 +90,9 @@ def topology_devices(s: pods.Slice):
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # XLA's refusal names what the program asked for, e.g. "the total memory required for HLO
 # temporaries (127.50G) exceeds available HBM (15.75G)".
-_TOO_BIG = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\)")
+# How XLA's TPU compiler words a refusal: "... required for HLO temporaries (127.50G) exceeds
+# ..." or "Ran out of memory in memory space hbm ... HLO temp   14.65G (...".
+_TOO_BIG = re.compile(r"(?:required for HLO temporaries \(|HLO temp\s+)([\d.]+)([KMGT])")
 
 
 def _stats(name: str, jitted, *args, lora_rank: int = 0) -> Compiled:

@@ -13,26 +13,40 @@ from experiments import memory_compiled, pods
 class _Refused:
   """A jitted function whose compilation XLA refuses, as the TPU compiler words it."""
 
+  def __init__(self, message: str):
+    self.message = message
+
   def lower(self, *args):
     del args
     return self
 
   def compile(self):
-    raise jax.errors.JaxRuntimeError(
-        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-        "temporaries (127.50G) exceeds available HBM (15.75G).")
+    raise jax.errors.JaxRuntimeError(self.message)
 
 
-def test_a_refused_program_reports_what_it_asked_for():
+# The two ways the TPU compiler has worded a refusal (measured, 2026-12-06).
+_REFUSALS = {
+    "temporaries": ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                    "HLO temporaries (127.50G) exceeds available HBM (15.75G).", 127.5),
+    "hbm_usage": ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent "
+                  "error. Ran out of memory in memory space hbm. Used 15.80G of 15.75G hbm.\n"
+                  "Program hbm requirement 15.10G:\n    global           10.84M\n    HLO temp"
+                  "         14.65G (99.8% utilization: Unpadded (14.25G) Padded (14.27G))", 14.65),
+}
+
+
+@pytest.mark.parametrize("wording", sorted(_REFUSALS))
+def test_a_refused_program_reports_what_it_asked_for(wording):
+  message, temporaries = _REFUSALS[wording]
   mesh = sharding.make_mesh((-1, 1, 1))
   arg = jax.ShapeDtypeStruct((8, 1024), jnp.float32, sharding=NamedSharding(mesh, P("data")))
-  c = memory_compiled._stats("update", _Refused(), arg)  # pylint: disable=protected-access
-  assert not c.fits and c.temporaries == int(127.5 * 2**30)
+  c = memory_compiled._stats("update", _Refused(message), arg)  # pylint: disable=protected-access
+  assert not c.fits and c.temporaries == int(temporaries * 2**30)
   assert c.arguments == 1024 * 4  # one row of the 8 on each of the 8 devices
   table = memory_compiled.markdown(
       {"v5litepod-64": [c]}, {"v5litepod-64": {"persistent": 0, "grads": 0, "activations": 0,
                                                "logprob_pass": 0}})
-  assert "(refused)" in table and "127.50" in table
+  assert "(refused)" in table and f"{temporaries:.2f}" in table
 
 
 def test_compiled_programs_report_their_memory():
