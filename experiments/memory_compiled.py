@@ -113,7 +113,8 @@ def _stats(name: str, jitted, *args, lora_rank: int = 0) -> Compiled:
 
 
 def override(config, assignments: Sequence[str]) -> None:
-  """Sets `key=value` fields of `config` (dotted keys), each value parsed as the field's type."""
+  """Sets `key=value` fields of `config` (dotted keys), in order, each value parsed as the
+  field's type; a tuple's items are joined by "x" (`mesh_shape=1x32x2`)."""
   for a in assignments:
     key, sep, value = a.partition("=")
     *path, name = key.split(".")
@@ -123,8 +124,12 @@ def override(config, assignments: Sequence[str]) -> None:
     if not sep or name not in node:
       raise ValueError(f"override {a!r}: want key=value with an existing config field")
     old = node[name]
-    node[name] = (value.lower() in ("1", "true") if isinstance(old, bool)
-                  else type(old)(value) if old is not None else value)
+    if isinstance(old, (tuple, list)):
+      node[name] = type(old)(type(old[0])(v) for v in value.split("x"))
+    elif isinstance(old, bool):
+      node[name] = value.lower() in ("1", "true")
+    else:
+      node[name] = type(old)(value) if old is not None else value
 
 
 def compile_collabllm(accelerator: str, judge: bool, length: int, lora_rank: int = 0,

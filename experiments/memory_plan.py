@@ -72,8 +72,9 @@ _COMPILE = flags.DEFINE_bool("compile", False, "With --collabllm: also compile t
 _LORA_RANK = flags.DEFINE_list("lora_ranks", ["0"], "With --compile: the LoRA ranks to compile "
                                "the PPO programs with (0: full fine-tuning), e.g. 0,32.")
 _OVERRIDES = flags.DEFINE_list("compile_overrides", [], "With --compile: config fields set "
-                                "before compiling, as key=value (e.g. model.param_dtype="
-                                "bfloat16): a candidate plan for a program that does not fit.")
+                                "before compiling, as key=value in order (e.g. model.param_dtype="
+                                "bfloat16; a tuple as mesh_shape=1x32x2): a candidate plan for a "
+                                "program that does not fit.")
 _OUT = flags.DEFINE_string("out", None, "Also write the Markdown here.")
 
 COLLABLLM_SLICES = ("v5litepod-64", "v4-64", "v5litepod-256")

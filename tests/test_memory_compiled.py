@@ -76,8 +76,8 @@ def test_overrides_set_fields_as_their_type_and_refuse_unknown_ones():
   from experiments import collabllm_8b  # pylint: disable=g-import-not-at-top
   config = collabllm_8b.get_config("slice=v5litepod-64")
   memory_compiled.override(config, ["model.param_dtype=bfloat16", "ppo.logits_chunk=256",
-                                    "model.remat=false"])
+                                    "model.remat=false", "mesh_shape=1x32x2"])
   assert config.model.param_dtype == "bfloat16" and config.ppo.logits_chunk == 256
-  assert config.model.remat is False
+  assert config.model.remat is False and config.mesh_shape == (1, 32, 2)
   with pytest.raises(ValueError, match="model.no_such_field"):
     memory_compiled.override(config, ["model.no_such_field=1"])
