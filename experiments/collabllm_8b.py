@@ -19,8 +19,10 @@ stage. `--dry-run` prints every command.
 The per-chip memory plan: `python -m experiments.memory_plan --collabllm`.
 
 Variants (after the colon, with slice=): collabllm.py's reward arms (ppo_mr, the default;
-ppo_ext, ppo_ext_int, ppo_helpfulness, ppo_final), `window=` (MR's forward turns, 2) and `judge`
-(R_int from an LM judge, weight 1 as in CollabLLM's R*: add --config.judge.folder=/tmp/llama31).
+ppo_ext, ppo_ext_int, ppo_helpfulness, ppo_final), `window=` (MR's forward turns, 2), `judge`
+(R_int from an LM judge, weight 1 as in CollabLLM's R*: add --config.judge.folder=/tmp/llama31)
+and `tensor=` (chips a conversation's weights and activations are split over, 1: a full
+fine-tune on v5e needs tensor=2; LoRA fits at 1).
 Expected: collabllm.py's result at scale: MR learns to ask when the request is ambiguous and to
 answer when it is clear; the next-turn arms stay passive.
 """
@@ -34,7 +36,7 @@ from experiments import variants
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   opts = variants.parse(arg, "collabllm_8b", flags=(*collabllm.REWARDS, "judge"), options={
-      "slice": ("v5litepod-64", None), "window": ("2", None)})
+      "slice": ("v5litepod-64", None), "window": ("2", None), "tensor": ("1", None)})
   arm = next((a for a in collabllm.REWARDS if opts[a]), "ppo_mr")
   c = collabllm.get_config(f"{arm},window={opts['window']}")
   s = pods.get_slice(opts["slice"])  # an unknown accelerator type fails here, naming the known
@@ -50,7 +52,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Params over fsdp (partition_rules None: the Llama rules, pods.RULES_8B), conversations over
   # data x fsdp: (1, 64, 1) on v5e-64, (1, 32, 1) on v4-64, (4, 64, 1) on v5e-256. The launcher
   # checks it against --accelerator.
-  c.mesh_shape = pods.policy_8b_mesh(s)
+  # tensor=T splits each weight and each conversation's activations over T chips too (the
+  # `model` axis), fsdp shrinking by T: a full fine-tune's update on v5e's 16 GiB compiles at
+  # 17.84 GiB with (1, 64, 1) and at 6.76 GiB with tensor=2, (1, 32, 2) (README "Scale out":
+  # memory_plan --compile). One conversation per T chips, so T times fewer per iteration.
+  data, fsdp, _ = pods.policy_8b_mesh(s)
+  tensor = int(opts["tensor"])
+  if tensor < 1 or fsdp % tensor:
+    raise ValueError(f"collabllm_8b tensor={opts['tensor']}: must divide the slice's fsdp ways "
+                     f"({fsdp} on {s.accelerator_type})")
+  c.mesh_shape = pods.check_mesh((data, fsdp // tensor, tensor), s)
   rows = c.mesh_shape[0] * c.mesh_shape[1]
 
   # CollabLLM's sizes. A conversation reaches sim.max_request_tokens + (num_turns + window) x

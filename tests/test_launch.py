@@ -286,3 +286,17 @@ def test_readme_memory_plan_is_the_scripts_output():
   assert v5e["logprob_pass"] == 2 * 4028 * 128_256 * 4
   assert all(p["peak"] / memory_plan.GIB < p["slice"].hbm_gib for p in text)
   assert memory_plan.markdown_collabllm(text) in readme
+
+
+def test_tensor_splits_a_conversation_over_chips_as_the_compiled_plan_did():
+  """collabllm_8b.py's tensor=2: the mesh and batch of the full fine-tune that compiled within
+  a v5e chip (`memory_plan --compile --compile_overrides mesh_shape=1x32x2,batch_size=32,
+  eval_batch_size=32`, README "Scale out"); a split that does not divide fsdp is refused."""
+  from experiments import collabllm_8b, memory_compiled  # pylint: disable=g-import-not-at-top
+  config = collabllm_8b.get_config("slice=v5litepod-64,tensor=2")
+  planned = collabllm_8b.get_config("slice=v5litepod-64")
+  memory_compiled.override(planned, ["mesh_shape=1x32x2", "batch_size=32", "eval_batch_size=32"])
+  for key in ("mesh_shape", "batch_size", "eval_batch_size", "ppo", "model"):
+    assert config[key] == planned[key], key
+  with pytest.raises(ValueError, match="tensor=3: must divide the slice's fsdp ways"):
+    collabllm_8b.get_config("slice=v5litepod-64,tensor=3")
