@@ -271,9 +271,9 @@ def test_readme_memory_plan_is_the_scripts_output():
   text = [memory_plan.plan_collabllm(a) for a in memory_plan.COLLABLLM_SLICES]
   v5e, v4 = text[:2]
   # The same checks worked out by hand for Llama-3.1-8B on 64 chips: fp32 policy and reference,
-  # unshared bf16 user and judge (the same 8B weights, no value head), norms replicated; a KV cache row
-  # holds 32 layers x (k, v) x 8 heads x 128 dims in bf16 a token, for each conversation and 3
-  # futures of it; v4's chips hold two conversations.
+  # unshared bf16 user and judge (the same 8B weights, no value head), norms replicated; a KV
+  # cache row holds 32 layers x (k, v) x 8 heads x 128 dims in bf16 a token, for each
+  # conversation and 3 futures of it; v4's chips hold two conversations.
   assert v5e["params"] == v5e["reference"] == pytest.approx(v5e["policy_params"] * 4 / 64,
                                                             rel=3e-3)
   assert v5e["user"] == v5e["judge"] == 0  # they read the reference (run_text.shared_models)

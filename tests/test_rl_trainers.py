@@ -270,7 +270,8 @@ def test_ppo_chunked_lm_head_gives_the_same_loss_and_gradient(tied):
 def test_ppo_steps_in_one_call_equal_the_step_loop():
   """config.ppo.one_call: an iteration's epochs x minibatches update steps as one jitted scan
   give the params and metrics of one jitted step per minibatch (`jit_steps`, the default) on
-  the same rows, both gathered on the device (`minibatch_rows`: epoch e shuffled by fold_in(key, 1000 + e))."""
+  the same rows, both gathered on the device (`minibatch_rows`: epoch e shuffled by
+  fold_in(key, 1000 + e))."""
   import types  # pylint: disable=g-import-not-at-top
   cfg = _tiny(ppo_ambig_math.get_config("runlocal"))
   cfg.ppo.epochs = cfg.ppo.minibatches = 2
