@@ -54,8 +54,9 @@ from collab_rl import checkpoint as ckpt_lib
 from collab_rl import conversation as conv_lib
 from collab_rl import eval_users
 from collab_rl import mediator as mediator_lib
-from collab_rl import results as results_lib
 from collab_rl import metrics as metrics_lib
+from collab_rl import restore as restore_lib
+from collab_rl import results as results_lib
 from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
@@ -90,7 +91,7 @@ _PROGRAMS: dict[tuple, Any] = {}
 
 def program_key(config: dict, sim: dict | None) -> str:
   """What determines a run's evaluation program: task, simulator, model(s); not the params."""
-  assistant = (ckpt_lib.read_config(config["assistant_from"])["model"]
+  assistant = (restore_lib.read_config(config["assistant_from"])["model"]
                if config.get("trainer") == "mediator" else None)
   return json.dumps({"task": config["task"], "sim": {**config["sim"], **(sim or {})},
                      "model": config["model"], "assistant": assistant}, sort_keys=True,
@@ -128,16 +129,16 @@ def load_policy(run_dir: str, turns: int, sim: dict | None = None):
   Mediator-Assistant, with params {"mediator", "assistant"}. Relative paths are taken from the
   working directory (Orbax restores absolute paths only)."""
   checkpoints = storage.join(storage.absolute(run_dir), "checkpoints")
-  config = ckpt_lib.read_config(checkpoints)
+  config = restore_lib.read_config(checkpoints)
   task = registry.make_task(config["task"], {**config["sim"], **(sim or {})})
-  model, params = ckpt_lib.restore_policy(checkpoints, config)
+  model, params = restore_lib.restore_policy(checkpoints, config)
   reply = task.answer_len + 3
   sc = sampling.SamplingConfig(max_new_tokens=reply, greedy=True, stop_tokens=(task.eot_id,))
   if config.get("trainer") == "mediator":
     if not config.get("assistant_from"):
       raise ValueError(f"{run_dir}: a mediator run whose config names no assistant_from")
-    a_model, a_params = ckpt_lib.restore_policy(config["assistant_from"],
-                                       ckpt_lib.read_config(config["assistant_from"]))
+    a_model, a_params = restore_lib.restore_policy(config["assistant_from"],
+                                       restore_lib.read_config(config["assistant_from"]))
     policy = mediator_lib.MediatorAssistant(task, model, a_model, sc)
     return task, policy, {"mediator": params, "assistant": a_params}, reply, config
   policy = rollout_lib.lm_policy(model, sc, chunk_width=rollout_lib.chunk_width(task),
@@ -284,7 +285,7 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
   warnings: list[str] = []
   # Read first: a user's overrides depend on the run's task (its slots) and simulator, and a
   # user that does not fit a run fails before anything is played.
-  configs = {d: ckpt_lib.read_config(storage.join(storage.absolute(d), "checkpoints"))
+  configs = {d: restore_lib.read_config(storage.join(storage.absolute(d), "checkpoints"))
              for d, _, _ in runs}
   jobs = [(run_dir, arm, seed, row, user, eval_users.sim_for(user, configs[run_dir]))
           for run_dir, arm, seed in runs for row, user in rows_of(arm, users)]

@@ -25,8 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from collab_rl import checkpoint as ckpt_lib
 from collab_rl import metrics as metrics_lib
+from collab_rl import restore as restore_lib
 from collab_rl import results as results_lib
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
@@ -54,13 +54,13 @@ def load(run_dir: str, *, turns: int, data_dir: str | None = None,
   records and LM user replaced by `data_dir` / `user_from` where given (an SFT base names no
   user of its own)."""
   checkpoints = storage.join(storage.absolute(run_dir), "checkpoints")
-  config = ml_collections.ConfigDict(ckpt_lib.read_config(checkpoints))
+  config = ml_collections.ConfigDict(restore_lib.read_config(checkpoints))
   if data_dir:
     config.data_dir = data_dir
   if user_from:
     config.sim.user_from = user_from
   task = text_lib.from_config(config, max_turns=turns)
-  model, params = ckpt_lib.restore_policy(checkpoints, config)
+  model, params = restore_lib.restore_policy(checkpoints, config)
   return config, task, model, params
 
 
@@ -132,7 +132,7 @@ def take_language_runs(runs, out: str, **kwargs) -> list[tuple[str, str, int]]:
   """Plays the language-tier runs among `runs` (`evaluate_runs(..., **kwargs)`, into `out`, or
   `out/language` when verifiable-tier runs are left) and returns the others."""
   text = [r for r in runs
-          if is_text_run(ckpt_lib.read_config(os.path.join(r[0], "checkpoints")))]
+          if is_text_run(restore_lib.read_config(os.path.join(r[0], "checkpoints")))]
   rest = [r for r in runs if r not in text]
   if text:
     text_out = os.path.join(out, "language") if rest else out

@@ -41,7 +41,9 @@ from absl import logging
 
 from collab_rl import checkpoint as ckpt_lib
 from collab_rl import config_names
+from collab_rl import frozen_base
 from collab_rl import metrics as metrics_lib
+from collab_rl import restore as restore_lib
 from collab_rl import sharding as sharding_lib
 from collab_rl import storage
 from collab_rl import train_state as state_lib
@@ -147,7 +149,7 @@ def check_run(config, *, batches: Sequence[str] = ("batch_size",)) -> jax.shardi
     sharding_lib.rules_from_config(config.get("partition_rules"))
   except re.error as e:
     raise ValueError(f"config.partition_rules: bad regex {e.pattern!r}: {e}") from None
-  ckpt_lib.check_init_from(config.init_from or None)
+  restore_lib.check_init_from(config.init_from or None)
   lora_config(config)  # rank, dropout and target regexes
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   check_batches(config, mesh, batches)
@@ -223,14 +225,9 @@ def _from_hf(create_fn, folder: str, dtype: str, mesh, rules):
     # Read anew on every call: a trainer that also keeps the starting params as its reference
     # must not share buffers with the state that its update donates.
     fresh = create_fn()
-    _, loaded = hf_lib.load_pretrained(folder, dtype=dtype, mesh=mesh, rules=rules)
-    loaded = {sharding_lib.path_str(p): x
-              for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
     split = lora_lib.is_split(fresh.params)  # with adapters the folder is the base
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: jax.device_put(loaded[sharding_lib.path_str(p)], x.sharding).astype(x.dtype)
-        if sharding_lib.path_str(p) in loaded else x,
-        fresh.params["base"] if split else fresh.params)
+    params = frozen_base.overlay_hf(fresh.params["base"] if split else fresh.params, folder,
+                                    dtype, mesh, rules)
     if split:
       params = lora_lib.split(params, fresh.params["lora"])
     return fresh.replace(params=params)
@@ -261,8 +258,9 @@ class Run:
                create_fn: Callable[[], state_lib.TrainState], *, tokenizer=None):
     self.config, self.workdir, self.tokenizer = config, str(workdir), tokenizer
     self.checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
-    self.state, self.data_state, self.how = ckpt_lib.restore_or_init(
-        self.checkpointer, abstract, create_fn, init_from=config.init_from or None)
+    self.state, self.data_state, self.how = restore_lib.restore_or_init(
+        self.checkpointer, abstract, create_fn, init_from=config.init_from or None,
+        lora=lora_config(config))
     if self.how == "fresh" and config.get("init_from_hf"):
       self.how = f"init_from_hf {config.init_from_hf}"
     logging.info("%s: %s (%d params)", config.trainer, self.how,

@@ -30,6 +30,7 @@ from absl import logging
 
 from collab_rl import checkpoint as ckpt_lib
 from collab_rl import metrics as metrics_lib
+from collab_rl import restore as restore_lib
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
 from collab_rl import run as run_lib
@@ -194,7 +195,7 @@ def build(config, workdir: str, task, mesh, rcfg) -> Setup:
   if run_lib.lora_config(config).enabled:
     ref_params = None
   else:
-    ref_params = (ckpt_lib.restore_params(config.init_from, init.abstract.params)
+    ref_params = (restore_lib.restore_params(config.init_from, init.abstract.params)
                   if config.init_from else init.create_fn().params)
   greedy = rollout_policy(config, init.model, task, rcfg, temperature=0.0)
   eval_key = jax.random.key(config.seed + 10_000)  # the same held-out episodes every time

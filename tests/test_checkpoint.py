@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from collab_rl import checkpoint
+from collab_rl import restore as restore_lib
 
 
 @flax.struct.dataclass
@@ -148,14 +149,14 @@ def test_restore_params_with_other_optimizer(tmp_path):
   new = _state(optax.sgd(0.1), seed=2)
   mesh = jax.make_mesh((2, 4), ("data", "model"))
   sharding = lambda x: NamedSharding(mesh, P("data") if x.ndim == 2 else P())
-  params = checkpoint.restore_params(old, _abstract(new, sharding).params)
+  params = restore_lib.restore_params(old, _abstract(new, sharding).params)
   _assert_trees_equal(params, saved.params)
   assert params["dense"]["w_DxF"].sharding.spec == P("data")
 
   wider = {"dense": {**_abstract(new, _single).params["dense"],
                      "v_F": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=_single(None))}}
   with pytest.raises(ValueError, match=r"(?s)sft/40.*params/dense/v_F: missing"):
-    checkpoint.restore_params(old, wider)
+    restore_lib.restore_params(old, wider)
 
 
 def test_restore_or_init_order(tmp_path):
@@ -168,39 +169,39 @@ def test_restore_or_init_order(tmp_path):
   init_fn = lambda: fresh
 
   with checkpoint.Checkpointer(run_dir) as ckpt:
-    state, data_state, how = checkpoint.restore_or_init(ckpt, abstract, init_fn)
+    state, data_state, how = restore_lib.restore_or_init(ckpt, abstract, init_fn)
     assert how == "fresh" and data_state is None
     _assert_trees_equal(state, fresh)
 
-    state, data_state, how = checkpoint.restore_or_init(ckpt, abstract, init_fn, init_from=sft_dir)
+    state, data_state, how = restore_lib.restore_or_init(ckpt, abstract, init_fn, init_from=sft_dir)
     assert how == f"init_from {sft_dir} step 9" and data_state is None
     _assert_trees_equal(state.params, sft.params)
     _assert_trees_equal(state.opt_state, fresh.opt_state)
     assert int(state.step) == 0
 
     ckpt.save(3, state.replace(step=jnp.asarray(3, jnp.int32)), data_state={"pos": 3})
-    state, data_state, how = checkpoint.restore_or_init(ckpt, abstract, init_fn, init_from=sft_dir)
+    state, data_state, how = restore_lib.restore_or_init(ckpt, abstract, init_fn, init_from=sft_dir)
     assert how == "resumed step 3" and data_state == {"pos": 3}
     assert int(state.step) == 3
 
 
 def test_check_init_from(tmp_path):
-  checkpoint.check_init_from(None)
+  restore_lib.check_init_from(None)
   missing = str(tmp_path / "nope")
   with pytest.raises(ValueError, match=missing):
-    checkpoint.check_init_from(missing)
+    restore_lib.check_init_from(missing)
   empty = tmp_path / "empty"
   (empty / "5.orbax-checkpoint-tmp-77").mkdir(parents=True)  # Unfinished save only.
   with pytest.raises(ValueError, match=str(empty)):
-    checkpoint.check_init_from(str(empty))
+    restore_lib.check_init_from(str(empty))
 
 
 def test_check_init_from_step_dir_hint(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
     ckpt.save(2, _state())
-  checkpoint.check_init_from(str(tmp_path))
+  restore_lib.check_init_from(str(tmp_path))
   with pytest.raises(ValueError, match="give its parent"):
-    checkpoint.check_init_from(str(tmp_path / "2"))
+    restore_lib.check_init_from(str(tmp_path / "2"))
 
 
 def test_a_relative_directory_is_taken_below_the_current_one(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 
 from collab_rl import checkpoint as ckpt_lib
 from collab_rl import config_names
+from collab_rl import restore as restore_lib
 from experiments import collab_arms
 
 # Every experiment config with a trainer, as `module:arg`.
@@ -86,7 +87,7 @@ def test_a_config_saved_under_older_names_reads_under_the_new_ones(tmp_path):
          "dpo": {"beta": 0.1, "candidates": 4, "min_gap": 0.1, "data_dir": "d"}}
   with ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False) as ckpt:
     ckpt.save(1, {"w": np.zeros(2, np.float32)}, config=old)
-  got = ckpt_lib.read_config(str(tmp_path / "ck"))
+  got = restore_lib.read_config(str(tmp_path / "ck"))
   assert got == {"trainer": "dpo", "task": "ambig_math", "sim": {"sharded": False},
                  "num_turns": 4, "num_steps": 60, "eval_batch_size": 64, "batch_size": 32,
                  "checkpoint": {"every_steps": 20, "max_to_keep": 3},

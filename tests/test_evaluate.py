@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from collab_rl import checkpoint as ckpt_lib
 from collab_rl import eval_users, evaluate
+from collab_rl import restore as restore_lib
 from collab_rl.tasks import registry
 from collab_rl.trainers import sft
 from experiments import collab_arms, headline
@@ -74,7 +74,7 @@ def test_relative_run_directories(runs, monkeypatch):
   monkeypatch.chdir(runs)
   task, _, params, _, config = evaluate.load_policy("ambig_math/seed0/sft_base", 2)
   assert task.name == config["task"] == "ambig_math" and params
-  assert ckpt_lib.read_config("ambig_math/seed1/sft_base/checkpoints")["seed"] == 1
+  assert restore_lib.read_config("ambig_math/seed1/sft_base/checkpoints")["seed"] == 1
   found = evaluate.find_runs(".")
   assert [d for d, _, _ in found] == [str(runs / "ambig_math" / f"seed{s}" / "sft_base")
                                       for s in (0, 1)]

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from collab_rl import checkpoint as ckpt_lib
+from collab_rl import restore as restore_lib
 from collab_rl import run as run_lib
 from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
@@ -69,7 +69,7 @@ def test_ppo_starts_from_the_folder_with_a_fresh_value_head(hf_folder, tmp_path)
   # The checkpoint's config carries the folder's architecture, so evaluate rebuilds this model.
   setup.checkpointer.save(1, setup.state, config=setup.config, force=True)
   setup.close()
-  saved = ckpt_lib.read_config(str(tmp_path / "run" / "checkpoints"))
+  saved = restore_lib.read_config(str(tmp_path / "run" / "checkpoints"))
   assert saved["model"]["hidden_size"] == 32 and saved["init_from_hf"] == folder
 
 

@@ -15,7 +15,8 @@ FLOORS = {
     # weights with it.
     "conversation": 1, "models": 1, "tokenizer": 1, "sharding": 1, "config_names": 1,
     "storage": 1,
-    "sampling": 2, "checkpoint": 2, "metrics": 2, "train_state": 2,
+    "sampling": 2, "checkpoint": 2, "restore": 2, "frozen_base": 2, "metrics": 2,
+    "train_state": 2,
     "tasks": 3, "simulators": 3, "rollout": 3, "mediator": 3,
     "rewards": 4, "reward_model": 4, "advantages": 4, "losses": 4, "data": 4, "sft": 4,
     "results": 4, "eval_users": 4, "text_scores": 4,

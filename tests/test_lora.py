@@ -3,12 +3,15 @@ adapter that changes nothing, the merged kernel W + (alpha / r) A B, gradients t
 the adapters, shardings that follow the kernels', and config errors that name the field."""
 
 import functools
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from collab_rl import frozen_base
 from collab_rl import sharding as sharding_lib
 from collab_rl.models import lora, transformer
 
@@ -175,8 +178,10 @@ def test_targets_that_match_nothing_are_refused():
 def test_ppo_with_adapters_trains_only_them_from_a_plain_base(tmp_path):
   """PPO (MR) with `lora.rank` > 0 from a checkpoint without adapters (an SFT base's, say): the
   base is that checkpoint's params and only its critic moves (`lora.trainable`), the adapters
-  train, the reference is the base itself (no copy), and the checkpoint holds both."""
+  train, the reference is the base itself (no copy), and the checkpoint holds the adapters and
+  the critic, the rest of the base rebuilt from that checkpoint when read."""
   from collab_rl import checkpoint as ckpt_lib
+  from collab_rl import restore as restore_lib
   from collab_rl import run as run_lib
   from collab_rl import run_rl
   from collab_rl.trainers import ppo
@@ -211,13 +216,59 @@ def test_ppo_with_adapters_trains_only_them_from_a_plain_base(tmp_path):
   # The checkpoint's params, untouched by training but for the critic (lora.trainable).
   assert moved == {"value_head/kernel", "value_head/bias"}
   assert all(float(np.abs(x["lora_b"]).max()) > 0 for x in _pairs(params["lora"]))
+  # The checkpoint leaves the frozen base out and names where it comes from (frozen_base.py);
+  # reading it rebuilds the base from that source, exactly.
+  checkpoints = str(tmp_path / "lora" / "checkpoints")
+  meta = ckpt_lib.read_only_manager(checkpoints).item_metadata(1)
+  assert frozen_base.paths(meta["state"].tree["params"]["base"]) == [
+      "value_head/bias", "value_head/kernel"]
+  assert not os.path.exists(os.path.join(checkpoints, "1", "state", "params", "base", "layers_0"))
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  stored = ckpt_lib.restore_params(str(tmp_path / "lora" / "checkpoints"), abstract)
+  stored = restore_lib.restore_params(checkpoints, abstract)
   for a, b in zip(jax.tree_util.tree_leaves(stored), jax.tree_util.tree_leaves(params)):
     np.testing.assert_array_equal(a, b)
+  # An ablation from this run (`init_from` a run with adapters) gets its base the same way.
+  for a, b in zip(jax.tree_util.tree_leaves(restore_lib.base_params(checkpoints, abstract["base"])),
+                  jax.tree_util.tree_leaves(params["base"])):
+    np.testing.assert_array_equal(a, b)
+  # A resumed run reads it back whole, optimizer state included, and saves the same way.
+  again = run_rl.build(c, str(tmp_path / "lora"), task, mesh, rcfg)
+  assert again.run.how == "resumed step 1"
+  for a, b in zip(jax.tree_util.tree_leaves(again.state),
+                  jax.tree_util.tree_leaves(out["state"])):
+    np.testing.assert_array_equal(a, b)
+  assert again.run.checkpointer.frozen["source"] == {
+      "kind": "init_from", "path": str(tmp_path / "plain"), "step": 1}
+  again.close()
   # Evaluation reads the run as one plain model: its base with the adapters merged in.
   from collab_rl import evaluate
   _, _, merged, _, _ = evaluate.load_policy(str(tmp_path / "lora"), turns=2)
   want = lora.merge(params["base"], params["lora"], lora.LoraConfig(rank=4, alpha=8.0))
   for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The source overwritten since: reading the run fails, naming a param, instead of merging the
+  # adapters into another base.
+  shutil.rmtree(tmp_path / "plain")
+  other = jax.tree_util.tree_map(lambda x: x + 1, plain)
+  with ckpt_lib.Checkpointer(str(tmp_path / "plain")) as ckpt:
+    ckpt.save(1, other)
+  with pytest.raises(ValueError, match=r"not the one it was trained on: \d+ param\(s\) differ, "
+                     r"e\.g\. \S+ \(sum"):
+    restore_lib.restore_params(checkpoints, abstract)
+
+
+def test_a_fresh_base_is_rebuilt_from_the_config_alone():
+  """A run with adapters and no `init_from` names its config as its base's source: the seed's
+  initialisation (under `init_from_hf`'s folder, test_text_tier.py), rebuilt exactly, in the
+  state's shardings."""
+  from collab_rl import run as run_lib
+  from experiments import ppo_ambig_math
+  c = ppo_ambig_math.get_config("runlocal")
+  c.lora.update(rank=4, alpha=8.0)
+  mesh = sharding_lib.make_mesh(c.mesh_shape)
+  init = run_lib.init_state(c, mesh, run_lib.make_optimizer(c.optimizer))
+  base = init.create_fn().params["base"]
+  rebuilt = frozen_base.fresh_base(c, init.abstract.params["base"])
+  for a, b in zip(jax.tree_util.tree_leaves(rebuilt), jax.tree_util.tree_leaves(base)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(a, b)

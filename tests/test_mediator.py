@@ -14,6 +14,7 @@ from collab_rl import conversation as conv_lib
 from collab_rl import evaluate
 from collab_rl import mediator
 from collab_rl import metrics as metrics_lib
+from collab_rl import restore as restore_lib
 from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
 from collab_rl.models import transformer
@@ -225,7 +226,7 @@ def test_training_lowers_the_loss_and_raises_exact_match(run):
     assert end[f"{mode}/eval_loss"] < start[f"{mode}/eval_loss"] - 1.0
     assert end[f"{mode}/exact_match"] > start[f"{mode}/exact_match"] + 0.2, mode
     assert np.isfinite(end[f"{mode}/score"])  # the pair played (its random base scores ~0)
-  saved = ckpt_lib.read_config(str(root / "mediator" / "checkpoints"))
+  saved = restore_lib.read_config(str(root / "mediator" / "checkpoints"))
   assert saved["assistant_from"] == str(root / "sft_base" / "checkpoints")
   assert out["how"].startswith("init_from")
 

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from collab_rl import frozen_base
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
 from collab_rl import run_rl
@@ -378,6 +379,12 @@ def test_a_user_and_judge_of_the_policy_folder_read_its_base(world, tmp_path):
   loaded = hf.load_pretrained(world["llama3"])[1]
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(bound.user_params),
                          jax.device_get(loaded))
+  # What its checkpoints leave out, rebuilt from the config alone: the folder over the seed's
+  # initialisation (the value head), exactly, in the state's shardings (frozen_base.py).
+  rebuilt = frozen_base.fresh_base(c, base)
+  for a, b in zip(jax.tree_util.tree_leaves(rebuilt), jax.tree_util.tree_leaves(base)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(a, b)
   for change in ({"model.param_dtype": "bfloat16"},
                  {"lora.trainable": [r"^value_head/", r"^lm_head/"]}):
     other = _config(world)

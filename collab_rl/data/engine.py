@@ -29,8 +29,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from collab_rl import checkpoint as ckpt_lib
 from collab_rl import metrics as metrics_lib
+from collab_rl import restore as restore_lib
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
@@ -79,7 +79,7 @@ def check_config(config):
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   sharding_lib.check_batch(config.batch_size * config.candidates, mesh,
                            what="batch_size x candidates")
-  ckpt_lib.check_init_from(config.init_from or None)
+  restore_lib.check_init_from(config.init_from or None)
   return task, mcfg, mesh, rcfg
 
 
@@ -273,7 +273,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not task.device_scored:
     params = _hf_policy(config, mesh, load=True)[1]
   elif config.init_from:
-    params = ckpt_lib.restore_params(config.init_from, abstract)
+    params = restore_lib.restore_params(config.init_from, abstract)
   else:
     logging.warning("data engine: no init_from, so the candidates come from random weights")
     params = transformer.init_params(model, jax.random.key(config.seed))

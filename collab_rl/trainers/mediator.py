@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from collab_rl import checkpoint as ckpt_lib
 from collab_rl import losses
 from collab_rl import mediator as mediator_lib
+from collab_rl import restore as restore_lib
 from collab_rl import rollout as rollout_lib
 from collab_rl import run as run_lib
 from collab_rl import sampling
@@ -68,7 +68,7 @@ def read_assistant_config(config) -> dict:
     raise ValueError("config.assistant_from is empty: give the checkpoint directory of the "
                      "assistant the mediator serves (the SFT base's WORKDIR/checkpoints)")
   try:
-    return ckpt_lib.read_config(path)
+    return restore_lib.read_config(path)
   except (ValueError, FileNotFoundError) as e:
     raise ValueError(f"config.assistant_from={path!r} holds no finished checkpoint of an "
                      f"assistant: {e}") from e
@@ -200,7 +200,7 @@ def restore_assistant(path: str, base: dict, mesh, rules):
   shardings = sharding_lib.param_shardings(abstract, mesh, rules)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  return model, ckpt_lib.restore_params(path, abstract)
+  return model, restore_lib.restore_params(path, abstract)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,

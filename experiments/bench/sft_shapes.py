@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collab_rl import checkpoint as ckpt_lib
 from collab_rl import losses
+from collab_rl import restore as restore_lib
 from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
 from collab_rl import sft as sft_lib
@@ -109,10 +109,10 @@ def main(argv):
 
   if FLAGS.base:
     ckpt = os.path.join(os.path.abspath(FLAGS.base), "checkpoints")
-    saved = ckpt_lib.read_config(ckpt)
+    saved = restore_lib.read_config(ckpt)
     model = transformer.Transformer(transformer.TransformerConfig.from_dict(saved["model"]))
     abstract = jax.eval_shape(lambda: transformer.init_params(model, jax.random.key(0)))
-    params = ckpt_lib.restore_params(ckpt, abstract)
+    params = restore_lib.restore_params(ckpt, abstract)
 
     @jax.jit
     def answer_nll(params, tokens_BxL, roles_BxL):
