@@ -121,16 +121,20 @@ def records(kind: str, n: int, seed: int, *, ask_share: float = 0.3,
   task = registry.make_task("ambig_math", {})
   share = {"sft": ask_share, "user": 0.6, "rl": 0.0}[kind]
   policy = sft_lib.AskOrAnswerMix(task, share)
-  out, batch = [], 256
-  for start in range(0, n, batch):
-    key = jax.random.fold_in(jax.random.key(seed), start)
+  batch = 256
+
+  @jax.jit  # one program for every batch: played op by op, the batches took minutes
+  def play(key):
     k_int, k_plan, k_play = jax.random.split(key, 3)
     intent = task.sample_intents(k_int, batch)
     plan = policy.choose(k_plan, intent)
-    ro = rollout_lib.rollout(policy.planned(plan), task, None, k_play, batch,
-                             num_turns=num_turns, max_len=task.conversation_len(num_turns, 8),
-                             intent=intent)
-    conv = jax.device_get(ro.conv)
+    return rollout_lib.rollout(policy.planned(plan), task, None, k_play, batch,
+                               num_turns=num_turns, max_len=task.conversation_len(num_turns, 8),
+                               intent=intent).conv
+
+  out = []
+  for start in range(0, n, batch):
+    conv = jax.device_get(play(jax.random.fold_in(jax.random.key(seed), start)))
     out += [_record(task, conv, r, kind != "rl") for r in range(min(batch, n - start))]
   return out
 

@@ -58,9 +58,9 @@ POLICY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_a
 USER = dict(POLICY)
 SIM = ["--config.sim.prompt=short", "--config.sim.max_user_len=24",
        "--config.sim.max_request_tokens=48", "--config.sim.max_prompt_tokens=160"]
-SFT = {"base": ["--config.num_steps=1500", "--config.max_len=192", "--config.batch_size=32",
+SFT = {"base": ["--config.num_steps=1000", "--config.max_len=128", "--config.batch_size=32",
                 "--config.eval_batch_size=64", "--config.optimizer.learning_rate=2e-3"],
-       "user": ["--config.num_steps=800", "--config.max_len=320", "--config.batch_size=32",
+       "user": ["--config.num_steps=800", "--config.max_len=224", "--config.batch_size=32",
                 "--config.eval_batch_size=64", "--config.optimizer.learning_rate=2e-3",
                 "--config.side=user"]}
 PPO = ["--config.num_turns=3", "--config.reply_tokens=20", "--config.batch_size=32",
