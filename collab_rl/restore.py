@@ -118,10 +118,15 @@ def _rebuilt_base(record: Mapping, config: Mapping, where: str, abstract_base: P
   trained part (`stored_base`): the frozen params rebuilt from the source its `base` item
   (`record`) names, checked against its fingerprint (frozen_base.py)."""
   source = record["source"]
-  if source["kind"] == "init_from":
-    base = base_params(source["path"], abstract_base, step=source["step"])
-  else:
-    base = frozen_base.fresh_base(config, abstract_base)
+  try:
+    if source["kind"] == "init_from":
+      base = base_params(source["path"], abstract_base, step=source["step"])
+    else:
+      base = frozen_base.fresh_base(config, abstract_base)
+  except (ValueError, FileNotFoundError, OSError) as e:  # a source moved or deleted since
+    raise ValueError(f"{where}: this LoRA checkpoint stores its adapters but not its frozen "
+                     f"base, which it rebuilds from {frozen_base.describe(source)}; that "
+                     f"failed: {e}") from e
   frozen_base.check(base, record, where)
   return frozen_base.graft(base, stored_base)
 

@@ -246,9 +246,12 @@ def test_ppo_with_adapters_trains_only_them_from_a_plain_base(tmp_path):
   want = lora.merge(params["base"], params["lora"], lora.LoraConfig(rank=4, alpha=8.0))
   for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  # The source overwritten since: reading the run fails, naming a param, instead of merging the
-  # adapters into another base.
+  # The source gone, or overwritten since: reading the run fails, naming the source or a param,
+  # instead of merging the adapters into another base.
   shutil.rmtree(tmp_path / "plain")
+  with pytest.raises(ValueError, match=r"rebuilds from init_from=\S+plain step 1; that failed: "
+                     r".*does not exist"):
+    restore_lib.restore_params(checkpoints, abstract)
   other = jax.tree_util.tree_map(lambda x: x + 1, plain)
   with ckpt_lib.Checkpointer(str(tmp_path / "plain")) as ckpt:
     ckpt.save(1, other)
