@@ -223,7 +223,8 @@ class Checkpointer:
     """Restores (state, data_state) into `abstract_state`'s shardings; latest step if None. A
     run with adapters whose checkpoint leaves its frozen base out gets the state as stored (the
     resume order rebuilds the base: restore.py), and `frozen` its record."""
-    step, where = self._resolve_step(step), self._step_dir(step)
+    step = self._resolve_step(step)
+    where = self._step_dir(step)
     stored = self._manager.item_metadata(step)
     check_against_metadata(abstract_state, stored[STATE].tree, where)
     items = {STATE: ocp.args.StandardRestore(abstract_state)}

@@ -137,8 +137,8 @@ def load_policy(run_dir: str, turns: int, sim: dict | None = None):
   if config.get("trainer") == "mediator":
     if not config.get("assistant_from"):
       raise ValueError(f"{run_dir}: a mediator run whose config names no assistant_from")
-    a_model, a_params = restore_lib.restore_policy(config["assistant_from"],
-                                       restore_lib.read_config(config["assistant_from"]))
+    a_model, a_params = restore_lib.restore_policy(
+        config["assistant_from"], restore_lib.read_config(config["assistant_from"]))
     policy = mediator_lib.MediatorAssistant(task, model, a_model, sc)
     return task, policy, {"mediator": params, "assistant": a_params}, reply, config
   policy = rollout_lib.lm_policy(model, sc, chunk_width=rollout_lib.chunk_width(task),
