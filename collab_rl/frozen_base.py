@@ -7,11 +7,11 @@ written again in each step directory of a gs:// bucket. So a checkpoint of such 
 base's trained params only (0.94 GiB there), and a JSON item says where the rest comes from:
 
   {"source": {"kind": "init_from", "path": P, "step": N}   another run's checkpoint step
-           | {"kind": "fresh"},    the run's own config: init_from_hf's folder over init(seed)
+           | {"kind": "fresh", "init_from_hf": F},   its seed's init, under folder F if any
    "kept": [the base's params stored in full],
    "fingerprint": {param: [sum, sum of squares]} of every frozen param}
 
-Restoring (checkpoint.py) rebuilds the frozen params from the source (a source that is itself
+Restoring (restore.py) rebuilds the frozen params from the source (a source that is itself
 such a run rebuilds its own), checks them against the fingerprint, so that a source folder or
 run overwritten since fails with the param it differs in instead of training on another base,
 and puts the stored params over them. A checkpoint holding the whole base restores as it is.
@@ -113,7 +113,9 @@ def check(base, record: Mapping, where: str) -> None:
 def describe(source: Mapping) -> str:
   if source["kind"] == "init_from":
     return f"init_from={source['path']} step {source['step']}"
-  return "the run's init_from_hf folder over its seed's initialisation"
+  if source.get("init_from_hf"):
+    return f"init_from_hf={source['init_from_hf']} over the run's seed's initialisation"
+  return "the run's seed's initialisation"
 
 
 def overlay_hf(params, folder: str, dtype: str, mesh, rules):
@@ -132,10 +134,11 @@ def overlay_hf(params, folder: str, dtype: str, mesh, rules):
   return jax.tree_util.tree_map_with_path(take, params)
 
 
-def fresh_base(config: Mapping, abstract_base) -> Any:
+def fresh_base(config: Mapping, abstract_base, folder: str | None = None) -> Any:
   """The base a run without `init_from` starts from, rebuilt from its saved `config` into
   `abstract_base`'s shardings: its seed's initialisation (`train_state.fresh_init_fn`), under
-  the `init_from_hf` folder's weights where it has one."""
+  the weights of its Hugging Face folder (`folder`, else the config's `init_from_hf`) where it
+  has one."""
   plain = lambda d: d.to_dict() if hasattr(d, "to_dict") else dict(d or {})
   mcfg = transformer.TransformerConfig.from_dict(plain(config["model"]))
   model = transformer.Transformer(mcfg)
@@ -144,7 +147,7 @@ def fresh_base(config: Mapping, abstract_base) -> Any:
   if any(s is None for s in jax.tree_util.tree_leaves(shardings, is_leaf=lambda s: s is None)):
     shardings = None  # unsharded targets (evaluation): the default device
   base = jax.jit(lambda: transformer.init_params(model, key), out_shardings=shardings)()
-  folder = config.get("init_from_hf")
+  folder = folder or config.get("init_from_hf")
   if folder:
     leaf = jax.tree_util.tree_leaves(base)[0]
     mesh = getattr(leaf.sharding, "mesh", None)

@@ -122,7 +122,7 @@ def _rebuilt_base(record: Mapping, config: Mapping, where: str, abstract_base: P
     if source["kind"] == "init_from":
       base = base_params(source["path"], abstract_base, step=source["step"])
     else:
-      base = frozen_base.fresh_base(config, abstract_base)
+      base = frozen_base.fresh_base(config, abstract_base, source.get("init_from_hf"))
   except (ValueError, FileNotFoundError, OSError) as e:  # a source moved or deleted since
     raise ValueError(f"{where}: this LoRA checkpoint stores its adapters but not its frozen "
                      f"base, which it rebuilds from {frozen_base.describe(source)}; that "
@@ -184,13 +184,15 @@ def restore_params(path: str, abstract_params: PyTree, *, step: int | None = Non
 
 def restore_or_init(checkpointer: ckpt_lib.Checkpointer, abstract_state: State,
                     init_fn: Callable[[], State], *,
-                    init_from: str | None = None,
-                    lora: lora_lib.LoraConfig | None = None) -> tuple[State, dict | None, str]:
-  """Returns (state, data_state, how): resume, else params from `init_from`, else fresh. With
-  adapters (`lora`), the checkpointer's saves leave the frozen base out, naming where it came
-  from (frozen_base.py)."""
+                    init_from: str | None = None, lora: lora_lib.LoraConfig | None = None,
+                    init_from_hf: str | None = None) -> tuple[State, dict | None, str]:
+  """Returns (state, data_state, how): resume, else params from `init_from`, else fresh (which
+  `init_fn` may have loaded from the Hugging Face folder `init_from_hf`). With adapters
+  (`lora`), the checkpointer's saves leave the frozen base out, naming where it came from
+  (frozen_base.py): the folder absolute, so that a run read from another directory finds it."""
   step = checkpointer.latest_step()
-  source = {"kind": "fresh"}
+  source = {"kind": "fresh", "init_from_hf": storage.absolute(init_from_hf) if init_from_hf
+            else ""}
   if step is not None:
     # A run with adapters whose checkpoint leaves its frozen base out: read what it holds, then
     # rebuild the rest from the source it names.

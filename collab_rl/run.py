@@ -260,7 +260,7 @@ class Run:
     self.checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config.checkpoint)
     self.state, self.data_state, self.how = restore_lib.restore_or_init(
         self.checkpointer, abstract, create_fn, init_from=config.init_from or None,
-        lora=lora_config(config))
+        lora=lora_config(config), init_from_hf=config.get("init_from_hf") or None)
     if self.how == "fresh" and config.get("init_from_hf"):
       self.how = f"init_from_hf {config.init_from_hf}"
     logging.info("%s: %s (%d params)", config.trainer, self.how,

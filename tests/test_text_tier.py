@@ -379,9 +379,11 @@ def test_a_user_and_judge_of_the_policy_folder_read_its_base(world, tmp_path):
   loaded = hf.load_pretrained(world["llama3"])[1]
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(bound.user_params),
                          jax.device_get(loaded))
-  # What its checkpoints leave out, rebuilt from the config alone: the folder over the seed's
-  # initialisation (the value head), exactly, in the state's shardings (frozen_base.py).
-  rebuilt = frozen_base.fresh_base(c, base)
+  # What its checkpoints leave out, rebuilt from the folder they name (absolute) over the seed's
+  # initialisation (the value head): exactly, in the state's shardings (frozen_base.py).
+  source = setup.run.checkpointer.frozen["source"]
+  assert source == {"kind": "fresh", "init_from_hf": os.path.abspath(world["llama3"])}
+  rebuilt = frozen_base.fresh_base(c, base, source["init_from_hf"])
   for a, b in zip(jax.tree_util.tree_leaves(rebuilt), jax.tree_util.tree_leaves(base)):
     assert a.sharding == b.sharding
     np.testing.assert_array_equal(a, b)
