@@ -87,8 +87,9 @@ def _sums(leaves):
 
 def fingerprint(base, keep: Sequence[str]) -> dict[str, list[float]]:
   """{param: [sum, sum of squares]} of every param of `base` not in `keep` (the frozen ones)."""
+  keep = set(keep)
   flat = [(sharding_lib.path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(base)]
-  frozen = [(p, x) for p, x in flat if p not in set(keep)]
+  frozen = [(p, x) for p, x in flat if p not in keep]
   sums = jax.device_get(_sums([x for _, x in frozen]))
   return {p: [float(s[0]), float(s[1])] for (p, _), s in zip(frozen, sums)}
 
