@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collab_rl import sharding as sharding_lib
+from collab_rl import train_state as state_lib
 from collab_rl.models import hf as hf_lib
 from collab_rl.models import lora as lora_lib
 from collab_rl.models import transformer
@@ -70,6 +71,16 @@ def strip(params: Mapping, keep: Sequence[str]) -> dict:
 def is_stripped(stored_base, base) -> bool:
   """Whether a checkpoint's base (its metadata tree) lacks some of `base`'s params."""
   return bool(set(paths(base)) - set(paths(stored_base)))
+
+
+def as_stored(params, stored) -> tuple[Any, bool]:
+  """`params` (a target tree: split, or only its `{"base"}`) cut to what a checkpoint whose
+  params are `stored` (metadata) holds, and whether that checkpoint leaves its frozen base out;
+  else `params` as they are."""
+  if not (isinstance(params, Mapping) and "base" in params and lora_lib.is_split(stored)
+          and is_stripped(stored["base"], params["base"])):
+    return params, False
+  return {**params, "base": prune(params["base"], paths(stored["base"]))}, True
 
 
 def graft(base, stored: Mapping):
@@ -143,11 +154,11 @@ def fresh_base(config: Mapping, abstract_base, folder: str | None = None) -> Any
   plain = lambda d: d.to_dict() if hasattr(d, "to_dict") else dict(d or {})
   mcfg = transformer.TransformerConfig.from_dict(plain(config["model"]))
   model = transformer.Transformer(mcfg)
-  key = jax.random.fold_in(jax.random.key(int(config["seed"])), 0)
   shardings = jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), abstract_base)
   if any(s is None for s in jax.tree_util.tree_leaves(shardings, is_leaf=lambda s: s is None)):
     shardings = None  # unsharded targets (evaluation): the default device
-  base = jax.jit(lambda: transformer.init_params(model, key), out_shardings=shardings)()
+  seed = int(config["seed"])
+  base = jax.jit(lambda: state_lib.fresh_params(model, seed), out_shardings=shardings)()
   folder = folder or config.get("init_from_hf")
   if folder:
     leaf = jax.tree_util.tree_leaves(base)[0]

@@ -73,7 +73,8 @@ def _restore_params_and_step(path: str, abstract_params: PyTree,
     if step is None or step not in manager.all_steps():
       raise ValueError(f"init_from={path!r}: no finished checkpoint step {step} there.")
     where = f"{path}/{step}"
-    target, stripped = {"params": abstract_params}, False
+    stripped = False
+    target = {"params": abstract_params}
     try:
       stored = manager.item_metadata(step)[ckpt_lib.STATE]
     except Exception as e:  # noqa: BLE001  (metadata is only for a clearer error message)
@@ -84,13 +85,11 @@ def _restore_params_and_step(path: str, abstract_params: PyTree,
       if "params" not in stored_tree:
         raise ValueError(f"Checkpoint {where} has no 'params' in its state.")
       have = stored_tree["params"]
+      # Without its frozen base, only what is stored is read; the base is rebuilt below.
+      pruned, stripped = frozen_base.as_stored(abstract_params, have)
+      target = {"params": pruned}
       if lora_lib.is_split(have) and isinstance(abstract_params, Mapping):
         have = {k: have[k] for k in abstract_params if k in have}
-        stripped = "base" in abstract_params and frozen_base.is_stripped(
-            have.get("base", {}), abstract_params["base"])
-        if stripped:  # the frozen base is rebuilt below; only what is stored is read
-          target = {"params": {**abstract_params, "base": frozen_base.prune(
-              abstract_params["base"], frozen_base.paths(have["base"]))}}
       ckpt_lib.check_against_metadata(target, {"params": have}, where)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
@@ -196,12 +195,9 @@ def restore_or_init(checkpointer: ckpt_lib.Checkpointer, abstract_state: State,
   if step is not None:
     # A run with adapters whose checkpoint leaves its frozen base out: read what it holds, then
     # rebuild the rest from the source it names.
-    params, stored = ckpt_lib.params_of(abstract_state), checkpointer.stored_params(step)
-    stripped = (lora_lib.is_split(params) and lora_lib.is_split(stored)
-                and frozen_base.is_stripped(stored["base"], params["base"]))
-    target = abstract_state if not stripped else ckpt_lib.with_params(
-        abstract_state, frozen_base.strip(params, frozen_base.paths(stored["base"])))
-    state, data_state = checkpointer.restore(target, step)
+    params = ckpt_lib.params_of(abstract_state)
+    pruned, stripped = frozen_base.as_stored(params, checkpointer.stored_params(step))
+    state, data_state = checkpointer.restore(ckpt_lib.with_params(abstract_state, pruned), step)
     if stripped:
       got = ckpt_lib.params_of(state)
       base = _rebuilt_base(checkpointer.frozen, checkpointer.restore_config(step),

@@ -36,6 +36,12 @@ def create(params, tx: optax.GradientTransformation, key: jax.Array) -> TrainSta
                     rng=jax.random.key_data(key))
 
 
+def fresh_params(model, seed: int) -> dict:
+  """A run's fresh params: from fold_in(key(seed), 0) (`fresh_init_fn`; the frozen base of a
+  run with adapters is rebuilt from them too, frozen_base.py)."""
+  return transformer.init_params(model, jax.random.fold_in(jax.random.key(seed), 0))
+
+
 def fresh_init_fn(model, tx: optax.GradientTransformation, seed: int,
                   lora_cfg: lora_lib.LoraConfig | None = None) -> Callable[[], TrainState]:
   """The state a run starts from without a checkpoint: params from fold_in(key(seed), 0), the
@@ -44,7 +50,7 @@ def fresh_init_fn(model, tx: optax.GradientTransformation, seed: int,
   adapters drawn from fold_in(key(seed), 4)."""
   def init_fn():
     key = jax.random.key(seed)
-    params = transformer.init_params(model, jax.random.fold_in(key, 0))
+    params = fresh_params(model, seed)
     if lora_cfg is not None and lora_cfg.enabled:
       params = lora_lib.split(params, lora_lib.init_adapters(params, lora_cfg,
                                                              jax.random.fold_in(key, 4)))
