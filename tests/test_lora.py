@@ -246,6 +246,18 @@ def test_ppo_with_adapters_trains_only_them_from_a_plain_base(tmp_path):
   want = lora.merge(params["base"], params["lora"], lora.LoraConfig(rank=4, alpha=8.0))
   for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # So does the data engine, whose candidates come from `init_from`; a model that differs from
+  # the engine's own is refused, naming the param.
+  from collab_rl.data import engine
+  plain_abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                          merged)
+  for a, b in zip(jax.tree_util.tree_leaves(engine.policy_params(checkpoints, plain_abstract)),
+                  jax.tree_util.tree_leaves(merged)):
+    np.testing.assert_array_equal(a, b)
+  wider = dict(plain_abstract, lm_head={"kernel": jax.ShapeDtypeStruct(
+      (plain_abstract["lm_head"]["kernel"].shape[0], 7), jnp.float32)})
+  with pytest.raises(ValueError, match=r"does not match config.model at \['lm_head'\]"):
+    engine.policy_params(checkpoints, wider)
   # The source gone, or overwritten since: reading the run fails, naming the source or a param,
   # instead of merging the adapters into another base.
   shutil.rmtree(tmp_path / "plain")

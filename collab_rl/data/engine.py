@@ -265,6 +265,24 @@ class MRCandidates(builders._Builder):  # pylint: disable=protected-access
       yield int(i), {f: self.records[f][i] for f in FIELDS}
 
 
+def policy_params(init_from: str, abstract) -> Any:
+  """The candidates' policy: the params of the run checkpointed in `init_from`, as one plain
+  model (a run that trained LoRA adapters gives its base with them merged in, as `evaluate`
+  reads it), checked leaf for leaf against the engine's own model (`abstract`)."""
+  _, params = restore_lib.restore_policy(init_from, restore_lib.read_config(init_from))
+  got = dict(jax.tree_util.tree_leaves_with_path(params))
+  for path, want in jax.tree_util.tree_leaves_with_path(abstract):
+    leaf = got.pop(path, None)
+    if leaf is None or leaf.shape != want.shape:
+      raise ValueError(f"init_from={init_from!r}: its model does not match config.model at "
+                       f"{jax.tree_util.keystr(path)} (there {None if leaf is None else leaf.shape}"
+                       f", here {want.shape})")
+  if got:
+    raise ValueError(f"init_from={init_from!r}: its model has params config.model lacks, e.g. "
+                     f"{jax.tree_util.keystr(next(iter(got)))}")
+  return params
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Generates the records with the policy of `config.init_from` and writes the dataset."""
   task, mcfg, mesh, rcfg = check_config(config)
@@ -273,7 +291,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not task.device_scored:
     params = _hf_policy(config, mesh, load=True)[1]
   elif config.init_from:
-    params = restore_lib.restore_params(config.init_from, abstract)
+    params = policy_params(config.init_from, abstract)
   else:
     logging.warning("data engine: no init_from, so the candidates come from random weights")
     params = transformer.init_params(model, jax.random.key(config.seed))
