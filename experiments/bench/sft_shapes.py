@@ -17,7 +17,8 @@ Three tables, per conversation shape:
 Shapes are not exclusive: `clear` (nothing missing), `asked_<n>` (the first reply asks, n pieces
 missing), `guessed_<n>` (the first reply answers, n missing), `feedback` (an answer after
 `wrong`), `revealed` (a user turn revealed a piece unasked: sharded mode or feedback reveals),
-`instructed` (the request opens with `clarify`).
+`asked_<n>_revealed` (asked, and a user turn revealed a piece unasked: the sharded user's reply
+to a question carries two pieces), `instructed` (the request opens with `clarify`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def shapes(task, ro) -> dict[str, np.ndarray]:
   for n in (1, 2):
     out[f"asked_{n}"] = amb & asked & (n_missing == n)
     out[f"guessed_{n}"] = amb & answered & (n_missing == n)
+    # The sharded user's reply to a question also reveals the next piece ("... also ...").
+    out[f"asked_{n}_revealed"] = out[f"asked_{n}"] & revealed
   if intent.instructed_B is not None:
     out["instructed"] = np.asarray(intent.instructed_B, bool)
   return out
