@@ -29,7 +29,6 @@ import optax
 from absl import logging
 
 from collab_rl import checkpoint as ckpt_lib
-from collab_rl import metrics as metrics_lib
 from collab_rl import restore as restore_lib
 from collab_rl import rewards
 from collab_rl import rollout as rollout_lib

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from collab_rl import restore as restore_lib
-from collab_rl import run as run_lib
 from collab_rl import run_rl
 from collab_rl import sharding as sharding_lib
 from collab_rl.models import hf, transformer

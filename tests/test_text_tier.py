@@ -93,7 +93,7 @@ def test_rollout_writes_each_template_and_ends_every_turn(world, style):
   ro = _play(task, model, params, params, world["records"][:4], jax.random.key(0))
   conv = jax.device_get(ro.conv)
   toks, roles = np.asarray(conv.tokens_BxL), np.asarray(conv.roles_BxL)
-  asst_h, user_h = list(task.assistant_header), list(task.user_header)
+  asst_h = list(task.assistant_header)
   for b in range(4):
     n = int(conv.cursor_B[b])
     row, rl = toks[b, :n].tolist(), roles[b, :n]

@@ -37,7 +37,7 @@ def main(argv):
   from collab_rl import sampling
   from collab_rl.models import transformer as tfm
   from collab_rl.tasks import registry
-  from collab_rl.tokenizer import ASSISTANT, USER
+  from collab_rl.tokenizer import ASSISTANT
 
   task = registry.make_task(_TASK.value)
   cfg = tfm.TransformerConfig(vocab_size=task.vocab_size, hidden_size=256, intermediate_size=688,
