@@ -28,18 +28,14 @@ import tempfile
 from absl import app, flags
 
 from experiments.bench import common
+from experiments.bench.tiny_llama import HF_CONFIG, NEW, PROMPT, TRAIN_BATCH, TRAIN_LEN
+from experiments.bench.tiny_llama import collab_rl_programs
 
 _OUT = flags.DEFINE_string("out", "bench_out/vs_transformers.json", "Where the JSON goes.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
 _THREADS = flags.DEFINE_integer("threads", 2, "Threads for torch (XLA uses the machine's cores).")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 2, "XLA CPU devices the batch-16 runs are "
                                      "split over (data parallel); 1: one device.", lower_bound=1)
-
-HF_CONFIG = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                 rms_norm_eps=1e-6, tie_word_embeddings=False)
-PROMPT, NEW, TRAIN_BATCH, TRAIN_LEN = 64, 128, 16, 256
-
 
 def bench_transformers(folder: str, repeats: int) -> dict:
   import torch
@@ -83,59 +79,18 @@ def bench_transformers(folder: str, repeats: int) -> dict:
 
 def bench_collab_rl(folder: str, repeats: int) -> dict:
   import jax
-  import jax.numpy as jnp
-  import optax
 
-  from collab_rl import sampling
-  from collab_rl import sharding as sharding_lib
-  from collab_rl import train_state as state_lib
-  from collab_rl.models import hf
-  from collab_rl.trainers import lm
-
-  model, params = hf.load_pretrained(folder)
-  mesh = sharding_lib.make_mesh((-1, 1, 1)) if len(jax.devices()) > 1 else None
-
-  def place(tree, batched: bool):
-    """On one device, or (batch > 1 and several devices) split over the mesh's data axis."""
-    if mesh is None or not batched:
-      return jax.device_put(tree, jax.devices()[0])
-    return jax.device_put(tree, sharding_lib.batch_sharding(mesh))
-
-  params_1 = place(params, False)
-  params_n = params_1 if mesh is None else jax.device_put(params, sharding_lib.replicated(mesh))
-  # Generation only reads the weights: the host devices share one copy (the train step donates
-  # its state, so it keeps params_n, one copy per device).
-  params_gen = params_1 if mesh is None else sharding_lib.replicate_host_shared(
-      params, sharding_lib.replicated(mesh))
+  calls = collab_rl_programs(folder)
   out = {"generation": {}, "host_devices": len(jax.devices())}
-  for greedy in (True, False):
-    sample = sampling.make_sampler(model, sampling.SamplingConfig(
-        max_new_tokens=NEW, greedy=greedy, temperature=1.0))
-    for batch in (1, 16):
-      prompt = place(jax.random.randint(jax.random.key(1), (batch, PROMPT), 1,
-                                        HF_CONFIG["vocab_size"]), batch > 1)
-      lengths = place(jnp.full((batch,), PROMPT), batch > 1)
-      p = params_gen if batch > 1 else params_1
-      sec = common.median_seconds(lambda: sample(p, prompt, lengths, jax.random.key(2)).tokens_BxN,
-                                  repeats, jax.block_until_ready)
-      name = f"{'greedy' if greedy else 'sampled'}_b{batch}"
+  for name, call in calls.items():
+    sec = common.median_seconds(call, repeats, jax.block_until_ready)
+    if name == "train_step":
+      out["train_step"] = {"seconds": sec, "tokens_per_s": TRAIN_BATCH * TRAIN_LEN / sec}
+      print(f"collab_rl train step: {TRAIN_BATCH * TRAIN_LEN / sec:,.0f} tokens/s")
+    else:
+      batch = int(name.split("_b")[1])
       out["generation"][name] = {"seconds": sec, "new_tokens_per_s": batch * NEW / sec}
       print(f"collab_rl {name}: {batch * NEW / sec:,.0f} new tokens/s")
-
-  tx = optax.adamw(1e-3)
-  holder = [state_lib.create(params_n, tx, jax.random.key(3))]
-  step = jax.jit(lambda s, b: lm.train_step(model, tx, s, b), donate_argnums=0)
-  batch = place({"tokens": jax.random.randint(jax.random.key(4), (TRAIN_BATCH, TRAIN_LEN + 1), 1,
-                                              HF_CONFIG["vocab_size"]),
-                 "length": jnp.full((TRAIN_BATCH,), TRAIN_LEN + 1)}, True)
-
-  def one():
-    holder[0], m = step(holder[0], batch)
-    return m["loss"]
-
-  sec = common.median_seconds(one, repeats, jax.block_until_ready)
-  out["train_step"] = {"seconds": sec, "tokens_per_s": TRAIN_BATCH * TRAIN_LEN / sec}
-  print(f"collab_rl train step: {TRAIN_BATCH * TRAIN_LEN / sec:,.0f} tokens/s")
   return out
 
 
