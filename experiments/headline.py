@@ -16,7 +16,8 @@ share of the CPUs, every run waiting for the ones it needs. Children share a per
 compilation cache (`--compilation_cache`, by default `<workdir>/jax_cache`): the seeds of one
 (task, arm) compile the same programs, so with `--jobs N` the later seeds wait for the first
 seed's run to finish and then load its programs instead of compiling them again (at size full
-on a GPU, compilation is most of a run's time). `--print_only` prints the commands (what
+on a GPU, compilation is most of a run's time); a (task, arm) with a run finished earlier waits
+for nothing. `--print_only` prints the commands (what
 `launch/` turns into one job per arm on Cloud TPU) without running them. Finally
 `collab_rl.evaluate` plays the test episodes with every run and writes `results.json`,
 `results.md`, plots and samples into the workdir (`--users` plays them against other users too).
@@ -118,11 +119,16 @@ def needs(run: str) -> list[str]:
 def warm_first(jobs: list[tuple[str, list[str]]]) -> dict[str, str]:
   """{run: the run it waits for}: every seed of a (task, arm) after the first waits for the first
   seed's run to end, so that it loads that run's compiled programs from the shared cache instead
-  of compiling them alongside it. Only an order: the later seeds run even if the first failed."""
+  of compiling them alongside it. Only an order: the later seeds run even if the first failed.
+  A (task, arm) with a finished run (`DONE`) already compiled its programs into the cache, so
+  none of its seeds waits: a sweep that adds seeds does not queue them behind one another."""
+  key_of = lambda d: (os.path.dirname(os.path.dirname(d)), os.path.basename(d))  # (task, arm)
+  warm = {key_of(d) for d, _ in jobs if os.path.exists(os.path.join(d, "DONE"))}
   first, out = {}, {}
   for d, _ in jobs:
-    seed_dir, arm = os.path.split(d)
-    key = (os.path.dirname(seed_dir), arm)  # (task directory, arm)
+    key = key_of(d)
+    if key in warm:
+      continue
     if key in first:
       out[d] = first[key]
     else:

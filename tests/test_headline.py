@@ -75,6 +75,11 @@ def test_later_seeds_wait_for_the_first_seed_of_their_arm_even_when_it_fails(tmp
   assert _t(s1, "start") >= _t(s0, "end") and _t(e1, "start") >= _t(s1, "end")
   assert os.path.exists(os.path.join(e1, "DONE"))  # ran although the first seed failed
   assert _t(b1, "start") < _t(s0, "end")  # another task's base ran beside the first
+  # Seeds added later: a (task, arm) with a finished run has its programs in the cache, so its
+  # new seeds wait for nothing.
+  more = [_job(root, f"a/seed{s}", arm) for arm in ("sft_base", "mediator") for s in (2, 3)]
+  # An arm none of whose runs has finished still waits for its first seed.
+  assert headline.warm_first(jobs + more) == {more[3][0]: more[2][0]}
 
 
 def test_sweep_runs_every_rl_arm_per_value_from_one_base():
