@@ -17,8 +17,8 @@ compilation cache (`--compilation_cache`, by default `<workdir>/jax_cache`): the
 (task, arm) compile the same programs, so with `--jobs N` the later seeds wait for the first
 seed's run to finish and then load its programs instead of compiling them again (at size full
 on a GPU, compilation is most of a run's time); a (task, arm) with a run finished earlier waits
-for nothing. `--print_only` prints the commands (what
-`launch/` turns into one job per arm on Cloud TPU) without running them. Finally
+for nothing. `--print_only` prints the commands (what `launch/` turns into one job per arm on
+Cloud TPU) without running them. Finally
 `collab_rl.evaluate` plays the test episodes with every run and writes `results.json`,
 `results.md`, plots and samples into the workdir (`--users` plays them against other users too).
 
