@@ -256,7 +256,8 @@ def test_ppo_with_adapters_trains_only_them_from_a_plain_base(tmp_path):
     np.testing.assert_array_equal(a, b)
   wider = dict(plain_abstract, lm_head={"kernel": jax.ShapeDtypeStruct(
       (plain_abstract["lm_head"]["kernel"].shape[0], 7), jnp.float32)})
-  with pytest.raises(ValueError, match=r"does not match config.model at \['lm_head'\]"):
+  with pytest.raises(ValueError, match=r"against config.model\) does not match the expected "
+                     r"state:\n  lm_head/kernel: checkpoint has shape"):
     engine.policy_params(checkpoints, wider)
   # The source gone, or overwritten since: reading the run fails, naming the source or a param,
   # instead of merging the adapters into another base.

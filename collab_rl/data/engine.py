@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from collab_rl import checkpoint as ckpt_lib
 from collab_rl import metrics as metrics_lib
 from collab_rl import restore as restore_lib
 from collab_rl import rewards
@@ -270,16 +271,8 @@ def policy_params(init_from: str, abstract) -> Any:
   model (a run that trained LoRA adapters gives its base with them merged in, as `evaluate`
   reads it), checked leaf for leaf against the engine's own model (`abstract`)."""
   _, params = restore_lib.restore_policy(init_from, restore_lib.read_config(init_from))
-  got = dict(jax.tree_util.tree_leaves_with_path(params))
-  for path, want in jax.tree_util.tree_leaves_with_path(abstract):
-    leaf = got.pop(path, None)
-    if leaf is None or leaf.shape != want.shape:
-      raise ValueError(f"init_from={init_from!r}: its model does not match config.model at "
-                       f"{jax.tree_util.keystr(path)} (there {None if leaf is None else leaf.shape}"
-                       f", here {want.shape})")
-  if got:
-    raise ValueError(f"init_from={init_from!r}: its model has params config.model lacks, e.g. "
-                     f"{jax.tree_util.keystr(next(iter(got)))}")
+  ckpt_lib.check_against_metadata(abstract, params, f"init_from={init_from!r} (its policy, "
+                                  "against config.model)")
   return params
 
 

@@ -37,6 +37,7 @@ _THREADS = flags.DEFINE_integer("threads", 2, "Threads for torch (XLA uses the m
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 2, "XLA CPU devices the batch-16 runs are "
                                      "split over (data parallel); 1: one device.", lower_bound=1)
 
+
 def bench_transformers(folder: str, repeats: int) -> dict:
   import torch
   import transformers
