@@ -23,7 +23,16 @@ jax.config.update("jax_cpu_enable_async_dispatch", False)
 # between runs): the trainers' tests build the same tiny programs again and again, from new
 # closures that jit's in-memory cache cannot match, and a cache hit skips XLA's compile (the
 # suite's largest cost on 2 cores). `compile_counter` still sees every real compilation.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="collab_rl_tests_jax_"))
+# Under pytest-xdist (the README's `-n 2`) the workers of one run share it: a program one worker
+# compiled is a hit in the other. JAX writes an entry in place, so a worker may read one half
+# written; it then warns and compiles the program itself.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN:
+  _CACHE = os.path.join(tempfile.gettempdir(), f"collab_rl_tests_jax_{_RUN}")
+  os.makedirs(_CACHE, exist_ok=True)
+else:
+  _CACHE = tempfile.mkdtemp(prefix="collab_rl_tests_jax_")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -107,6 +107,30 @@ def attend(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, keys_transposed: bool = 
   return out_BxKxQxH.reshape(b, kv, l, g, h).transpose(0, 2, 1, 3, 4).reshape(b, l, n, h)
 
 
+def attend_filled(q_BxLxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxLxS, filled, buckets: int):
+  """`attend` over a cache's first `filled` slots only, rounded up to one of `buckets` equal
+  prefixes of the cache (keys as the cache keeps them, [B, K, H, S]).
+
+  Shapes are static, so the prefix cannot be cut at `filled` itself: a `lax.switch` picks one of
+  the precompiled prefix widths at run time. Every row shares `filled` (the cache's write index
+  after this chunk), so one branch serves the whole batch. The slots skipped are empty, masked
+  out in every row, so the result equals attention over the whole cache.
+  """
+  size = k_BxKxHxS.shape[3]
+  widths = sorted({min(size, -(-size * (i + 1) // buckets)) for i in range(buckets)})
+  if len(widths) == 1:
+    return attend(q_BxLxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxLxS, keys_transposed=True)
+
+  def prefix(width):
+    return lambda q, k, v, m: attend(q, k[..., :width], v[:, :, :width], m[..., :width],
+                                     keys_transposed=True)
+
+  # The narrowest width that holds every filled slot.
+  which = jnp.sum(jnp.asarray(widths[:-1]) < filled).astype(jnp.int32)
+  return jax.lax.switch(which, [prefix(w) for w in widths], q_BxLxNxH, k_BxKxHxS, v_BxKxSxH,
+                        mask_BxLxS)
+
+
 class Attention(nn.Module):
   cfg: TransformerConfig
 
@@ -128,7 +152,7 @@ class Attention(nn.Module):
     k_BxKxLxH = apply_rope(k_BxLxKxH, positions_BxL, inv_freq).transpose(0, 2, 1, 3)
     v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
     if cache_kv is not None:
-      # Write this chunk at slot `index` and attend over the whole cache.
+      # Write this chunk at slot `index` and attend over the cache's filled part.
       ck, cv = cache_kv
       ck = jax.lax.dynamic_update_slice_in_dim(ck, k_BxKxLxH.transpose(0, 1, 3, 2).astype(ck.dtype),
                                                index, axis=3)
@@ -144,9 +168,11 @@ class Attention(nn.Module):
                      v_all[:, :, :lo + chunk], mask_BxLxS[:, lo:lo + chunk, :lo + chunk])
               for lo in range(0, l, chunk)]
       out_BxLxNxH = jnp.concatenate(outs, axis=1)
+    elif cache_kv is not None:
+      out_BxLxNxH = attend_filled(q_BxLxNxH, k_all, v_all, mask_BxLxS, index + l,
+                                  cfg.cache_buckets)
     else:
-      out_BxLxNxH = attend(q_BxLxNxH, k_all, v_all, mask_BxLxS,
-                           keys_transposed=cache_kv is not None)
+      out_BxLxNxH = attend(q_BxLxNxH, k_all, v_all, mask_BxLxS)
     (out_BxLxD,) = fused_projection(out_BxLxNxH.reshape(b, l, n * h),
                                     [Weights(cfg.hidden_size, False, pdt, name="o_proj")], dt,
                                     cfg.lora_dropout)

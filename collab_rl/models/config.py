@@ -43,6 +43,11 @@ class TransformerConfig:
   # keys it can see (causal): ~40% less attention work at L = 256 and smaller softmax tensors.
   # 0 disables. Numerics are unchanged (each query still sees all its keys at once).
   causal_query_chunk: int = 64
+  # With a KV cache, attention reads only the filled part of the cache, rounded up to one of this
+  # many equal prefixes (a `lax.switch` between them; every row shares the write index): a short
+  # conversation in a cache sized for the longest one does not pay for the empty slots. 1 reads
+  # the whole cache at every step. Numerics are unchanged (the slots skipped are all masked).
+  cache_buckets: int = 4
   # Dropout on the input of LoRA adapters given unmerged, in a "lora" variables collection, with
   # a "dropout" RNG (models/lora.py sets it; a checkpoint's model never carries it).
   lora_dropout: float = 0.0
@@ -59,6 +64,8 @@ class TransformerConfig:
     unknown = set(self.heads) - set(HEADS)
     if unknown:
       raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
+    if self.cache_buckets < 1:
+      raise ValueError(f"cache_buckets={self.cache_buckets}: use 1 (the whole cache) or more")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):

@@ -26,6 +26,8 @@ _BATCH = flags.DEFINE_integer("batch", 256, "Conversations per call.")
 _TURNS = flags.DEFINE_integer("turns", 6, "Assistant turns (each followed by a user turn).")
 _REPLY = flags.DEFINE_integer("reply_tokens", 16, "Budget of one assistant reply.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
+_BUCKETS = flags.DEFINE_integer("cache_buckets", 4, "The policy's cache_buckets (1: attention "
+                                "over the whole conversation cache at every step).")
 
 
 def main(argv):
@@ -41,7 +43,8 @@ def main(argv):
 
   task = registry.make_task(_TASK.value)
   cfg = tfm.TransformerConfig(vocab_size=task.vocab_size, hidden_size=256, intermediate_size=688,
-                              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+                              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                              cache_buckets=_BUCKETS.value)
   model = tfm.Transformer(cfg)
   params = tfm.init_params(model, jax.random.key(0))
   b, turns = _BATCH.value, _TURNS.value
@@ -78,7 +81,8 @@ def main(argv):
   result = {
       "task": _TASK.value, "batch": b, "turns": turns, "reply_budget": _REPLY.value,
       "max_len": max_len, "policy": {"hidden_size": 256, "layers": 4, "heads": 8, "kv_heads": 2,
-                                     "vocab": task.vocab_size, "params": tfm.count_params(params)},
+                                     "cache_buckets": _BUCKETS.value, "vocab": task.vocab_size,
+                                     "params": tfm.count_params(params)},
       "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
       "seconds": sec, "conversations_per_s": b / sec, "tokens_per_s": all_tokens / sec,
       "policy_tokens_per_s": policy_tokens / sec,
