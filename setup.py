@@ -29,6 +29,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8,<10",
+        # The README's test command runs the suite in 2 worker processes (`-n 2`): one process
+        # keeps only about one of CI's 2 cores busy (tracing and most of XLA's compile are serial).
+        "pytest-xdist>=3.6,<4",
         # Parity tests build tiny checkpoints with transformers; the CPU build of torch is enough.
         "torch==2.13.0",
         "transformers>=5,<6",
