@@ -117,7 +117,7 @@ def attend_filled(q_BxLxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxLxS, filled, buckets: 
   out in every row, so the result equals attention over the whole cache.
   """
   size = k_BxKxHxS.shape[3]
-  widths = sorted({min(size, -(-size * (i + 1) // buckets)) for i in range(buckets)})
+  widths = sorted({-(-size * (i + 1) // buckets) for i in range(buckets)})  # ceil; the last: size
   if len(widths) == 1:
     return attend(q_BxLxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxLxS, keys_transposed=True)
 
