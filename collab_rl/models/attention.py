@@ -114,7 +114,7 @@ def attend_filled(q_BxLxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxLxS, filled, buckets: 
   Shapes are static, so the prefix cannot be cut at `filled` itself: a `lax.switch` picks one of
   the precompiled prefix widths at run time. Every row shares `filled` (the cache's write index
   after this chunk), so one branch serves the whole batch. The slots skipped are empty, masked
-  out in every row, so the result equals attention over the whole cache.
+  out in every row, so the result equals attention over the whole cache up to float rounding.
   """
   size = k_BxKxHxS.shape[3]
   widths = sorted({-(-size * (i + 1) // buckets) for i in range(buckets)})  # ceil; the last: size

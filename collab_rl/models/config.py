@@ -46,7 +46,9 @@ class TransformerConfig:
   # With a KV cache, attention reads only the filled part of the cache, rounded up to one of this
   # many equal prefixes (a `lax.switch` between them; every row shares the write index): a short
   # conversation in a cache sized for the longest one does not pay for the empty slots. 1 reads
-  # the whole cache at every step. Numerics are unchanged (the slots skipped are all masked).
+  # the whole cache at every step. The slots skipped are all masked, so results equal the whole
+  # cache's up to float rounding (the softmax sums fewer terms: log-probs ~5e-7 apart, not bit for
+  # bit; runs made before this option replay bit for bit only at 1).
   cache_buckets: int = 4
   # Dropout on the input of LoRA adapters given unmerged, in a "lora" variables collection, with
   # a "dropout" RNG (models/lora.py sets it; a checkpoint's model never carries it).
