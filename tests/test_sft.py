@@ -11,6 +11,7 @@ from collab_rl import metrics as metrics_lib
 from collab_rl import rollout as rollout_lib
 from collab_rl import sft as sft_lib
 from collab_rl.models import transformer as tfm
+from collab_rl.tasks import registry, scoring
 from collab_rl.tasks import slots as slots_lib
 from collab_rl.tasks.ambig_math import AmbigMath
 from collab_rl.tokenizer import ASSISTANT, CONTEXT, USER
@@ -159,6 +160,47 @@ def test_short_run_learns_the_answer_format_and_resumes_bit_identically(tmp_path
   assert len(builds) == 1
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(full["state"].params),
                          jax.device_get(resumed["state"].params))
+
+
+def test_reactive_and_proactive_evaluations_share_one_program():
+  """With instruction_share > 0 the base is evaluated as deployed and as the Proactive Base (every
+  request instructed). One compiled rollout plays both, the rate an argument; its episodes are
+  those of a program compiled for each task on its own, metric for metric."""
+  config = tiny_config(instruction_share=0.3)
+  mesh, task = sft.check_config(config)
+  with jax.set_mesh(mesh):
+    b = sft.build(config, mesh, task)
+    params = b.create_fn().params
+    policy = sft.eval_policy(config, b.model, task)
+
+    def own_program(t):
+      def episodes(params, key):
+        ro = rollout_lib.rollout(policy, t, params, key, config.eval_batch_size,
+                                 num_turns=config.num_turns, max_len=config.max_len, mesh=mesh)
+        return {**scoring.episode_metrics(t, ro.conv, ro.sim),
+                **sft.first_reply_format(t, ro.conv, ro.reply_lengths_BxT[:, 0])}
+      return jax.jit(episodes)
+
+    traced = []
+    def listen(event, duration, **kwargs):
+      del duration
+      if event == "/jax/core/compile/jaxpr_trace_duration" and kwargs.get("fun_name") == "episodes":
+        traced.append(1)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+      key = jax.random.key(4)
+      shared = {prefix: jax.device_get(fn(params, key)) for prefix, fn in b.eval_fns.items()}
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listen)
+    assert sorted(shared) == ["", "proactive/"] and len(traced) == 1
+    for prefix, t in [("", task), ("proactive/", registry.config_task(config, instruction_rate=1))]:
+      want = jax.device_get(own_program(t)(params, key))
+      assert sorted(want) == sorted(shared[prefix])
+      for name in want:
+        np.testing.assert_array_equal(want[name], shared[prefix][name], err_msg=prefix + name)
+    # The rate reached the episodes: every Proactive request carries the word, no reactive one.
+    np.testing.assert_array_equal(shared["proactive/"]["tokens_typed"],
+                                  np.asarray(shared[""]["tokens_typed"]) + 1)
 
 
 def test_instructed_conversations_follow_the_prompted_mixture():

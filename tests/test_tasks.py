@@ -414,3 +414,19 @@ def test_instruction_opens_the_request_where_it_is_on(cls):
   assert "clarify" in _text(prompted, req_p[int(np.argmax(on))], n_p[int(np.argmax(on))])
   with pytest.raises(ValueError, match="instruction_rate=1.5"):
     cls(slots_lib.SimConfig(instruction_rate=1.5))
+
+
+def test_a_traced_instruction_rate_draws_what_the_simulators_rate_draws():
+  """One compiled sampler serves every rate (the base's reactive and Proactive evaluations):
+  at a traced rate r the intents are bit for bit those of a simulator whose rate is r."""
+  prompted = ambig_math.AmbigMath(slots_lib.SimConfig(instruction_rate=1.0))
+  draw = jax.jit(lambda key, rate: prompted.sample_intents(key, 256, rate))
+  key = jax.random.key(5)
+  for rate in (0.0, 0.3, 1.0):
+    want = ambig_math.AmbigMath(slots_lib.SimConfig(instruction_rate=rate)).sample_intents(
+        key, 256)
+    got = draw(key, np.float32(rate))
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="instruction_rate is above 0"):
+    ambig_math.AmbigMath().sample_intents(key, 4, 0.5)  # no room for the word in its requests

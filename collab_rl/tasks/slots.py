@@ -168,7 +168,15 @@ class SlotTask(slot_user.ScriptedUser):
   def sample_extra(self, key, values_BxK) -> Any:
     return None
 
-  def sample_intents(self, key, batch: int) -> Intent:
+  def sample_intents(self, key, batch: int, instruction_rate=None) -> Intent:
+    """`instruction_rate`: the share of instructed requests, a float or a traced scalar (None:
+    the simulator's). A traced rate lets one compiled rollout serve every rate; the request's
+    width is the simulator's (`request_width`), so its own rate must be above 0 for any row to
+    carry the instruction."""
+    if instruction_rate is not None and self.sim.instruction_rate == 0:
+      raise ValueError(f"{self.name}: sample_intents(instruction_rate=...) needs a simulator "
+                       "whose instruction_rate is above 0 (its requests have no room for the "
+                       "instruction's word)")
     k_val, k_rest, k_extra = jax.random.split(key, 3)
     values = self.sample_values(k_val, batch)
     k = len(self.slots)
@@ -187,8 +195,9 @@ class SlotTask(slot_user.ScriptedUser):
     missing = (rank < n_missing[:, None]) & ambiguous[:, None]
     # Its own stream (fold_in), so that the episodes of every split stay what they were
     # before the instruction existed, whatever the rate.
-    instructed = jax.random.uniform(jax.random.fold_in(k_rest, 1), (batch,)) < (
-        self.sim.instruction_rate)
+    if instruction_rate is None:
+      instruction_rate = self.sim.instruction_rate
+    instructed = jax.random.uniform(jax.random.fold_in(k_rest, 1), (batch,)) < instruction_rate
     return Intent(values, missing, ambiguous, self.sample_extra(k_extra, values), instructed,
                   user)
 
