@@ -61,7 +61,6 @@ from collab_rl import rollout as rollout_lib
 from collab_rl import sampling
 from collab_rl import sharding as sharding_lib
 from collab_rl import storage
-from collab_rl import xla_flags
 from collab_rl.tasks import registry, scoring
 
 _RUN = re.compile(r"(?:(?P<task>[^/]+)/)?seed(?P<seed>\d+)/(?P<arm>[^/]+)$")
@@ -326,7 +325,6 @@ def evaluate_runs(runs: Iterable[tuple[str, str, int]], out: str, *, episodes: i
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  xla_flags.set_run_defaults()  # before the backend starts (nothing above has touched it)
   f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # the table, not Orbax narrating every restore
   if len(argv) > 1:

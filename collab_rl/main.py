@@ -15,7 +15,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from collab_rl import config_names  # plain Python: touches no JAX before the flags
-from collab_rl import xla_flags  # plain Python too
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
@@ -82,7 +81,6 @@ def main(argv):
   # Orbax narrates every save at INFO; keep its warnings and errors, drop the chatter.
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
-  xla_flags.set_run_defaults()  # before the backend starts: XLA reads its flags then, once
   import jax  # after flag parsing, so that --jax_* flags and XLA_FLAGS take effect first
   from collab_rl import sharding  # pylint: disable=g-import-not-at-top
 

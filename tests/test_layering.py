@@ -14,7 +14,7 @@ FLOORS = {
     # sharding (mesh, partition rules) imports nothing of collab_rl; models/hf places loaded
     # weights with it.
     "conversation": 1, "models": 1, "tokenizer": 1, "sharding": 1, "config_names": 1,
-    "storage": 1, "xla_flags": 1,
+    "storage": 1,
     "sampling": 2, "checkpoint": 2, "restore": 2, "frozen_base": 2, "metrics": 2,
     "train_state": 2,
     "tasks": 3, "simulators": 3, "rollout": 3, "mediator": 3,

@@ -7,9 +7,7 @@ Each job runs its trainer as `collab_rl.main` would (the mesh set, the arm's con
 with the persistent compilation cache off, and records JAX's own compile events per program
 (`jax.monitoring`: tracing to a jaxpr, lowering to StableHLO, XLA's backend compile). The
 figure that matters is the backend compile; tracing and lowering are the Python side. A
-program compiled twice (two shapes, or rebuilt) counts twice. The child sets the run defaults of
-`collab_rl/xla_flags.py` as `collab_rl.main` does (LLVM -O1 on a CPU-only install); name the
-level in XLA_FLAGS to measure another (`--xla_backend_optimization_level=3`: XLA's default).
+program compiled twice (two shapes, or rebuilt) counts twice.
 
 Jobs: `base` (the SFT base, `arm=sft_base`), `ppo_mr` (PPO with MR w = 2, `arm=ppo_mr_w2`:
 the MR collection, the update, the greedy evaluation) and `ppo_mr_one_call` (the same with the
@@ -88,9 +86,7 @@ def run_child(job: str) -> dict:
 def main(argv):
   del argv
   if _CHILD.value:
-    from collab_rl import xla_flags  # pylint: disable=g-import-not-at-top
-    flags_used = xla_flags.set_run_defaults()  # as `collab_rl.main` does, before the backend
-    print("RESULT " + json.dumps({**run_child(_CHILD.value), "xla_flags": flags_used}))
+    print("RESULT " + json.dumps(run_child(_CHILD.value)))
     return
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=False).stdout.strip()
@@ -105,8 +101,7 @@ def main(argv):
     r = json.loads(line[len("RESULT "):])
     result["jobs"].append(r)
     print(f"{job}: backend compile {r['compile_s']:.1f} s, lowering {r['lower_s']:.1f} s, "
-          f"tracing {r['trace_s']:.1f} s; the whole one-step run {r['wall_s']:.1f} s "
-          f"(XLA_FLAGS={r.get('xla_flags', '')!r})")
+          f"tracing {r['trace_s']:.1f} s; the whole one-step run {r['wall_s']:.1f} s")
     for p in sorted(r["programs"], key=lambda p: -p.get("compile_s", 0.0)):
       if p.get("compile_s", 0.0) >= 0.05:
         # (Tracing is recorded under the function's own name, without jit(): in the total.)
