@@ -86,7 +86,8 @@ def run_child(job: str) -> dict:
 def main(argv):
   del argv
   if _CHILD.value:
-    print("RESULT " + json.dumps(run_child(_CHILD.value)))
+    print("RESULT " + json.dumps({**run_child(_CHILD.value),
+                                  "xla_flags": os.environ.get("XLA_FLAGS", "")}))
     return
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=False).stdout.strip()
@@ -101,7 +102,8 @@ def main(argv):
     r = json.loads(line[len("RESULT "):])
     result["jobs"].append(r)
     print(f"{job}: backend compile {r['compile_s']:.1f} s, lowering {r['lower_s']:.1f} s, "
-          f"tracing {r['trace_s']:.1f} s; the whole one-step run {r['wall_s']:.1f} s")
+          f"tracing {r['trace_s']:.1f} s; the whole one-step run {r['wall_s']:.1f} s "
+          f"(XLA_FLAGS={r.get('xla_flags', '')!r})")
     for p in sorted(r["programs"], key=lambda p: -p.get("compile_s", 0.0)):
       if p.get("compile_s", 0.0) >= 0.05:
         # (Tracing is recorded under the function's own name, without jit(): in the total.)
