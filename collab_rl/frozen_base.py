@@ -132,8 +132,10 @@ def describe(source: Mapping) -> str:
 
 def overlay_hf(params, folder: str, dtype: str, mesh, rules):
   """`params` (a plain tree) with the Hugging Face folder's weights wherever it has them, each
-  in its param's sharding and dtype; the rest (heads the folder lacks) as they are."""
-  _, loaded = hf_lib.load_pretrained(folder, dtype=dtype, mesh=mesh, rules=rules)
+  in its param's sharding and dtype; the rest (heads the folder lacks) as they are. Stacked
+  layers in `params` (`scan_layers`) are read stacked."""
+  _, loaded = hf_lib.load_pretrained(folder, dtype=dtype, mesh=mesh, rules=rules,
+                                     scan_layers="layers" in params)
   loaded = {sharding_lib.path_str(p): x
             for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
 

@@ -91,6 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.remat = False  # recompute layers in the backward pass to save memory
   c.model.remat_policy = "nothing_saveable"  # what remat keeps (models/config.py)
+  # One scanned layer instead of num_hidden_layers unrolled: compile time independent of depth;
+  # params stacked under "layers" (models/config.py).
+  c.model.scan_layers = False
 
   # Mesh (data, fsdp, model); one -1 fills the devices. Batches split over data x fsdp.
   c.mesh_shape = (-1, 1, 1)

@@ -61,8 +61,11 @@ def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Arr
 class KVCache:
   # Keys are kept transposed, [B, K, H, S]: a decode step's scores are then q [B, K, G, H] times
   # k [B, K, H, S], whose S-contiguous rows XLA's CPU dot reads ~5% faster (measured, b16).
-  k: tuple[jax.Array, ...]  # per layer [B, K, H, S]
-  v: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+  # Per layer ([B, K, H, S] keys, [B, K, S, H] values), or with `scan_layers` one array each,
+  # [B, L, K, H, S] and [B, L, K, S, H]: rows stay the leading dim either way, so MR's futures
+  # and G candidates tile and gather a cache like any other [B, ...] state.
+  k: tuple[jax.Array, ...] | jax.Array
+  v: tuple[jax.Array, ...] | jax.Array
   valid_BxS: jax.Array  # which slots hold real tokens (prompts are right-padded: holes exist)
   positions_BxS: jax.Array  # rotary position of the token in each slot
   index: jax.Array  # next slot to write (scalar int32, same for every row)
@@ -73,6 +76,8 @@ class KVCache:
     k_shape = (batch, cfg.num_key_value_heads, cfg.dim_per_head, size)
     v_shape = (batch, cfg.num_key_value_heads, size, cfg.dim_per_head)
     def zeros(shape):  # distinct buffers for k and v, so a donated cache donates each once
+      if cfg.scan_layers:
+        return jnp.zeros((batch, cfg.num_hidden_layers, *shape[1:]), dtype)
       return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
     return cls(k=zeros(k_shape), v=zeros(v_shape), valid_BxS=jnp.zeros((batch, size), bool),
                positions_BxS=jnp.zeros((batch, size), jnp.int32), index=jnp.zeros((), jnp.int32))
@@ -153,11 +158,23 @@ class Attention(nn.Module):
     v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
     if cache_kv is not None:
       # Write this chunk at slot `index` and attend over the cache's filled part.
-      ck, cv = cache_kv
-      ck = jax.lax.dynamic_update_slice_in_dim(ck, k_BxKxLxH.transpose(0, 1, 3, 2).astype(ck.dtype),
-                                               index, axis=3)
-      cv = jax.lax.dynamic_update_slice_in_dim(cv, v_BxKxLxH.astype(cv.dtype), index, axis=2)
-      k_all, v_all, new_kv = ck, cv, (ck, cv)
+      ck, cv, *layer = cache_kv
+      k_BxKxHxL = k_BxKxLxH.transpose(0, 1, 3, 2).astype(ck.dtype)
+      if layer:
+        # A scanned layer `i` gets the whole [B, layers, ...] cache (the scan's carry) and writes
+        # only its new slots there, in place, then reads its own layer: handing each layer a
+        # slice as a scanned input would copy the whole cache at every decoded token.
+        (i,) = layer
+        ck = jax.lax.dynamic_update_slice(ck, k_BxKxHxL[:, None], (0, i, 0, 0, index))
+        cv = jax.lax.dynamic_update_slice(cv, v_BxKxLxH.astype(cv.dtype)[:, None],
+                                          (0, i, 0, index, 0))
+        k_all = jax.lax.dynamic_index_in_dim(ck, i, axis=1, keepdims=False)
+        v_all = jax.lax.dynamic_index_in_dim(cv, i, axis=1, keepdims=False)
+      else:
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k_BxKxHxL, index, axis=3)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v_BxKxLxH.astype(cv.dtype), index, axis=2)
+        k_all, v_all = ck, cv
+      new_kv = (ck, cv)
     else:
       k_all, v_all, new_kv = k_BxKxLxH, v_BxKxLxH, None
     # At most 8 chunks: more would cost more in small ops than the skipped work saves.

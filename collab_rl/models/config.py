@@ -39,6 +39,13 @@ class TransformerConfig:
   # "dots_with_no_batch_dims_saveable" also keeps the projections' outputs (the matmuls are not
   # recomputed, the elementwise work and attention are).
   remat_policy: str = "nothing_saveable"
+  # The decoder layers as one `nn.scan` instead of unrolled: every program holds one layer's
+  # code, so compile time stops growing with depth (what a 32-layer Llama pays on TPU). Params
+  # are stacked under "layers" with a leading [num_hidden_layers] axis
+  # ("layers/self_attn/q_proj/kernel" [L, D, N*H] instead of "layers_0/...") and the KV cache
+  # holds one [B, L, ...] array for keys and one for values; `transformer.stack_layers` and
+  # `unstack_layers` convert between the two layouts (Hugging Face folders keep theirs).
+  scan_layers: bool = False
   # Without a cache, queries are processed in chunks of this many rows, each against only the
   # keys it can see (causal): ~40% less attention work at L = 256 and smaller softmax tensors.
   # 0 disables. Numerics are unchanged (each query still sees all its keys at once).

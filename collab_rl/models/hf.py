@@ -11,12 +11,14 @@ that transformers 4 and 5 alike load the folder.
 
 Parameter names mirror Hugging Face (see `models/transformer.py`), so the mapping is a rename:
 `layers_3/mlp/up_proj/kernel` <-> `model.layers.3.mlp.up_proj.weight` (transposed: torch Linear
-stores [out, in], Flax Dense [in, out]).
+stores [out, in], Flax Dense [in, out]). A model with `scan_layers` stacks the layers:
+`layers/mlp/up_proj/kernel` [L, in, out] row 3 <-> `model.layers.3.mlp.up_proj.weight`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 import re
@@ -172,15 +174,20 @@ def hf_name(path: str) -> tuple[str, bool]:
   return ".".join(prefix + mods + [suffix]), leaf == "kernel"
 
 
-def _expected(shapes) -> dict[str, tuple[Any, bool, tuple[int, ...]]]:
-  """HF name -> (our tree path, transposed, HF shape) for every param Hugging Face stores."""
+def _expected(shapes) -> dict[str, tuple[Any, bool, tuple[int, ...], int | None]]:
+  """HF name -> (our tree path, transposed, HF shape, layer) for every param Hugging Face
+  stores; `layer` is the row of a stacked leaf ("layers/...", `scan_layers`) that holds the
+  tensor, None where the leaf is the tensor. A stacked leaf's layers come in order."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     p = sharding.path_str(path)
     if p.startswith(_OWN_HEADS):
       continue
-    name, transposed = hf_name(p)
-    out[name] = (path, transposed, tuple(leaf.shape[::-1] if transposed else leaf.shape))
+    stacked = p.startswith("layers/")
+    shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+    for layer in range(leaf.shape[0]) if stacked else [None]:
+      name, transposed = hf_name(p if layer is None else f"layers_{layer}/{p[len('layers/'):]}")
+      out[name] = (path, transposed, shape[::-1] if transposed else shape, layer)
   return out
 
 
@@ -225,15 +232,17 @@ def folder_config(path: PathLike, dtype: Any = None) -> TransformerConfig:
 
 
 def load_pretrained(path: PathLike, dtype: Any = None, mesh: jax.sharding.Mesh | None = None,
-                    rules=sharding.LLAMA_RULES) -> tuple[Transformer, dict]:
+                    rules=sharding.LLAMA_RULES,
+                    scan_layers: bool = False) -> tuple[Transformer, dict]:
   """A Hugging Face folder -> (model, params), params placed in their `rules` sharding on `mesh`.
 
   dtype: "float32" or "bfloat16" for params and compute; None keeps the checkpoint's (config
   `dtype` / `torch_dtype`, else the embedding's; float16 widens to float32). mesh: None puts
-  everything on the first device.
+  everything on the first device. scan_layers: the model scans its layers, and each stacked
+  param is read layer by layer straight into its [L, ...] array.
   """
   folder = pathlib.Path(path)
-  cfg = folder_config(folder, dtype)
+  cfg = dataclasses.replace(folder_config(folder, dtype), scan_layers=scan_layers)
   config_file = folder / "config.json"
   files, listed = _weight_files(folder)
   with contextlib.ExitStack() as stack:
@@ -258,20 +267,32 @@ def load_pretrained(path: PathLike, dtype: Any = None, mesh: jax.sharding.Mesh |
       mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     shardings = sharding.param_shardings(shapes, mesh, rules)
     target = np.dtype(cfg.param_dtype)
-    by_path = {sharding.path_str(p): (name, t, s) for name, (p, t, s) in expected.items()}
+    by_path: dict[str, list] = {}
+    for name, (p, transposed, hf_shape, layer) in expected.items():
+      by_path.setdefault(sharding.path_str(p), []).append((name, transposed, hf_shape, layer))
 
     def load(path, leaf, param_sharding):
-      name, transposed, hf_shape = by_path[sharding.path_str(path)]
-      tensor = handles[found[name]].get_slice(name)
-      if tuple(tensor.get_shape()) != hf_shape:
-        raise ValueError(f"{found[name]}: tensor {name} has shape {tuple(tensor.get_shape())}, "
-                         f"expected {hf_shape} from {config_file}")
+      entries = by_path[sharding.path_str(path)]
+      tensors = []
+      for name, transposed, hf_shape, _ in entries:
+        tensor = handles[found[name]].get_slice(name)
+        if tuple(tensor.get_shape()) != hf_shape:
+          raise ValueError(f"{found[name]}: tensor {name} has shape "
+                           f"{tuple(tensor.get_shape())}, expected {hf_shape} from {config_file}")
+        tensors.append((tensor, transposed))
 
-      def read(index: tuple[slice, ...]) -> np.ndarray:
+      def read_one(tensor, transposed, index: tuple[slice, ...]) -> np.ndarray:
         # Each device asks for its own slice; a transposed kernel reads the mirrored one.
         if transposed:
           return np.ascontiguousarray(tensor[index[::-1]].T, dtype=target)
         return np.asarray(tensor[index], dtype=target)
+
+      def read(index: tuple[slice, ...]) -> np.ndarray:
+        if entries[0][3] is None:
+          return read_one(*tensors[0], index)
+        # A stacked leaf: the device's layers, each read as its own tensor's slice.
+        return np.stack([read_one(*tensors[i], index[1:])
+                         for i in range(len(tensors))[index[0]]])
 
       return jax.make_array_from_callback(leaf.shape, param_sharding, read)
 
@@ -307,7 +328,8 @@ def save_pretrained(model: Transformer, params: Mapping, path: PathLike,
                     hf_config: Mapping[str, Any] | None = None) -> None:
   """Writes config.json + model.safetensors (in the params' dtype) that transformers loads.
 
-  Streams one tensor at a time to the file, so the host holds at most one full tensor. Value and
+  Streams one param at a time to the file, so the host holds at most one full param (with
+  `scan_layers`, a stacked one: that tensor of every layer). Value and
   reward heads have no Hugging Face counterpart and are left out. `hf_config` (e.g. the source
   checkpoint's config.json, for its token ids) supplies the keys that the model does not decide.
   Multi-host: every process must call this (gathers are collective); process 0 writes.
@@ -321,7 +343,7 @@ def save_pretrained(model: Transformer, params: Mapping, path: PathLike,
   if not dtypes <= set(_ST_DTYPES):
     raise ValueError(f"params have dtypes {sorted(dtypes)}; only {sorted(_ST_DTYPES)} are written")
   header, offset = {}, 0
-  for name, (p, _, hf_shape) in expected.items():
+  for name, (p, _, hf_shape, _) in expected.items():
     x = leaves[sharding.path_str(p)]
     size = int(np.prod(hf_shape)) * np.dtype(x.dtype).itemsize
     header[name] = {"dtype": _ST_DTYPES[np.dtype(x.dtype).name], "shape": list(hf_shape),
@@ -342,7 +364,11 @@ def save_pretrained(model: Transformer, params: Mapping, path: PathLike,
   with (open(folder / "model.safetensors", "wb") if writer else contextlib.nullcontext()) as f:
     if writer:
       f.write(struct.pack("<Q", len(blob)) + blob)
-    for p, transposed, _ in expected.values():
-      x = _host(leaves[sharding.path_str(p)])
+    held: dict[str, np.ndarray] = {}  # the param being written (a stacked one: all its layers)
+    for p, transposed, _, layer in expected.values():
+      key = sharding.path_str(p)
+      if key not in held:
+        held = {key: _host(leaves[key])}
+      x = held[key] if layer is None else held[key][layer]
       if writer:
         f.write(np.ascontiguousarray(x.T if transposed else x).tobytes())

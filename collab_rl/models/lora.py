@@ -5,6 +5,7 @@ The adapters are a tree of their own, nested like the params, with `lora_a` [in,
 
     {"layers_0": {"self_attn": {"q_proj": {"lora_a": [D, r], "lora_b": [r, H*hd]}}}, ...}
 
+(with `scan_layers`, under "layers" and stacked like the kernels: `lora_a` [L, D, r], ...)
 and the policy's weights are `merge(base, adapters)`: every targeted kernel W becomes
 W + (alpha / r) * A @ B (computed in fp32, cast to W's dtype), every other leaf is the base's own
 array. So the base is held once and never trained: the train state holds only the adapters and
@@ -88,13 +89,21 @@ class LoraConfig:
     return cls(**d)
 
 
+def _is_kernel(path: str, shape) -> bool:
+  """A projection matrix: 2-D, or 3-D under "layers/" (`scan_layers`: one per layer, stacked)."""
+  return len(shape) == (3 if path.startswith("layers/") else 2)
+
+
 def target_paths(params, cfg: LoraConfig) -> list[str]:
-  """The 2-D kernels the adapters go on ("layers_0/self_attn/q_proj/kernel", ...)."""
+  """The kernels the adapters go on ("layers_0/self_attn/q_proj/kernel", ...; with
+  `scan_layers`, "layers/self_attn/q_proj/kernel", stacked, one adapter per layer)."""
   out = [sharding.path_str(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
-         if len(x.shape) == 2 and any(re.search(t, sharding.path_str(p)) for t in cfg.targets)]
+         if _is_kernel(sharding.path_str(p), x.shape)
+         and any(re.search(t, sharding.path_str(p)) for t in cfg.targets)]
   if not out:
-    raise ValueError(f"lora.targets={list(cfg.targets)} match no 2-D kernel of the model "
-                     "(its kernels are named like layers_0/self_attn/q_proj/kernel)")
+    raise ValueError(f"lora.targets={list(cfg.targets)} match no kernel of the model "
+                     "(its kernels are named like layers_0/self_attn/q_proj/kernel, or "
+                     "layers/self_attn/q_proj/kernel with scan_layers)")
   return out
 
 
@@ -112,14 +121,16 @@ def _get(tree, keys: Sequence[str]):
 
 def init_adapters(params, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dict:
   """Fresh adapters for `params` (arrays or ShapeDtypeStructs): A ~ N(0, 1/in) (the
-  fan-in scale of the kernel it adapts), B = 0."""
+  fan-in scale of the kernel it adapts), B = 0. A stacked kernel [L, in, out] gets stacked
+  adapters, [L, in, r] and [L, r, out]."""
   adapters: dict = {}
   for i, path in enumerate(target_paths(params, cfg)):
     keys = path.split("/")
-    d_in, d_out = _get(params, keys).shape
-    a = jax.random.normal(jax.random.fold_in(key, i), (d_in, cfg.rank), dtype) / d_in ** 0.5
+    *lead, d_in, d_out = _get(params, keys).shape
+    a = jax.random.normal(jax.random.fold_in(key, i), (*lead, d_in, cfg.rank),
+                          dtype) / d_in ** 0.5
     _set(adapters, keys[:-1] + ["lora_a"], a)
-    _set(adapters, keys[:-1] + ["lora_b"], jnp.zeros((cfg.rank, d_out), dtype))
+    _set(adapters, keys[:-1] + ["lora_b"], jnp.zeros((*lead, cfg.rank, d_out), dtype))
   return adapters
 
 
@@ -133,7 +144,7 @@ def merge(base, adapters, cfg: LoraConfig):
     for k, v in b.items():
       sub = a.get(k) if isinstance(a, dict) else None
       if k == "kernel" and isinstance(a, dict) and "lora_a" in a:
-        delta = jnp.einsum("ir,ro->io", a["lora_a"].astype(jnp.float32),
+        delta = jnp.einsum("...ir,...ro->...io", a["lora_a"].astype(jnp.float32),
                            a["lora_b"].astype(jnp.float32))
         out[k] = (v.astype(jnp.float32) + cfg.scale * delta).astype(v.dtype)
       else:

@@ -10,6 +10,9 @@ Config fields and parameter names mirror Hugging Face Llama and Qwen2 one to one
   HF `model.norm.weight`                             -> params["norm"]["scale"]
   HF `lm_head.weight` (transposed)                   -> params["lm_head"]["kernel"]
 
+With `scan_layers` the layers are one scanned module, its params stacked: layer i of HF's
+`model.layers.{i}.*` is row i of params["layers"][...] (`stack_layers`, `unstack_layers`).
+
 The model is used purely: `model.apply({"params": params}, tokens_BxL, ...)`. Decoding passes an
 explicit `KVCache` pytree in and gets the updated one back (no mutable Flax collections), so the
 sampler's state is a plain pytree that jit can donate.
@@ -45,6 +48,32 @@ class DecoderLayer(nn.Module):
     x_BxLxD = x_BxLxD + h
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x_BxLxD)
     return x_BxLxD + MLP(cfg, name="mlp")(h), new_kv
+
+
+def _scan_body(layer, carry, positions_BxL, mask_BxLxS, index):
+  """One step of the scanned stack: layer `i` of the carry (x, the whole cache, i)."""
+  x_BxLxD, k, v, i = carry
+  x_BxLxD, kv = layer(x_BxLxD, positions_BxL, mask_BxLxS, None if k is None else (k, v, i),
+                      index)
+  if k is not None:
+    k, v = kv
+  # Rows stay split between layers (FSDP), as in the unrolled stack.
+  return (sharding.constrain_rows(x_BxLxD), k, v, i + 1), None
+
+
+def _scan_layers(layer, cfg: TransformerConfig, x_BxLxD, positions_BxL, mask_BxLxS, cache,
+                 index):
+  """The decoder stack as one `nn.scan` over `layer` (`scan_layers`): its params (and a LoRA
+  "lora" collection) stacked on a leading layer axis, a fresh init key and dropout key per
+  layer, the cache carried whole so that each layer writes its new slots in place."""
+  scan = nn.scan(_scan_body, variable_axes={"params": 0, "lora": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                 length=cfg.num_hidden_layers)
+  k, v = (None, None) if cache is None else (cache.k, cache.v)
+  (x_BxLxD, k, v, _), _ = scan(layer, (x_BxLxD, k, v, jnp.zeros((), jnp.int32)), positions_BxL,
+                               mask_BxLxS, index)
+  return x_BxLxD, k, v
 
 
 @flax.struct.dataclass
@@ -98,14 +127,20 @@ class Transformer(nn.Module):
     layer_cls = DecoderLayer
     if cfg.remat:
       layer_cls = nn.remat(DecoderLayer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
-    new_kv = []
-    for i in range(cfg.num_hidden_layers):
-      cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-      idx = None if cache is None else cache.index
-      x_BxLxD, kv = layer_cls(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, mask_BxLxS,
-                                                         cache_kv, idx)
-      x_BxLxD = sharding.constrain_rows(x_BxLxD)  # rows stay split between layers (FSDP)
-      new_kv.append(kv)
+    idx = None if cache is None else cache.index
+    if cfg.scan_layers:
+      x_BxLxD, new_k, new_v = _scan_layers(layer_cls(cfg, name="layers"), cfg, x_BxLxD,
+                                           positions_BxL, mask_BxLxS, cache, idx)
+    else:
+      new_kv = []
+      for i in range(cfg.num_hidden_layers):
+        cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+        x_BxLxD, kv = layer_cls(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, mask_BxLxS,
+                                                           cache_kv, idx)
+        x_BxLxD = sharding.constrain_rows(x_BxLxD)  # rows stay split between layers (FSDP)
+        new_kv.append(kv)
+      if cache is not None:
+        new_k, new_v = tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv)
     hidden_BxLxD = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                            name="norm")(x_BxLxD)
 
@@ -126,8 +161,8 @@ class Transformer(nn.Module):
       reward = dense(1, "reward_head", cfg, bias=True)(head_in_BxLxD)[..., 0].astype(jnp.float32)
 
     new_cache = None if cache is None else KVCache(
-        k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv), valid_BxS=valid_all_BxS,
-        positions_BxS=pos_all_BxS, index=cache.index + l)
+        k=new_k, v=new_v, valid_BxS=valid_all_BxS, positions_BxS=pos_all_BxS,
+        index=cache.index + l)
     return ModelOutput(logits, value, reward, hidden_BxLxD, new_cache)
 
 
@@ -142,6 +177,30 @@ def lm_head_kernel(cfg: TransformerConfig, params) -> jax.Array:
   if cfg.tie_word_embeddings:
     return params["embed_tokens"]["embedding"].T
   return params["lm_head"]["kernel"]
+
+
+def stack_layers(tree, num_layers: int) -> dict:
+  """A tree with unrolled layers ("layers_0", ..., as params, LoRA adapters or their shapes)
+  in `scan_layers`' layout: one "layers" subtree, every leaf stacked on a new leading axis."""
+  names = [f"layers_{i}" for i in range(num_layers)]
+  missing = [n for n in names if n not in tree]
+  if missing or "layers" in tree:
+    raise ValueError(f"stack_layers: expected unrolled layers {names[0]}..{names[-1]}; "
+                     f"missing {missing}" if missing else "stack_layers: already stacked")
+  out = {k: v for k, v in tree.items() if k not in names}
+  out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[tree[n] for n in names])
+  return out
+
+
+def unstack_layers(tree) -> dict:
+  """`stack_layers` undone: "layers" [L, ...] leaves back to "layers_0", ..., "layers_{L-1}"."""
+  if "layers" not in tree:
+    raise ValueError("unstack_layers: the tree has no stacked 'layers' subtree")
+  num = jax.tree_util.tree_leaves(tree["layers"])[0].shape[0]
+  out = {k: v for k, v in tree.items() if k != "layers"}
+  for i in range(num):
+    out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], tree["layers"])
+  return out
 
 
 def count_params(params) -> int:

@@ -31,6 +31,9 @@ from absl import flags
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON result (optional).")
 _TASK = flags.DEFINE_string("task", "ambig_math", "The arms' task.")
 _SIZE = flags.DEFINE_string("size", "small", "The arms' model size (collab_arms.py).")
+_LAYERS = flags.DEFINE_integer("layers", None, "num_hidden_layers (default: the size's).")
+_SCAN = flags.DEFINE_boolean("scan_layers", False, "The model's scan_layers: one scanned "
+                             "layer instead of num_hidden_layers unrolled.")
 _JOBS = flags.DEFINE_list("jobs", ["base", "ppo_mr", "ppo_mr_one_call"], "What to compile.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one job in this process.")
 
@@ -47,6 +50,9 @@ def _config(job: str):
   config.eval_every = 1
   if job == "ppo_mr_one_call":
     config.ppo.one_call = True
+  if _LAYERS.value is not None:
+    config.model.num_hidden_layers = _LAYERS.value
+  config.model.scan_layers = _SCAN.value
   return config
 
 
@@ -92,11 +98,13 @@ def main(argv):
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=False).stdout.strip()
   result = {"commit": commit, "cpu_count": os.cpu_count(), "task": _TASK.value,
-            "size": _SIZE.value, "jobs": []}
+            "size": _SIZE.value, "layers": _LAYERS.value, "scan_layers": _SCAN.value, "jobs": []}
   for job in _JOBS.value:
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     out = subprocess.run([sys.executable, "-m", "experiments.bench.compile_time",
-                          f"--child={job}", f"--task={_TASK.value}", f"--size={_SIZE.value}"],
+                          f"--child={job}", f"--task={_TASK.value}", f"--size={_SIZE.value}",
+                          f"--scan_layers={_SCAN.value}"]
+                         + ([] if _LAYERS.value is None else [f"--layers={_LAYERS.value}"]),
                          capture_output=True, text=True, check=True, env=env)
     (line,) = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     r = json.loads(line[len("RESULT "):])
