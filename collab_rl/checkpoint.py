@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import json
 import os
+import re
 from typing import Any, TypeVar
 
 from absl import logging
@@ -113,6 +114,13 @@ def check_against_metadata(abstract: PyTree, stored: PyTree, where: str) -> None
       for k in sorted(want) if k in have and have[k] != want[k]
   ]
   problems += [f"  {k}: in the checkpoint, not expected" for k in sorted(set(have) - set(want))]
+  layouts = [any(re.search(r"(^|/)layers/", k) for k in t) for t in (want, have)]
+  if problems and layouts[0] != layouts[1]:
+    stacked, unrolled = ("this run", "the checkpoint") if layouts[0] else ("the checkpoint",
+                                                                            "this run")
+    problems.append(f"  ({stacked} stacks the decoder layers under 'layers' "
+                    f"(model.scan_layers=True), {unrolled} unrolls them (layers_0, ...): a run "
+                    "resumes in the layout it started with; init_from converts between them)")
   if problems:
     raise ValueError(
         f"Checkpoint {where} does not match the expected state:\n" + "\n".join(problems))

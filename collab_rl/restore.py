@@ -74,6 +74,7 @@ def _restore_params_and_step(path: str, abstract_params: PyTree,
       raise ValueError(f"init_from={path!r}: no finished checkpoint step {step} there.")
     where = f"{path}/{step}"
     stripped = False
+    to_run_layout = lambda params: params
     target = {"params": abstract_params}
     try:
       stored = manager.item_metadata(step)[ckpt_lib.STATE]
@@ -87,6 +88,8 @@ def _restore_params_and_step(path: str, abstract_params: PyTree,
       have = stored_tree["params"]
       # Without its frozen base, only what is stored is read; the base is rebuilt below.
       pruned, stripped = frozen_base.as_stored(abstract_params, have)
+      if not stripped:  # layers read as the checkpoint holds them, then stacked or unstacked
+        pruned, to_run_layout = _layer_layout(pruned, have)
       target = {"params": pruned}
       if lora_lib.is_split(have) and isinstance(abstract_params, Mapping):
         have = {k: have[k] for k in abstract_params if k in have}
@@ -98,7 +101,7 @@ def _restore_params_and_step(path: str, abstract_params: PyTree,
                                                  partial_restore=True)}))
     except (ValueError, FileNotFoundError) as e:
       raise ValueError(f"Restoring params from {where} failed: {e}") from e
-    params = restored[ckpt_lib.STATE]["params"]
+    params = to_run_layout(restored[ckpt_lib.STATE]["params"])
     if stripped:
       record = manager.restore(step, args=ocp.args.Composite(
           **{ckpt_lib.BASE: ocp.args.JsonRestore()}))[ckpt_lib.BASE]
@@ -109,6 +112,44 @@ def _restore_params_and_step(path: str, abstract_params: PyTree,
     manager.close()
   logging.info("Restored params from %s.", where)
   return params, step
+
+
+def _layer_layout(abstract: PyTree, have: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+  """`abstract` (a run's params, or a part of them) as the stored tree `have` holds the decoder
+  layers, where the two differ (one stacks them under "layers", `model.scan_layers`, the other
+  unrolls them as "layers_0", ...), and the function that brings what is restored into
+  `abstract`'s layout and shardings: a base trained unrolled starts a scanned run and back."""
+  if not isinstance(abstract, Mapping) or not isinstance(have, Mapping):
+    return abstract, lambda params: params
+  stack = "layers" in abstract and "layers_0" in have
+  if not stack and not ("layers_0" in abstract and "layers" in have):
+    parts = {k: _layer_layout(v, have.get(k)) for k, v in abstract.items()}
+    return ({k: t for k, (t, _) in parts.items()},
+            lambda params: {k: parts[k][1](v) for k, v in params.items()})
+  shardings = jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), abstract)
+  sharded = all(x is not None for x in jax.tree_util.tree_leaves(shardings))
+  convert = ((lambda f: jax.jit(f, out_shardings=shardings)) if sharded else jax.jit)
+  rest = {k: v for k, v in abstract.items() if not k.startswith("layers")}
+  if stack:
+    n = jax.tree_util.tree_leaves(abstract["layers"])[0].shape[0]
+    one = jax.tree_util.tree_map(lambda x: _relayout_leaf(x, drop=True), abstract["layers"])
+    target = {**rest, **{f"layers_{i}": one for i in range(n)}}
+    return target, convert(lambda params: transformer.stack_layers(params, n))
+  n = sum(1 for k in abstract if k.startswith("layers_"))
+  layers = jax.tree_util.tree_map(lambda x: _relayout_leaf(x, n=n), abstract["layers_0"])
+  return {**rest, "layers": layers}, convert(transformer.unstack_layers)
+
+
+def _relayout_leaf(x, *, drop: bool = False, n: int = 0) -> jax.ShapeDtypeStruct:
+  """A stacked leaf's one layer (`drop`), or `n` layers of a leaf stacked, with its sharding's
+  spec less or more a leading whole axis."""
+  shape = x.shape[1:] if drop else (n, *x.shape)
+  sharding = getattr(x, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+    spec = spec[1:] if drop else (None, *spec)
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+  return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
 
 
 def _rebuilt_base(record: Mapping, config: Mapping, where: str, abstract_base: PyTree,

@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_key_value_heads = 2
   c.model.heads = ("lm", "value")  # the value head is the critic (advantage=gae)
   c.model.dtype = "float32"
+  c.model.scan_layers = False  # True: one scanned layer, compile time independent of depth
 
   c.num_turns = 4  # assistant turns per conversation
   c.reply_tokens = 10  # budget of one assistant reply

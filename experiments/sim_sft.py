@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.remat = False  # recompute layers in the backward pass to save memory
   c.model.remat_policy = "nothing_saveable"  # what remat keeps (models/config.py)
+  c.model.scan_layers = False  # True: one scanned layer, compile time independent of depth
 
   # Mesh (data, fsdp, model); one -1 fills the devices. Batches split over data x fsdp.
   c.mesh_shape = (-1, 1, 1)

@@ -211,3 +211,33 @@ def test_ppo_with_mr_runs_resumes_and_exports_with_scanned_layers(tmp_path):
   _, exported = hf.load_pretrained(tmp_path / "run" / "hf", scan_layers=True)
   for k, x in _flat(exported).items():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(params[k]), err_msg=k)
+
+
+def test_a_checkpoint_is_read_into_the_other_layout_and_a_resume_names_the_mismatch(tmp_path):
+  """`init_from` a base trained unrolled into a scanned run (and back): the params are read as
+  stored, then stacked (unstacked) into the run's shardings. Resuming a run in the other layout
+  would need its optimizer state converted too: the error says so."""
+  from collab_rl import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from collab_rl import restore as restore_lib  # pylint: disable=g-import-not-at-top
+  _, scanned, params, stacked = _both()
+  mesh = sharding_lib.make_mesh((2, 2, 2))
+  for name, tree in (("unrolled", params), ("stacked", stacked)):
+    with ckpt_lib.Checkpointer(str(tmp_path / name)) as ckpt:
+      ckpt.save(3, {"params": tree})
+
+  def abstract(tree):
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  tree, sharding_lib.param_shardings(tree, mesh))
+
+  got = restore_lib.restore_params(str(tmp_path / "unrolled"), abstract(stacked))
+  for k, x in _flat(stacked).items():
+    np.testing.assert_array_equal(np.asarray(_flat(got)[k]), x, err_msg=k)
+  assert _flat(got)["layers/mlp/up_proj/kernel"].sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "model")
+  back = restore_lib.restore_params(str(tmp_path / "stacked"), abstract(params))
+  for k, x in _flat(params).items():
+    np.testing.assert_array_equal(np.asarray(_flat(back)[k]), x, err_msg=k)
+  with ckpt_lib.Checkpointer(str(tmp_path / "unrolled")) as ckpt:
+    with pytest.raises(ValueError, match=r"(?s)layers/mlp/up_proj/kernel: missing.*this run "
+                                         r"stacks the decoder layers"):
+      ckpt.restore({"params": abstract(stacked)}, 3)

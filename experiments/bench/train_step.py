@@ -24,6 +24,10 @@ from experiments.bench import common
 _OUT = flags.DEFINE_string("out", "bench_out/train_step.json", "Where the JSON goes.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
 _BATCH = flags.DEFINE_integer("batch", 64, "Conversations per iteration.")
+_SCAN = flags.DEFINE_boolean("scan_layers", False, "config.model.scan_layers of both configs "
+                             "(one scanned layer instead of the layers unrolled).")
+_LAYERS = flags.DEFINE_integer("layers", None, "config.model.num_hidden_layers of both configs "
+                               "(default: the configs' own).")
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "config.lora.rank of both configs (0: full "
                                   "fine-tuning; > 0: adapters, the base frozen).")
 
@@ -41,6 +45,12 @@ def state_stats(state) -> dict:
           "trained_params": sum(x.size for s in adam for x in leaves(s.mu))}
 
 
+def _model_flags(config) -> None:
+  config.model.scan_layers = _SCAN.value
+  if _LAYERS.value is not None:
+    config.model.num_hidden_layers = _LAYERS.value
+
+
 def bench_ppo(workdir: str, repeats: int) -> dict:
   import jax
   import numpy as np
@@ -52,6 +62,7 @@ def bench_ppo(workdir: str, repeats: int) -> dict:
   config = ppo_ambig_math.get_config("reward=mr,window=2")
   config.batch_size = _BATCH.value
   config.lora.rank = _LORA_RANK.value
+  _model_flags(config)
   task, mcfg, mesh, rcfg = ppo.check_config(config)
   run = run_rl.build(config, workdir, task, mesh, rcfg)
   policy = run_rl.rollout_policy(config, run.model, task, rcfg)
@@ -108,6 +119,7 @@ def bench_dpo(workdir: str, repeats: int) -> dict:
   config = dpo_ambig_math.get_config(None)
   config.batch_size = _BATCH.value
   config.lora.rank = _LORA_RANK.value
+  _model_flags(config)
   task, mcfg, mesh, rcfg = dpo.check_config(config)
   run = run_rl.build(config, workdir, task, mesh, rcfg)
   policy = run_rl.rollout_policy(config, run.model, task, rcfg)
@@ -149,7 +161,7 @@ def main(argv):
 
   with tempfile.TemporaryDirectory() as d:
     result = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
-              "devices": jax.device_count(),
+              "devices": jax.device_count(), "scan_layers": _SCAN.value, "layers": _LAYERS.value,
               "ppo": bench_ppo(f"{d}/ppo", _REPEATS.value),
               "dpo": bench_dpo(f"{d}/dpo", _REPEATS.value)}
   for name in ("ppo", "dpo"):
