@@ -23,6 +23,7 @@ of bf16 per model not held twice. The reference is taken from the current params
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Mapping, NamedTuple
@@ -84,7 +85,8 @@ def shared_models(config, task: text_lib.TextTask) -> dict[str, tuple[str, ...]]
   for name, folder in folders.items():
     if not folder or not _same_folder(folder, start):
       continue
-    cfg = hf.folder_config(folder)
+    # Laid out as the policy's layers (`model.scan_layers`), as `from_config` builds them.
+    cfg = dataclasses.replace(hf.folder_config(folder), scan_layers=policy_cfg.scan_layers)
     shapes = jax.eval_shape(lambda c=cfg: transformer.init_params(transformer.Transformer(c),
                                                                   jax.random.key(0)))
     paths = [sharding_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]

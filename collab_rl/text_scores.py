@@ -108,10 +108,11 @@ class Judge:
 
 def load_judge(folder: str, ratings: Sequence[str] = DEFAULT_RATINGS, *, min_mass: float = 0.5,
                mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
-               weights: bool = True) -> Judge:
+               weights: bool = True, scan_layers: bool = False) -> Judge:
   """The judge of a Hugging Face folder; a missing folder or a rating word that is not one token
   of its vocabulary fails here, before anything compiles. `weights=False` reads none: the judge
-  shares the policy's frozen reference, handed to it by `TextScorer.bind_judge`."""
+  shares the policy's frozen reference, handed to it by `TextScorer.bind_judge`. `scan_layers`:
+  its layers laid out as a policy with `model.scan_layers` holds them."""
   if not os.path.isfile(os.path.join(folder, "config.json")):
     raise FileNotFoundError(f"judge folder {folder!r}: no config.json there (expected a Hugging "
                             "Face checkpoint folder)")
@@ -121,9 +122,11 @@ def load_judge(folder: str, ratings: Sequence[str] = DEFAULT_RATINGS, *, min_mas
   except ValueError as e:
     raise ValueError(f"judge {folder}: {e}") from None
   if weights:
-    model, params = hf.load_pretrained(folder, dtype, mesh)
+    model, params = hf.load_pretrained(folder, dtype, mesh, scan_layers=scan_layers)
   else:
-    model, params = Transformer(hf.folder_config(folder, dtype)), None
+    model = Transformer(dataclasses.replace(hf.folder_config(folder, dtype),
+                                            scan_layers=scan_layers))
+    params = None
   rows = 1 if mesh is None else sharding_lib.data_parallel_size(mesh)
   return Judge(rm.LMJudge(model, ids, mesh=mesh), params, tok, tuple(ratings), min_mass, rows)
 
@@ -274,6 +277,7 @@ def from_config(config, task, mesh=None, judge_weights: bool = True) -> TextScor
   judge = None
   if j.folder:
     judge = load_judge(j.folder, tuple(j.ratings.split(",")), min_mass=j.min_mass, mesh=mesh,
-                       weights=judge_weights)
+                       weights=judge_weights, scan_layers=bool(
+                           (config.get("model") or {}).get("scan_layers", False)))
   return TextScorer(task, rewards.RewardConfig.from_config(config.reward), judge,
                     metric=config.metric)

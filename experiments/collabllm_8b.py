@@ -21,8 +21,8 @@ The per-chip memory plan: `python -m experiments.memory_plan --collabllm`.
 Variants (after the colon, with slice=): collabllm.py's reward arms (ppo_mr, the default;
 ppo_ext, ppo_ext_int, ppo_helpfulness, ppo_final), `window=` (MR's forward turns, 2), `judge`
 (R_int from an LM judge, weight 1 as in CollabLLM's R*: add --config.judge.folder=/tmp/llama31)
-and `tensor=` (chips a conversation's weights and activations are split over, 1: a full
-fine-tune on v5e needs tensor=2; LoRA fits at 1).
+and `tensor=` (chips a conversation's weights and activations are split over, 1: with the
+scanned layers a full fine-tune fits v5e at 1, as LoRA does).
 Expected: collabllm.py's result at scale: MR learns to ask when the request is ambiguous and to
 answer when it is clear; the next-turn arms stay passive.
 """
@@ -48,14 +48,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # the policy's (and its value head's) master weights
   c.model.remat = True  # recompute each layer in the backward pass
   c.model.remat_policy = "nothing_saveable"  # keep only each layer's input (models/config.py)
+  # The 32 layers as one scanned layer (params stacked under "layers"): XLA then gathers one
+  # layer's fsdp-split weights at a time, where it scheduled the unrolled layers' gathers early
+  # and held 19 layers' MLP kernels at once. The full fine-tune's update on v5e-64 compiles at
+  # 7.30 GiB of 16 (17.84, refused, unrolled; README "Scale out"), and the programs compile
+  # 2.4-3.4x faster at this depth (README "Benchmarks", measured on CPU).
+  c.model.scan_layers = True
 
   # Params over fsdp (partition_rules None: the Llama rules, pods.RULES_8B), conversations over
   # data x fsdp: (1, 64, 1) on v5e-64, (1, 32, 1) on v4-64, (4, 64, 1) on v5e-256. The launcher
   # checks it against --accelerator.
   # tensor=T splits each weight and each conversation's activations over T chips too (the
-  # `model` axis), fsdp shrinking by T: a full fine-tune's update on v5e's 16 GiB compiles at
-  # 17.84 GiB with (1, 64, 1) and at 6.76 GiB with tensor=2, (1, 32, 2) (README "Scale out":
-  # memory_plan --compile). One conversation per T chips, so T times fewer per iteration.
+  # `model` axis), fsdp shrinking by T. With the layers unrolled a full fine-tune's update on
+  # v5e's 16 GiB needed it (17.84 GiB with (1, 64, 1), 6.76 with tensor=2, (1, 32, 2)); scanned
+  # it fits at 1 (README "Scale out": memory_plan --compile). One conversation per T chips, so
+  # T times fewer per iteration.
   data, fsdp, _ = pods.policy_8b_mesh(s)
   tensor = int(opts["tensor"])
   if tensor < 1 or fsdp % tensor:

@@ -136,6 +136,8 @@ def kv_cache_specs(cache):
   def spec(x):
     if x.ndim == 4:  # keys [B, K, H, S], values [B, K, S, H]
       return P(sharding.BATCH_AXES, "model", None, None)
+    if x.ndim == 5:  # with model.scan_layers, every layer's in one array: [B, L, K, ...]
+      return P(sharding.BATCH_AXES, None, "model", None, None)
     return P(sharding.BATCH_AXES) if x.ndim else P()  # valid/positions [B, S]; index
   return jax.tree_util.tree_map(spec, cache)
 

@@ -416,3 +416,30 @@ def test_a_user_and_judge_of_the_policy_folder_read_its_base(world, tmp_path):
   np.testing.assert_array_equal(
       task16.user_model.apply({"params": up}, tokens).logits_BxLxV,
       task16.user_model.apply({"params": params16}, tokens).logits_BxLxV)
+
+
+def test_scanned_layers_play_the_same_conversations_and_share_the_base(world, tmp_path):
+  """`model.scan_layers` on the language tier: the LM user and judge take the policy's layout,
+  so those of the policy's folder still read its base (stacked, no copy), and policy and user
+  loaded scanned play the conversations the unrolled ones play."""
+  c = _config(world)
+  c.model.scan_layers = True
+  c.judge.folder = world["llama3"]
+  c.lora.rank = 4
+  task, _, mesh, rcfg = run_rl.check_common(c)
+  assert task.user_model.cfg.scan_layers
+  setup = run_rl.build(c, str(tmp_path / "run"), task, mesh, rcfg)
+  assert set(setup.world.shared) == {"user", "judge"}
+  bound = setup.world.bind(setup.reference(setup.state.params))
+  base = setup.state.params["base"]
+  assert "layers" in base and "layers_0" not in base
+  assert bound.scorer.judge.params["layers"] is base["layers"]
+  records = world["records"][:8]
+  key = jax.random.key(4)
+  model, params = hf.load_pretrained(world["llama3"])
+  scanned, stacked = hf.load_pretrained(world["llama3"], scan_layers=True)
+  a = _play(_task(world), model, params, params, records, key)
+  b = _play(text_lib.from_config(c, max_turns=TURNS + 1), scanned, stacked, stacked, records,
+            key)
+  np.testing.assert_array_equal(b.conv.tokens_BxL, a.conv.tokens_BxL)
+  np.testing.assert_allclose(b.logprobs_BxL, a.logprobs_BxL, atol=1e-5)

@@ -19,6 +19,7 @@ finished conversations between jitted phases.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -335,7 +336,10 @@ def from_config(config, *, max_turns: int | None = None) -> TextTask:
   folder = _hf_folder(ucfg.user_from, "config.sim.user_from")
   policy_tok = tokenizer_lib.Tokenizer.from_pretrained(tokenizer_folder(config))
   user_tok = tokenizer_lib.Tokenizer.from_pretrained(folder)
-  user_cfg = hf.folder_config(folder)  # the dtype `load_user_params` loads its weights in
+  # The dtype `load_user_params` loads its weights in; the layers laid out as the policy's
+  # (`model.scan_layers`), so that a user sharing the policy's reference reads its arrays.
+  scan = bool((config.get("model") or {}).get("scan_layers", False))
+  user_cfg = dataclasses.replace(hf.folder_config(folder), scan_layers=scan)
   turns = config.num_turns if max_turns is None else max_turns
   task = TextTask(policy_tok, Transformer(user_cfg), user_tok, ucfg,
                   reply_tokens=config.reply_tokens, max_turns=turns)
@@ -348,5 +352,6 @@ def from_config(config, *, max_turns: int | None = None) -> TextTask:
 
 def load_user_params(task: TextTask, mesh=None):
   """The user's weights, placed on the mesh by the partition rules (frozen: never trained)."""
-  return hf.load_pretrained(task.ucfg.user_from, mesh=mesh)[1]
+  return hf.load_pretrained(task.ucfg.user_from, mesh=mesh,
+                            scan_layers=task.user_model.cfg.scan_layers)[1]
 
