@@ -11,8 +11,9 @@ program compiled twice (two shapes, or rebuilt) counts twice.
 
 Jobs: `base` (the SFT base, `arm=sft_base`), `ppo_mr` (PPO with MR w = 2, `arm=ppo_mr_w2`:
 the MR collection, the update, the greedy evaluation) and `ppo_mr_one_call` (the same with the
-update's steps as one call). `--size` picks the arms' model size. The "before" of a change is
-this file run from an older checkout (PYTHONPATH=.).
+update's steps as one call). `--size` picks the arms' model size, `--layers` overrides its depth
+(32: Llama-8B's) and `--scan_layers` scans the layers (`model.scan_layers`). The "before" of a
+change is this file run from an older checkout (PYTHONPATH=.).
 """
 
 from __future__ import annotations
