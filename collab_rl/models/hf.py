@@ -328,8 +328,8 @@ def save_pretrained(model: Transformer, params: Mapping, path: PathLike,
                     hf_config: Mapping[str, Any] | None = None) -> None:
   """Writes config.json + model.safetensors (in the params' dtype) that transformers loads.
 
-  Streams one param at a time to the file, so the host holds at most one full param (with
-  `scan_layers`, a stacked one: that tensor of every layer). Value and
+  Streams one tensor at a time to the file (a stacked param of `scan_layers` one layer at a
+  time), so the host holds at most one full tensor. Value and
   reward heads have no Hugging Face counterpart and are left out. `hf_config` (e.g. the source
   checkpoint's config.json, for its token ids) supplies the keys that the model does not decide.
   Multi-host: every process must call this (gathers are collective); process 0 writes.
@@ -364,11 +364,8 @@ def save_pretrained(model: Transformer, params: Mapping, path: PathLike,
   with (open(folder / "model.safetensors", "wb") if writer else contextlib.nullcontext()) as f:
     if writer:
       f.write(struct.pack("<Q", len(blob)) + blob)
-    held: dict[str, np.ndarray] = {}  # the param being written (a stacked one: all its layers)
     for p, transposed, _, layer in expected.values():
-      key = sharding.path_str(p)
-      if key not in held:
-        held = {key: _host(leaves[key])}
-      x = held[key] if layer is None else held[key][layer]
+      x = leaves[sharding.path_str(p)]
+      x = _host(x if layer is None else x[layer])
       if writer:
         f.write(np.ascontiguousarray(x.T if transposed else x).tobytes())
