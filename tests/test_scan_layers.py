@@ -2,8 +2,8 @@
 
 Every check runs the same weights both ways (`stack_layers` of the unrolled params): forward,
 gradients (with remat too), decoding with the cache, MR's futures from a tiled cache, LoRA merged
-and unmerged, the sharding rules, Hugging Face folders in and out, and a PPO run with MR that
-checkpoints, resumes and exports.
+and unmerged, the sharding rules, Hugging Face folders in and out, `init_from` across layouts,
+and a PPO run with MR that checkpoints (the stacked state read back) and exports.
 """
 
 import dataclasses
@@ -57,9 +57,10 @@ def test_params_stack_under_one_name_and_unstack_back():
     tfm.unstack_layers(params)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_forward_and_gradients_equal_the_unrolled_stack(remat):
-  cfg = dataclasses.replace(TINY, remat=remat)
+def test_forward_and_gradients_equal_the_unrolled_stack_under_remat():
+  # Remat inside the scan (the 8B config's setting); without it the forward is the decode
+  # test's reference below and the gradient the PPO run's.
+  cfg = dataclasses.replace(TINY, remat=True)
   model, scanned, params, stacked = _both(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 1, 64)
   valid = jnp.arange(12)[None] < jnp.array([[9], [12]])
@@ -105,12 +106,12 @@ def test_mr_futures_from_a_tiled_stacked_cache_equal_the_unrolled_models():
   task = registry.make_task("ambig_math", {"ambiguous_rate": 1.0})
   cfg = dataclasses.replace(TINY, vocab_size=task.vocab_size, heads=("lm",))
   model, scanned, params, stacked = _both(cfg)
-  rcfg = rewards.RewardConfig(window=2, samples=3)
+  rcfg = rewards.RewardConfig(window=2, samples=2)
 
   def mr(m, p):
     policy = rollout_lib.lm_policy(m, sampling.SamplingConfig(
-        max_new_tokens=6, temperature=1.0, stop_tokens=(task.eot_id,)), chunk_width=16,
-        max_turns=4)
+        max_new_tokens=4, temperature=1.0, stop_tokens=(task.eot_id,)), chunk_width=16,
+        max_turns=3)
 
     @jax.jit
     def run(key):
@@ -127,7 +128,7 @@ def test_mr_futures_from_a_tiled_stacked_cache_equal_the_unrolled_models():
   (r0, mr0), (r1, mr1) = mr(model, params), mr(scanned, stacked)
   np.testing.assert_array_equal(r1, r0)
   np.testing.assert_allclose(mr1, mr0, atol=1e-6)
-  assert mr0.shape == (8, 3)
+  assert mr0.shape == (8, 2)
 
 
 def test_lora_adapters_stack_like_their_kernels_merged_and_unmerged():
@@ -190,23 +191,26 @@ def test_hugging_face_folders_load_stacked_and_save_the_same_tensors(tmp_path):
     np.testing.assert_array_equal(b[k], a[k], err_msg=k)
 
 
-def test_ppo_with_mr_runs_resumes_and_exports_with_scanned_layers(tmp_path):
+def test_ppo_with_mr_trains_checkpoints_and_exports_with_scanned_layers(tmp_path):
   from experiments import ppo_ambig_math  # pylint: disable=g-import-not-at-top
+  from collab_rl import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from collab_rl.trainers import ppo  # pylint: disable=g-import-not-at-top
   cfg = ppo_ambig_math.get_config("runlocal")
   cfg.batch_size = cfg.eval_batch_size = 8
   cfg.num_turns, cfg.reply_tokens = 2, 6
   cfg.reward.window, cfg.reward.samples = 1, 2
-  cfg.num_steps = cfg.eval_every = 2
-  cfg.checkpoint.every_steps = 1
+  cfg.num_steps = cfg.eval_every = cfg.checkpoint.every_steps = 1
   cfg.ppo.minibatches = 1
   cfg.export_hf = True
   cfg.model.scan_layers = True
-  ppo.train(cfg, str(tmp_path / "run"), stop_after=1)
   out = ppo.train(cfg, str(tmp_path / "run"))
-  assert out["how"] == "resumed step 1"
   assert np.isfinite(out["final"]["eval/score"]) and np.isfinite(out["final"]["loss"])
   params = _flat(out["state"].params)
+  # The stacked state as its checkpoint holds it (what a resume reads).
+  with ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")) as ckpt:
+    state, _ = ckpt.restore(jax.eval_shape(lambda: out["state"]), 1)
+  for k, x in _flat(state.params).items():
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(params[k]), err_msg=k)
   assert params["layers/self_attn/q_proj/kernel"].shape[0] == cfg.model.num_hidden_layers
   _, exported = hf.load_pretrained(tmp_path / "run" / "hf", scan_layers=True)
   for k, x in _flat(exported).items():
