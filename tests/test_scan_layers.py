@@ -149,7 +149,12 @@ def test_lora_adapters_stack_like_their_kernels_merged_and_unmerged():
   split = lora.split(stacked, trained)
   got = jax.jit(lambda p: merged.apply({"params": p}, tokens).logits_BxLxV)(split)
   np.testing.assert_allclose(got, want, atol=1e-5)
-  # Unmerged (dropout ~0 with its RNG): each scanned layer reads its own row of the adapters.
+  # Scanned, the adapters run unmerged even without dropout (no stacked merged copy): the
+  # transformer itself with the adapters in its "lora" collection.
+  direct = jax.jit(lambda p: scanned.apply({"params": p["base"], "lora": lora.scaled(
+      p["lora"], cfg)}, tokens).logits_BxLxV)(split)
+  np.testing.assert_array_equal(got, direct)
+  # With dropout ~0 and its RNG: each scanned layer reads its own row of the adapters.
   unmerged = lora.LoraModel(scanned, lora.LoraConfig(rank=2, alpha=4.0, dropout=1e-9))
   got = jax.jit(lambda p, k: unmerged.apply({"params": p}, tokens,
                                             rngs=lora.dropout_rngs(k)).logits_BxLxV)(

@@ -32,7 +32,9 @@ unmerged form x W + dropout(x) A B: a training loss that passes a "dropout" RNG
 (`model.apply(..., rngs=dropout_rngs(key))`; `train_state.update(dropout=True)` hands its loss a
 fresh key every step) runs the transformer with the adapters in a "lora" variables collection
 (`layers.Weights.lora_delta`) instead of merged. Without the RNG (rollouts, log-probs,
-evaluation) or at dropout 0 the merged form runs, which equals the unmerged one.
+evaluation) or at dropout 0 the merged form runs, which equals the unmerged one up to float
+rounding. With `scan_layers` the unmerged form always runs (no dropout without the RNG): the
+scan would hold a merged tree whole, one stacked copy of every kernel and of its gradient.
 """
 
 from __future__ import annotations
@@ -220,9 +222,9 @@ def uses_dropout(model) -> bool:
 
 class LoraModel:
   """The transformer with params `{"base", "lora"}`: `apply` merges them (the base never gets a
-  gradient) and runs the model, or, given a "dropout" RNG and `dropout` > 0, runs it with the
-  adapters unmerged and their input dropped; `cfg` and every other attribute are the
-  transformer's."""
+  gradient) and runs the model, or, given a "dropout" RNG and `dropout` > 0 (or always with
+  `scan_layers`), runs it with the adapters unmerged and their input dropped (under the RNG);
+  `cfg` and every other attribute are the transformer's."""
 
   def __init__(self, model, cfg: LoraConfig):
     self.model, self.lora = model, cfg
@@ -233,7 +235,10 @@ class LoraModel:
 
   def apply(self, variables, *args, rngs=None, **kwargs):
     params = variables["params"]
-    if self.lora.dropout and rngs and "dropout" in rngs and params["lora"] is not None:
+    dropout = bool(self.lora.dropout and rngs and "dropout" in rngs)
+    # Scanned layers run unmerged too: a merged tree would be one stacked copy of every kernel
+    # (and its gradient) that the scan holds whole, where x W + x A B merges nothing.
+    if (dropout or self.model.cfg.scan_layers) and params["lora"] is not None:
       return self.unmerged.apply(
           {**variables, "params": _frozen_base(params["base"], self.lora),
            "lora": scaled(params["lora"], self.lora)}, *args, rngs=rngs, **kwargs)
