@@ -154,6 +154,10 @@ def test_lora_adapters_stack_like_their_kernels_merged_and_unmerged():
   direct = jax.jit(lambda p: scanned.apply({"params": p["base"], "lora": lora.scaled(
       p["lora"], cfg)}, tokens).logits_BxLxV)(split)
   np.testing.assert_array_equal(got, direct)
+  # Merged (what `evaluate` and the export read): each layer's kernel plus its own A B.
+  want_merged = _flat(tfm.stack_layers(lora.merge(params, per_layer, cfg), 3))
+  for k, x in _flat(lora.merge(stacked, trained, cfg)).items():
+    np.testing.assert_allclose(x, want_merged[k], rtol=1e-6, atol=1e-7, err_msg=k)
   # With dropout ~0 and its RNG: each scanned layer reads its own row of the adapters.
   unmerged = lora.LoraModel(scanned, lora.LoraConfig(rank=2, alpha=4.0, dropout=1e-9))
   got = jax.jit(lambda p, k: unmerged.apply({"params": p}, tokens,
