@@ -36,12 +36,18 @@ class RewardConfig:
   token_cost: float = 5e-4  # lambda per token read (paper: 5e-4; 1e-4 for documents)
   window: int = 2  # forward turns sampled after the reply (0..3)
   samples: int = 3  # futures per reply
+  # Futures of each reply played at once (0: all `samples`): fewer hold fewer copies of the
+  # conversations' KV caches, in S / samples_chunk turns of a loop (`play_futures`).
+  samples_chunk: int = 0
 
   def __post_init__(self):
     if not 0 <= self.window <= 3:
       raise ValueError(f"window={self.window}: MR windows are 0 to 3 turns")
     if self.samples < 1:
       raise ValueError(f"samples={self.samples} must be >= 1")
+    if self.samples_chunk < 0 or (self.samples_chunk and self.samples % self.samples_chunk):
+      raise ValueError(f"samples_chunk={self.samples_chunk} must divide samples={self.samples} "
+                       "(0: all at once)")
     if self.token_cost < 0:
       raise ValueError(f"token_cost={self.token_cost} must be >= 0")
 
@@ -49,7 +55,13 @@ class RewardConfig:
   def from_config(cls, reward) -> "RewardConfig":
     """An experiment's `config.reward` (its other fields, e.g. PPO's `kind`, are not R*'s)."""
     return cls(w_ext=reward.w_ext, w_int=reward.w_int, token_cost=reward.token_cost,
-               window=reward.window, samples=reward.samples)
+               window=reward.window, samples=reward.samples,
+               samples_chunk=reward.get("samples_chunk", 0))  # absent in configs saved before it
+
+  @property
+  def chunk(self) -> int:
+    """Futures of a reply played at once."""
+    return self.samples_chunk or self.samples
 
   def horizon(self, turns: int) -> int:
     """Assistant turns a conversation of `turns` turns may reach: MR plays `window` more after
@@ -69,25 +81,46 @@ def conversation_reward(simulator, conv: conv_lib.Conversation, sim, cfg: Reward
 
 
 def play_futures(policy, simulator, params, conv, sim, policy_state, reply_BxN, reply_len_B,
-                 key, cfg: RewardConfig):
-  """The S futures of each row's candidate reply, (conv, sim) of B x S rows (row b * S + s): the
-  user's answer to the reply, then `window` more exchanges (window 0: the reply as it stands).
+                 key, cfg: RewardConfig, keep=lambda conv, sim: (conv, sim)):
+  """`keep(conv, sim)` of the S futures of each row's candidate reply, B x S rows (row b * S + s):
+  the user's answer to the reply, then `window` more exchanges (window 0: the reply as it stands).
 
   `conv` ends with the assistant header (the reply is not appended yet); `policy_state` is the
   policy's state after it wrote the reply (for an LM policy: its KV cache), so futures continue
   from it. With G candidates per turn, pass the B x G candidate rows as the batch.
+
+  With `cfg.samples_chunk` < S the futures are played that many at a time, in a loop of
+  S / samples_chunk turns, each from its own key (so the draws differ from all at once): only one
+  chunk's states are live, so `keep` should drop what the caller does not read of a future
+  (an LM user's and policy's KV caches: `text.played` keeps the ids, `conversation_reward` the
+  score); what it keeps of every chunk is stacked. Each leaf it returns leads with the rows.
   """
-  s = cfg.samples
-  conv, sim, pstate, reply_BxN, reply_len_B = rollout_lib.tile_rows(
-      (conv, sim, policy_state, reply_BxN, reply_len_B), s)
-  k_user, k_future = jax.random.split(key)
-  conv, sim = rollout_lib.answer_reply(simulator, conv, sim, reply_BxN, reply_len_B, k_user,
-                                       append_user=cfg.window > 0)
-  if cfg.window > 0:
-    out = rollout_lib.take_turns(policy, simulator, params, conv, sim, k_future, cfg.window,
-                                 policy_state=pstate)
-    conv, sim = out.conv, out.sim
-  return conv, sim
+  def play(chunk: int, key):
+    c, u, pstate, reply, reply_len = rollout_lib.tile_rows(
+        (conv, sim, policy_state, reply_BxN, reply_len_B), chunk)
+    k_user, k_future = jax.random.split(key)
+    c, u = rollout_lib.answer_reply(simulator, c, u, reply, reply_len, k_user,
+                                    append_user=cfg.window > 0)
+    if cfg.window > 0:
+      out = rollout_lib.take_turns(policy, simulator, params, c, u, k_future, cfg.window,
+                                   policy_state=pstate)
+      c, u = out.conv, out.sim
+    return keep(c, u)
+
+  s, chunk = cfg.samples, cfg.chunk
+  if chunk == s:
+    return play(s, key)
+  # [S / chunk, B * chunk, ...] (row b * chunk + c of loop turn j is future j * chunk + c of
+  # row b) -> [B * S, ...] in play(s)'s order.
+  kept = jax.lax.map(lambda k: play(chunk, k), jax.random.split(key, s // chunk))
+  b = reply_len_B.shape[0]
+  def rows(x_JxR):
+    if x_JxR.ndim < 2:  # a scalar of each chunk: a KV cache's write index, which may differ
+      raise ValueError("with reward.samples_chunk, play_futures' `keep` must return row arrays "
+                       "only (e.g. text.played's ids), not a state with a KV cache")
+    x_JxBxC = x_JxR.reshape(s // chunk, b, chunk, *x_JxR.shape[2:])
+    return jnp.swapaxes(x_JxBxC, 0, 1).reshape(b * s, *x_JxR.shape[2:])
+  return jax.tree_util.tree_map(rows, kept)
 
 
 def multiturn_aware_reward(policy, simulator, params, conv, sim, policy_state, reply_BxN,
@@ -95,9 +128,9 @@ def multiturn_aware_reward(policy, simulator, params, conv, sim, policy_state, r
   """MR of each row's candidate reply: (mean_B, std_B, components of the mean, [B, S] samples),
   its futures (`play_futures`) scored on device."""
   b, s = conv.batch, cfg.samples
-  conv, sim = play_futures(policy, simulator, params, conv, sim, policy_state, reply_BxN,
-                           reply_len_B, key, cfg)
-  total, parts = conversation_reward(simulator, conv, sim, cfg)
+  total, parts = play_futures(policy, simulator, params, conv, sim, policy_state, reply_BxN,
+                              reply_len_B, key, cfg,
+                              keep=lambda c, u: conversation_reward(simulator, c, u, cfg))
   total_BxS = total.reshape(b, s)
   parts = {k: v.reshape(b, s).astype(jnp.float32).mean(1) for k, v in parts.items()}
   return total_BxS.mean(1), total_BxS.std(1), parts, total_BxS

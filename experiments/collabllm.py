@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reward.kind = REWARDS[arm]  # mr | next_turn_ext | next_turn_ext_int | helpfulness | final
   c.reward.window = int(opts["window"])  # MR's forward turns
   c.reward.samples = 3  # MR's futures per reply
+  c.reward.samples_chunk = 0  # futures played at once (0: all; fewer hold fewer KV caches)
   c.reward.w_ext = 1.0  # weight of the task score in R*
   c.reward.w_int = 0.0  # weight of the interactivity judge in R* (needs judge.folder)
   c.reward.token_cost = 5e-4  # lambda per token read (the paper's)

@@ -12,10 +12,10 @@ experiments/collabllm_8b.py:slice=SLICE (PPO with MR on the language tier):
 - `update`: `run_rl.jit_update` of `ppo.ppo_loss` (one minibatch step: forward, backward, AdamW;
   the train state donated), at the config's minibatch and conversation length;
 - `logprob_pass`: `ppo.finish_batch` (values, old and reference log-probs, advantages of a
-  collected batch).
-
-The rollout (policy, LM user and MR's futures in one program) is not compiled here yet: its
-memory is the hand plan's policy and user KV columns.
+  collected batch);
+- `rollout`: `ppo.jit_collect_text`, the collection of a batch (the policy's replies, the LM
+  user's turns and MR's S futures of every reply, in one program), the user reading the
+  policy's reference as `run_text.shared_models` has it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from collab_rl import conversation as conv_lib
+from collab_rl import rewards
 from collab_rl import run as run_lib
 from collab_rl import run_rl
 from collab_rl import sharding
@@ -38,9 +39,11 @@ from collab_rl import train_state as state_lib
 from collab_rl.models import hf, lora, transformer
 from collab_rl.trainers import ppo
 from experiments import collabllm_8b
+from experiments import collabllm_shapes
 from experiments import pods
 
 GIB = 2**30
+PROGRAMS = ("update", "logprob_pass", "rollout")  # what compile_collabllm can compile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +101,7 @@ _TOO_BIG = re.compile(r"(?:required for HLO temporaries \(|HLO temp\s+)([\d.]+)(
 def _stats(name: str, jitted, *args, lora_rank: int = 0) -> Compiled:
   """`jitted` compiled for `args` (ShapeDtypeStructs with shardings), and its memory per chip;
   a program that does not fit is reported with the temporaries XLA asked for, not raised."""
-  arg_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+  arg_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                   for x in jax.tree_util.tree_leaves(args))
   try:
     m = jitted.lower(*args).compile().memory_analysis()
@@ -133,11 +136,15 @@ def override(config, assignments: Sequence[str]) -> None:
 
 
 def compile_collabllm(accelerator: str, judge: bool, length: int, lora_rank: int = 0,
-                      overrides: Sequence[str] = ()) -> list[Compiled]:
-  """Compiles experiments/collabllm_8b.py's PPO programs for `accelerator`'s topology, on
-  conversations of `length` tokens (memory_plan.plan_collabllm's `max_len`); with `lora_rank`
-  the run's LoRA state (config.lora: the base frozen, adapters and the critic trained);
-  `overrides`: config fields set first (`override`)."""
+                      overrides: Sequence[str] = (),
+                      programs: Sequence[str] = PROGRAMS) -> list[Compiled]:
+  """Compiles experiments/collabllm_8b.py's PPO `programs` (of `PROGRAMS`) for `accelerator`'s
+  topology, on conversations of `length` tokens (memory_plan.plan_collabllm's `max_len`); with
+  `lora_rank` the run's LoRA state (config.lora: the base frozen, adapters and the critic
+  trained); `overrides`: config fields set first (`override`)."""
+  unknown = sorted(set(programs) - set(PROGRAMS))
+  if unknown:
+    raise ValueError(f"no program {unknown}: choose from {PROGRAMS}")
   config = collabllm_8b.get_config(f"slice={accelerator}" + (",judge" if judge else ""))
   config.lora.rank = lora_rank
   override(config, overrides)
@@ -172,33 +179,62 @@ def compile_collabllm(accelerator: str, judge: bool, length: int, lora_rank: int
   with_sh = lambda tree, sh: jax.tree_util.tree_map(
       lambda x, s_: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s_), tree, sh)
   state = with_sh(abstract, state_sh)
-  out = []
-  # The trainer's own jitted step (ppo.train: run_rl.jit_update of ppo_loss), on what its
-  # run scaffold would hold: the optimizer and the state's shardings.
-  update = run_rl.jit_update(types.SimpleNamespace(model=model, tx=tx, shardings=state_sh),
-                             mesh, lambda p, mb, key=None: ppo.ppo_loss(model, config, p, mb, key))
-  with jax.set_mesh(mesh):  # as the trainers run: activations carry their row sharding
-    out.append(_stats("update", update, state,
-                      batch(config.batch_size // config.ppo.minibatches), lora_rank=lora_rank))
-
-  # The log-prob pass over a whole collected batch: policy and reference (the starting params,
-  # the train state's dtype and sharding; with adapters the base inside the params, no copy).
   rows = config.batch_size
-  played = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh),
-      jax.eval_shape(lambda: conv_lib.empty(rows, length)))
-  per_turn = [jax.ShapeDtypeStruct((rows, turns), d, sharding=batch_sh)
-              for d in (jnp.float32, jnp.bool_, jnp.float32, jnp.int32)]
-  with jax.set_mesh(mesh):
+
+  def update_program():
+    # The trainer's own jitted step (ppo.train: run_rl.jit_update of ppo_loss), on what its
+    # run scaffold would hold: the optimizer and the state's shardings.
+    update = run_rl.jit_update(types.SimpleNamespace(model=model, tx=tx, shardings=state_sh),
+                               mesh, lambda p, mb, key=None: ppo.ppo_loss(model, config, p, mb,
+                                                                          key))
+    return update, (state, batch(rows // config.ppo.minibatches))
+
+  def logprob_program():
+    # The log-prob pass over a whole collected batch: policy and reference (the starting params,
+    # the train state's dtype and sharding; with adapters the base inside the params, no copy).
+    played = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh),
+        jax.eval_shape(lambda: conv_lib.empty(rows, length)))
+    per_turn = [jax.ShapeDtypeStruct((rows, turns), d, sharding=batch_sh)
+                for d in (jnp.float32, jnp.bool_, jnp.float32, jnp.int32)]
     if lcfg.enabled:
-      finish = jax.jit(lambda p, c, *t: ppo.finish_batch(config, model, p, lora.reference(p), c,
-                                                         *t))
-      out.append(_stats("logprob_pass", finish, state.params, played, *per_turn,
-                        lora_rank=lora_rank))
-    else:
-      finish = jax.jit(lambda p, r, c, *t: ppo.finish_batch(config, model, p, r, c, *t))
-      out.append(_stats("logprob_pass", finish, state.params, state.params, played, *per_turn))
+      return jax.jit(lambda p, c, *t: ppo.finish_batch(config, model, p, lora.reference(p), c,
+                                                       *t)), (state.params, played, *per_turn)
+    return (jax.jit(lambda p, r, c, *t: ppo.finish_batch(config, model, p, r, c, *t)),
+            (state.params, state.params, played, *per_turn))
+
+  def rollout_program():
+    # The trainer's own jitted collection (ppo.jit_collect_text): the policy, the LM user and
+    # MR's futures in one program, on the batch's records' intent as the world places them.
+    # The user shares the policy's reference (run_text.shared_models): its params are the
+    # reference's arrays, the starting params (with adapters, the state's own base).
+    rcfg = rewards.RewardConfig.from_config(config.reward)
+    user = transformer.Transformer(collabllm_shapes.user_config(config, hf_cfg))
+    task = collabllm_shapes.task(config, user, rcfg)
+    policy = run_rl.rollout_policy(config, model, task, rcfg)
+    reference = lora.weights(lora.reference(state.params) if lcfg.enabled else state.params,
+                             None)
+    names = jax.eval_shape(lambda: transformer.init_params(user, jax.random.key(0)))
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                               sharding=sharding.replicated(mesh))
+    return (ppo.jit_collect_text(config, model, task, policy, rcfg),
+            (state.params, {name: reference[name] for name in names}, key,
+             collabllm_shapes.intent(task, rows, batch_sh)))
+
+  build = {"update": update_program, "logprob_pass": logprob_program,
+           "rollout": rollout_program}
+  out = []
+  with jax.set_mesh(mesh):  # as the trainers run: activations carry their row sharding
+    for name in programs:
+      jitted, args = build[name]()
+      out.append(_stats(name, jitted, *args, lora_rank=lora_rank))
   return out
+
+
+# The hand plan's phase of each program (memory_plan.plan_collabllm's keys), beside the
+# persistent state.
+_PLANNED = {"update": ("grads", "activations"), "logprob_pass": ("logprob_pass",),
+            "rollout": ("policy_kv", "user_kv")}
 
 
 def markdown(results: dict[str, list[Compiled]], plans: dict[str, dict]) -> str:
@@ -210,13 +246,12 @@ def markdown(results: dict[str, list[Compiled]], plans: dict[str, dict]) -> str:
            "| ---: | ---: |"]
   for accelerator, programs in results.items():
     p, s = plans[accelerator], pods.get_slice(accelerator)
-    planned = {"update": p["persistent"] + p["grads"] + p["activations"],
-               "logprob_pass": p["persistent"] + p["logprob_pass"]}
     for c in programs:
+      plan = p["persistent"] + sum(p[k] for k in _PLANNED[c.program])
       lines.append(
           f"| {s.accelerator_type} | {c.program}{f' (LoRA r={c.lora_rank})' if c.lora_rank else ''}"
           f" | {c.arguments / GIB:.2f} | "
           f"{c.outputs / GIB:.2f} | {c.aliased / GIB:.2f} | {c.temporaries / GIB:.2f} | "
           f"{c.peak / GIB:.2f}{'' if c.fits else ' (refused)'} | "
-          f"{planned[c.program] / GIB:.2f} | {s.hbm_gib:g} | {s.hbm_gib - c.peak / GIB:.2f} |")
+          f"{plan / GIB:.2f} | {s.hbm_gib:g} | {s.hbm_gib - c.peak / GIB:.2f} |")
   return "\n".join(lines) + "\n"

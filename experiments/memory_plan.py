@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import types
 
 from absl import app, flags
 import jax
@@ -43,11 +42,10 @@ from collab_rl import rollout as rollout_lib
 from collab_rl import run as run_lib
 from collab_rl import run_rl
 from collab_rl import sharding
-from collab_rl import tokenizer as tokenizer_lib
 from collab_rl import train_state as state_lib
 from collab_rl.models import attention, hf, transformer
-from collab_rl.tasks import text as text_lib
 from experiments import collabllm_8b
+from experiments import collabllm_shapes
 from experiments import lm_synthetic
 from experiments import pods
 
@@ -75,6 +73,9 @@ _OVERRIDES = flags.DEFINE_list("compile_overrides", [], "With --compile: config 
                                 "before compiling, as key=value in order (e.g. model.param_dtype="
                                 "bfloat16; a tuple as mesh_shape=1x32x2): a candidate plan for a "
                                 "program that does not fit.")
+_PROGRAMS = flags.DEFINE_list("compile_programs", ["update", "logprob_pass", "rollout"],
+                              "With --compile: which programs to compile (update, logprob_pass, "
+                              "rollout: the collection with the LM user and MR's futures).")
 _OUT = flags.DEFINE_string("out", None, "Also write the Markdown here.")
 
 COLLABLLM_SLICES = ("v5litepod-64", "v4-64", "v5litepod-256")
@@ -195,25 +196,6 @@ def markdown(plans: list[dict], context: int, rollout_rows: int, train_rows: int
 # ------------------------------------------------------------------------------------------------
 
 
-class Llama3Tokenizer:
-  """What `TextTask` reads of a tokenizer, as Llama-3.1-Instruct's tokenizer.json has it: the
-  vocabulary, the stop token and the chat template's turn frames (`<|start_header_id|>` role
-  `<|end_header_id|>` "\\n\\n" ... `<|eot_id|>`), the only things its sizes depend on. No
-  download: `encode` gives bytes, which only the TERMINATE and confusion patterns read."""
-
-  vocab_size = 128_256
-  eot_id = 128_009  # <|eot_id|>, also Llama-3.1-Instruct's eos
-  stop_tokens = (128_009,)
-  ROLE_IDS = {"system": 9_125, "user": 882, "assistant": 78_191}
-  tokenizer = types.SimpleNamespace(get_vocab=lambda with_added_tokens=True: {})
-
-  def turn_frame(self, role: str) -> tokenizer_lib.TurnFrame:
-    return tokenizer_lib.TurnFrame((128_006, self.ROLE_IDS[role], 128_007, 271), (128_009,))
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode())
-
-
 @functools.lru_cache(maxsize=None)  # slice-independent shapes, computed once
 def _rl_state(cfg: transformer.TransformerConfig, optimizer: tuple) -> state_lib.TrainState:
   tx = run_lib.make_optimizer(ml_collections.ConfigDict(dict(optimizer)))  # the RL trainers'
@@ -246,7 +228,7 @@ def plan_collabllm(accelerator: str, judge: bool = True, share: bool = True) -> 
   hf_cfg = hf.config_from_hf(pods.LLAMA31_8B_INSTRUCT_HF)
   arch = {k: getattr(hf_cfg, k) for k in run_lib.HF_ARCHITECTURE}
   policy = _model({**config.model.to_dict(), **arch})
-  user = transformer.Transformer(hf_cfg)
+  user = transformer.Transformer(collabllm_shapes.user_config(config, hf_cfg))
   state = _rl_state(policy.cfg, tuple(sorted(config.optimizer.items())))
   specs = _specs(state_lib.state_shardings(state, mesh, rules))
   out = {"slice": s, "mesh": shape, "config": config, "policy": policy.cfg, "user_cfg": hf_cfg,
@@ -255,7 +237,7 @@ def plan_collabllm(accelerator: str, judge: bool = True, share: bool = True) -> 
   out["adam"] = _bytes_per_chip(state.opt_state, specs.opt_state, mesh)
   out["grads"] = out["params"]
   out["reference"] = out["params"]  # run_rl.build: the starting params, as the state holds them
-  user_params = _user_params(hf_cfg)
+  user_params = _user_params(user.cfg)
   out["user_params"] = transformer.count_params(user_params)
   # What a copy of the user's (and the judge's) weights costs a chip: hf.load_pretrained, bf16.
   out["user_copy"] = _bytes_per_chip(user_params, sharding.param_specs(user_params, rules, mesh),
@@ -267,16 +249,11 @@ def plan_collabllm(accelerator: str, judge: bool = True, share: bool = True) -> 
   # Rollout: the conversations' and the user's state as `rollout.start` and the policy's `init`
   # make them; MR's S futures tile every row (`rollout.tile_rows`) beside the B originals.
   rcfg = rewards.RewardConfig.from_config(config.reward)
-  horizon = rcfg.horizon(config.num_turns)
-  task = text_lib.TextTask(Llama3Tokenizer(), user, Llama3Tokenizer(),
-                           text_lib.UserConfig(**config.sim.to_dict()),
-                           reply_tokens=config.reply_tokens, max_turns=horizon)
+  task = collabllm_shapes.task(config, user, rcfg)
   rollout_policy = run_rl.rollout_policy(config, policy, task, rcfg)
   max_len = run_rl.max_len(config, task, rcfg)
-  b, ucfg = config.batch_size, task.ucfg
-  row = lambda *shape: jax.ShapeDtypeStruct((b, *shape), jnp.int32)
-  intent = text_lib.TextIntent(row(), row(ucfg.max_request_tokens), row(ucfg.max_request_tokens),
-                               row(), row(ucfg.max_prompt_tokens), row(), row())
+  b = config.batch_size
+  intent = collabllm_shapes.intent(task, b)
 
   def begin(params, u_params, intent):
     bound = task.bind(u_params)
@@ -292,7 +269,7 @@ def plan_collabllm(accelerator: str, judge: bool = True, share: bool = True) -> 
              policy_cache=pstate.cache.valid_BxS.shape[1], user_cache=sim.cache.valid_BxS.shape[1])
   # XLA's largest temporary (not in the peak): one layer's attention scores while the user
   # prefills its prompt against its cache (compute dtype).
-  out["prefill_scores"] = (user.cfg.num_attention_heads * ucfg.max_prompt_tokens
+  out["prefill_scores"] = (user.cfg.num_attention_heads * task.ucfg.max_prompt_tokens
                            * out["user_cache"] * jnp.dtype(user.cfg.dtype).itemsize)  # a row
 
   # ppo.finish_batch: old (and then reference) log-probs of the whole batch, fp32 logits and
@@ -368,9 +345,10 @@ def main(argv):
       for a, p in plans.items():  # minutes a slice: each printed as soon as it is compiled
         compiled[a] = []
         for rank in (int(r) for r in _LORA_RANK.value):
-          compiled[a] += memory_compiled.compile_collabllm(a, _JUDGE.value, p["max_len"], rank,
-                                                           _OVERRIDES.value)
-          print(memory_compiled.markdown({a: compiled[a][-2:]}, plans), flush=True)
+          done = memory_compiled.compile_collabllm(a, _JUDGE.value, p["max_len"], rank,
+                                                   _OVERRIDES.value, _PROGRAMS.value)
+          compiled[a] += done
+          print(memory_compiled.markdown({a: done}, plans), flush=True)
       text += "\n" + memory_compiled.markdown(compiled, plans)
       if _OUT.value:
         with open(_OUT.value, "w", encoding="utf-8") as f:

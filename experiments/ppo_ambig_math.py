@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reward.kind = opts["reward"]  # mr | next_turn_ext | next_turn_ext_int | ...
   c.reward.window = int(opts["window"])  # MR's forward turns
   c.reward.samples = 3  # MR's futures per reply
+  c.reward.samples_chunk = 0  # futures played at once (0: all; fewer hold fewer KV caches)
   c.reward.w_ext = 1.0  # weight of the task metric in R*
   c.reward.w_int = 0.5  # weight of interactivity in R*
   c.reward.token_cost = 5e-3  # lambda per token read (higher than the paper: short replies here)

@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reward = ml_collections.ConfigDict()
   c.reward.window = 2  # forward turns after the candidate (0..3; the paper's default is 2)
   c.reward.samples = 1  # futures per candidate; 1 is exact while the user has no noise
+  c.reward.samples_chunk = 0  # futures played at once (0: all; fewer hold fewer KV caches)
   c.reward.token_cost = 5e-4  # lambda per policy token (paper: 5e-4)
   c.reward.w_ext = 1.0  # weight of the task metric
   c.reward.w_int = 1.0  # weight of interactivity

@@ -52,9 +52,25 @@ def test_a_refused_program_reports_what_it_asked_for(wording):
 def test_compiled_programs_report_their_memory():
   mesh = sharding.make_mesh((-1, 1, 1))
   arg = jax.ShapeDtypeStruct((8, 256), jnp.float32, sharding=NamedSharding(mesh, P("data")))
-  f = jax.jit(lambda x: jnp.tanh(x) * 2)
-  c = memory_compiled._stats("f", f, arg)  # pylint: disable=protected-access
+  # The rollout takes a PRNG key, whose dtype numpy does not know.
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=sharding.replicated(mesh))
+  f = jax.jit(lambda x, k: jnp.tanh(x) * jax.random.uniform(k))
+  c = memory_compiled._stats("f", f, arg, key)  # pylint: disable=protected-access
   assert c.fits and c.arguments > 0 and c.peak >= c.arguments
+
+
+def test_each_program_sits_beside_its_phase_of_the_plan():
+  plan = {"persistent": 1, "grads": 2, "activations": 4, "logprob_pass": 8, "policy_kv": 16,
+          "user_kv": 32}
+  programs = [memory_compiled.Compiled(name, 0, 0, 0, 0) for name in memory_compiled.PROGRAMS]
+  rows = memory_compiled.markdown({"v5litepod-64": programs},
+                                  {"v5litepod-64": {k: v * 2**30 for k, v in plan.items()}})
+  planned = {r.split(" | ")[1]: r.split(" | ")[7] for r in rows.splitlines()[4:]}
+  assert planned == {"update": "7.00", "logprob_pass": "9.00", "rollout": "49.00"}
+  # An unknown program is refused before anything compiles (or libtpu is looked for).
+  with pytest.raises(ValueError, match=r"no program \['rollouts'\]"):
+    memory_compiled.compile_collabllm("v5litepod-64", True, 4028, programs=("rollouts",))
 
 
 def test_without_the_tpu_compiler_the_error_says_what_is_missing(monkeypatch):

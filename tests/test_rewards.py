@@ -115,7 +115,36 @@ def test_one_device_and_eight_devices_agree():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw", [dict(window=4), dict(samples=0), dict(token_cost=-1.0)])
+def test_futures_played_in_chunks_equal_all_at_once():
+  """reward.samples_chunk: S = 4 futures two at a time (a loop over 2 chunks) give each row its
+  own futures, in play_futures' row order; deterministic futures (the oracle against a user
+  without noise) make them equal to all 4 at once."""
+  task = registry.make_task("ambig_math", {"ambiguous_rate": 0.5})
+  conv, sim = _at_first_turn(task, batch=16)
+  ask, guess = _candidates(task, conv, sim)
+  # Rows differ: half ask, half guess, on requests of both kinds.
+  even = jnp.arange(16) % 2 == 0
+  n = max(ask[0].shape[1], guess[0].shape[1])
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
+  reply = (jnp.where(even[:, None], pad(ask[0]), pad(guess[0])), None,
+           jnp.where(even, ask[2], guess[2]))
+  whole = _mr(task, conv, sim, reply, rewards.RewardConfig(window=2, samples=4))
+  chunks = _mr(task, conv, sim, reply, rewards.RewardConfig(window=2, samples=4,
+                                                            samples_chunk=2))
+  assert len(set(np.asarray(whole[0]).round(6).tolist())) > 1
+  for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(chunks)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  # What each chunk keeps is stacked row by row; a state's scalar (a cache's write index) is
+  # refused, since chunks may leave it at different slots.
+  with pytest.raises(ValueError, match="row arrays only"):
+    jax.eval_shape(lambda: rewards.play_futures(
+        rollout_lib.oracle_policy(task), task, None, conv, sim, (), reply[0], reply[2],
+        jax.random.key(0), rewards.RewardConfig(samples=2, samples_chunk=1),
+        keep=lambda c, u: c.cursor_B.sum()))
+
+
+@pytest.mark.parametrize("kw", [dict(window=4), dict(samples=0), dict(token_cost=-1.0),
+                                dict(samples=3, samples_chunk=2), dict(samples_chunk=-1)])
 def test_bad_reward_config(kw):
   with pytest.raises(ValueError):
     rewards.RewardConfig(**kw)

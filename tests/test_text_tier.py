@@ -5,6 +5,8 @@ and bad input failing before anything compiles."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -149,16 +151,21 @@ def test_mr_futures_equal_single_futures_played_one_by_one(world):
   columns = task.conversation_len(TURNS, REPLY)
   bound = task.bind(params)
 
-  @jax.jit
-  def futures(intent, key):
+  @functools.partial(jax.jit, static_argnums=2)
+  def futures(intent, key, cfg):
     conv, sim = rollout_lib.start(bound, intent, columns)
     pstate = policy.init(params, conv, task.opening_width)
     conv = rollout_lib.open_reply(bound, conv)
     reply, _, n, pstate = policy(params, conv, sim, pstate, key)
-    return text_lib.played(*rewards.play_futures(policy, bound, params, conv, sim, pstate,
-                                                  reply, n, key, cfg))
+    return rewards.play_futures(policy, bound, params, conv, sim, pstate, reply, n, key, cfg,
+                                keep=text_lib.played)
 
-  batched, _ = jax.device_get(futures(task.encode(recs), jax.random.key(2)))
+  batched, _ = jax.device_get(futures(task.encode(recs), jax.random.key(2), cfg))
+  # One future at a time (reward.samples_chunk = 1: a loop, one future's caches live at once),
+  # greedy: the same conversations, in the same rows.
+  chunked, _ = jax.device_get(futures(task.encode(recs), jax.random.key(2),
+                                      dataclasses.replace(cfg, samples_chunk=1)))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, chunked, batched)
   scorer = text_scores.TextScorer(task, cfg)
   want_total = scorer.score(batched, recs)[0]
   for b, rec in enumerate(recs):

@@ -186,8 +186,8 @@ def _text_play(config, task, policy, rcfg, mesh):
     conv_g, sim_g, pstate_g = rollout_lib.tile_rows((conv, sim, pstate), g)
     reply, _, n, pstate_g = policy(params, conv_g, sim_g, pstate_g, key)
     fut = rewards.play_futures(policy, t, params, conv_g, sim_g, pstate_g, reply, n,
-                               jax.random.fold_in(key, 1), rcfg)
-    return conv, reply, n, pstate_g, text_lib.played(*fut)
+                               jax.random.fold_in(key, 1), rcfg, keep=text_lib.played)
+    return conv, reply, n, pstate_g, fut
 
   @jax.jit
   def go_on(u, conv, sim, reply, n, pstate_g, best_rows, key):

@@ -105,8 +105,8 @@ def candidate_futures(config, task, policy, rcfg, params, key, intent):
   conv_g, sim_g, pstate_g = rollout_lib.tile_rows((conv, sim, pstate), config.candidates)
   reply, _, reply_len, pstate_g = policy(params, conv_g, sim_g, pstate_g, k_cand)
   futures = rewards.play_futures(policy, task, params, conv_g, sim_g, pstate_g, reply,
-                                 reply_len, k_mr, rcfg)
-  return text_lib.played(conv, sim)[0], reply, reply_len, text_lib.played(*futures)
+                                 reply_len, k_mr, rcfg, keep=text_lib.played)
+  return text_lib.played(conv, sim)[0], reply, reply_len, futures
 
 
 def pairs(config, model, ref_params, conv, tokens_BGxN, lengths_BG, mr_BxG):

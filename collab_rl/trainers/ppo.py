@@ -103,8 +103,8 @@ def collect(config, model, task, policy, rcfg, params, key, intent=None):
     conv = rollout_lib.open_reply(task, conv)
     reply, _, reply_len, pstate = policy(params, conv, sim, pstate, k_pol)
     if host and kind == "mr":
-      r = text_lib.played(*rewards.play_futures(policy, task, params, conv, sim, pstate, reply,
-                                                reply_len, k_rew, rcfg))
+      r = rewards.play_futures(policy, task, params, conv, sim, pstate, reply, reply_len, k_rew,
+                               rcfg, keep=text_lib.played)
     elif host and kind != "final":
       r = text_lib.played(rollout_lib.append_reply(task, conv, reply, reply_len), sim)
     elif kind == "mr":
@@ -132,6 +132,18 @@ def collect(config, model, task, policy, rcfg, params, key, intent=None):
     last = jnp.sum(valid_BxT, 1) - 1
     r_T = (jax.nn.one_hot(last, t_max) * total[:, None]).T
   return conv, sim, r_T, done_TxB.T, valid_BxT, pos_TxB.T
+
+
+def jit_collect_text(config, model, task, policy, rcfg):
+  """The language tier's collection as one jitted call of (policy params, the user's params,
+  key, the records' intent): the played conversations and user chats, each turn's pending
+  conversations for the host to score, and the [B, T] arrays. `train` runs it; so does
+  experiments/memory_compiled.py, which compiles it for a TPU slice."""
+  def collect_played(p, u, k, intent):
+    conv, sim, pending, *per_turn = collect(config, model, task.bind(u), policy, rcfg, p, k,
+                                            intent)
+    return (*text_lib.played(conv, sim), pending, *per_turn)
+  return jax.jit(collect_played)
 
 
 def finish_batch(config, model, params, ref_params, conv, rewards_BxT, done_BxT, valid_BxT,
@@ -356,11 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     prep = jax.jit(collect_batch, out_shardings=(sharding_lib.batch_sharding(mesh),
                                                  sharding_lib.replicated(mesh)))
   else:
-    def collect_played(p, u, k, intent):
-      conv, sim, pending, *per_turn = collect(config, model, task.bind(u), policy, rcfg, p, k,
-                                              intent)
-      return (*text_lib.played(conv, sim), pending, *per_turn)
-    collect_fn = jax.jit(collect_played)
+    collect_fn = jit_collect_text(config, model, task, policy, rcfg)
     finish_fn = jax.jit(lambda p, r, conv, *per_turn: finish_batch(config, model, p, r, conv,
                                                                    *per_turn),
                         out_shardings=sharding_lib.batch_sharding(mesh))
