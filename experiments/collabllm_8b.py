@@ -87,6 +87,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.reward.window = int(opts["window"])  # MR's forward turns (the paper's w = 2)
   c.reward.samples = 3  # S futures per reply: B x S rows decode beside the B conversations
+  # v5e's 16 GiB: the futures one at a time. XLA's TPU compiler puts the rollout at 17.23 GiB a
+  # chip with all 3 at once (it holds several copies of the futures' KV caches) and at 8.86 one
+  # at a time; v4-64's 2 conversations a chip with all 3 at once: 26.51 of 32 GiB (README
+  # "Scale out": memory_plan --compile).
+  c.reward.samples_chunk = 1 if s.hbm_gib < 32 else 0
   c.reward.token_cost = 5e-4  # lambda per token read (the paper's; 1e-4 for documents)
   c.reward.w_int = 1.0 if opts["judge"] else 0.0  # R_int needs --config.judge.folder
 

@@ -64,6 +64,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("user_tokens", 24, "Budget of one user turn (sim.max_user_len).")
   flags.DEFINE_integer("window", 2, "MR's forward turns (w).")
   flags.DEFINE_integer("samples", 3, "MR's futures per reply (S).")
+  flags.DEFINE_integer("samples_chunk", 0, "Futures of a reply played at once "
+                       "(reward.samples_chunk; 0: all S).")
   flags.DEFINE_integer("repeats", 3, "Timed rounds (median reported).")
   flags.DEFINE_integer("host_replies", 4, "Replies timed in the per-reply loops.")
   flags.DEFINE_list("threads", ["1", "2"], "Torch thread counts tried before every "
@@ -119,7 +121,7 @@ def make_folder(folder: str, records: list[dict], width: int, layers: int) -> st
 
 
 def make_ours(folder: str, records: list[dict], reply_tokens: int, user_tokens: int,
-              window: int, samples: int, host_devices: int = 1):
+              window: int, samples: int, host_devices: int = 1, samples_chunk: int = 0):
   """(task, `run(records, key) -> (conv, user counts)` of the B x S futures on the host,
   scorer)."""
   import jax
@@ -142,7 +144,8 @@ def make_ours(folder: str, records: list[dict], reply_tokens: int, user_tokens: 
       tokenizer=folder, reply_tokens=reply_tokens, num_turns=1, temperature=1.0,
       sim=dict(user_from=folder, max_user_len=user_tokens, temperature=1.0, prompt="collabllm",
                show_target=True, max_request_tokens=request, max_prompt_tokens=prompt)))
-  rcfg = rewards.RewardConfig(window=window, samples=samples, w_int=0.0)
+  rcfg = rewards.RewardConfig(window=window, samples=samples, w_int=0.0,
+                              samples_chunk=samples_chunk)
   task = text_lib.from_config(config, max_turns=rcfg.horizon(config.num_turns))
   model, params = hf.load_pretrained(folder)
   user_params = text_lib.load_user_params(task)
@@ -165,8 +168,8 @@ def make_ours(folder: str, records: list[dict], reply_tokens: int, user_tokens: 
     pstate = policy.init(params, conv, rollout_lib.opening_width(sim_task))
     conv = rollout_lib.open_reply(sim_task, conv)
     reply, _, reply_len, pstate = policy(params, conv, sim, pstate, k_reply)
-    return text_lib.played(*rewards.play_futures(policy, sim_task, params, conv, sim, pstate,
-                                                 reply, reply_len, k_mr, rcfg))
+    return rewards.play_futures(policy, sim_task, params, conv, sim, pstate, reply, reply_len,
+                                k_mr, rcfg, keep=text_lib.played)
 
   scorer = text_scores.TextScorer(task, rcfg, metric="answer")
 
@@ -364,7 +367,7 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     folder = make_folder(tmp, records, f.width, f.layers)
     task, ours, scorer = make_ours(folder, records, f.reply_tokens, f.user_tokens, w, s,
-                                   f.host_devices)
+                                   f.host_devices, f.samples_chunk)
     host = HostLoop(folder, task, f.reply_tokens, f.user_tokens, w, s)
     cost = scorer.rcfg.token_cost
     for b in batches:
@@ -422,7 +425,7 @@ def main(argv):
     model_cfg = task.user_model.cfg
   result = {
       "what": "MR evaluations/s: B candidate replies, each with S futures of w turns",
-      "window": w, "samples": s, "reply_tokens": f.reply_tokens, "user_tokens": f.user_tokens,
+      "window": w, "samples": s, "samples_chunk": f.samples_chunk, "reply_tokens": f.reply_tokens, "user_tokens": f.user_tokens,
       "repeats": f.repeats, "host_replies": nh,
       "model": {"hidden_size": model_cfg.hidden_size, "layers": model_cfg.num_hidden_layers,
                 "heads": model_cfg.num_attention_heads,
