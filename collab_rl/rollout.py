@@ -196,9 +196,16 @@ def scatter_rows(dst_BxL, src_BxN, start_B, len_B):
 
 
 def _where_rows(mask_B, new, old):
-  """Row b of every leaf from `new` where mask_B[b], else from `old`."""
-  return jax.tree_util.tree_map(
-      lambda n, o: jnp.where(mask_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+  """Row b of every leaf from `new` where mask_B[b], else from `old`; a KV cache is `new`'s
+  whole. Sampling writes nothing valid for a row it is told is inactive
+  (`sampling.prefill_and_decode`), so such a row's cache already reads as `old`'s; selecting
+  would keep the old cache alive through the whole turn, and XLA then copies the cache (on a TPU
+  slice the largest array of a rollout) before the turn writes it."""
+  def pick(n, o):
+    if isinstance(n, KVCache):
+      return n
+    return jnp.where(mask_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+  return jax.tree_util.tree_map(pick, new, old, is_leaf=lambda x: isinstance(x, KVCache))
 
 
 def _frame(ids, b: int):
