@@ -21,8 +21,9 @@ layer's recompute, collective buffers) are not in the table: that is what the he
 and value head (the config's dtypes), the frozen reference (the starting params as the train
 state holds them), the LM user and the optional judge (Llama-3.1-8B-Instruct's config.json, as
 the workers load them), the rollout state of the policy and the user (`rollout.start` and the
-policy's `init` on a `TextTask` built from the config, x (1 + S) rows for MR's futures), the
-pass that computes the batch's old and reference log-probs, and the update.
+policy's `init` on a `TextTask` built from the config, x (1 + S) rows for MR's futures, or x
+(1 + reward.samples_chunk) where they are played a chunk at a time), the pass that computes the
+batch's old and reference log-probs, and the update.
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ def plan_collabllm(accelerator: str, judge: bool = True, share: bool = True) -> 
     return conv, sim, rollout_policy.init(params, conv, rollout_lib.opening_width(bound))
 
   conv, sim, pstate = jax.eval_shape(begin, state.params, user_params, intent)
-  copies = 1 + rcfg.samples if config.reward.kind == "mr" else 1
+  copies = 1 + rcfg.chunk if config.reward.kind == "mr" else 1  # the futures live at once
   per_chip = lambda tree: _bytes_per_chip(tree, pods.kv_cache_specs(tree), mesh)
   out["policy_kv"] = copies * per_chip((conv, pstate))
   out["user_kv"] = copies * per_chip(sim)
@@ -310,7 +311,10 @@ def markdown_collabllm(plans: list[dict]) -> str:
          f"LM user is the same checkpoint loaded again as it is stored, {p['user_cfg'].dtype} "
          f"({p['user_params'] / 1e9:.2f}B: a second copy)"
          + ("; the judge a third copy." if judged else "; no judge."))
-      + f" Rollout: each conversation and its MR futures ({p['copies']} rows), the policy's KV "
+      + " Rollout: each conversation and the MR futures it plays at once (1 + S rows, or 1 + "
+      "`reward.samples_chunk` where set: "
+      + ", ".join(f"{q['copies']} on {q['slice'].accelerator_type}" for q in plans)
+      + "), the policy's KV "
       f"cache {p['policy_cache']} tokens a row (conversations of {p['max_len']} columns), the "
       f"user's {p['user_cache']} (its chat: {p['view_len']}). Log-prob pass: old and reference "
       f"log-probs of a chip's conversations. Update: {p['train_rows']} x {p['max_len']} tokens "
