@@ -64,7 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dtype="float32", remat=False,
       # True: one scanned layer instead of the layers unrolled, params stacked under "layers"
       # (models/config.py); collabllm_8b.py sets it (2.4-3.4x faster compiles at 32 layers).
-      scan_layers=False))
+      scan_layers=False,
+      # > 0: a prefill into a KV cache attended this many queries at a time (models/config.py),
+      # the LM user's too; collabllm_8b.py sets it.
+      cache_query_chunk=0))
 
   c.num_turns = 3  # assistant turns per conversation
   c.reply_tokens = 48  # budget of one assistant reply

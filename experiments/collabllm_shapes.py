@@ -38,8 +38,9 @@ class Llama3Tokenizer:
 
 def user_config(config, hf_cfg: transformer.TransformerConfig) -> transformer.TransformerConfig:
   """The LM user's model as `text.from_config` builds it: config.json's, the layers laid out as
-  the policy's (`model.scan_layers`)."""
-  return dataclasses.replace(hf_cfg, scan_layers=bool(config.model.scan_layers))
+  the policy's (`model.scan_layers`), its prefills in the policy's query chunks."""
+  return dataclasses.replace(hf_cfg, scan_layers=bool(config.model.scan_layers),
+                             cache_query_chunk=int(config.model.get("cache_query_chunk", 0)))
 
 
 def task(config, user: transformer.Transformer, rcfg: rewards.RewardConfig) -> text_lib.TextTask:

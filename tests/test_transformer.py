@@ -63,6 +63,21 @@ def test_incremental_decode_with_cache_matches_full_forward(model_and_params, bu
   np.testing.assert_allclose(jnp.concatenate(chunks, 1), full, atol=1e-5)
 
 
+def test_a_prefill_attended_in_query_chunks_equals_all_at_once(model_and_params):
+  """cache_query_chunk = 4: a 10-token prefill into the cache is attended 4 queries at a time
+  (the last slice padded); the logits and the cache it writes equal those of all 10 at once."""
+  model, params = model_and_params
+  tokens = jax.random.randint(jax.random.key(3), (2, 10), 1, 64)
+  valid = jnp.arange(10)[None] < jnp.array([[7], [10]])
+  outs = []
+  for chunk in (0, 4):
+    cfg = tfm.TransformerConfig(**{**TINY.__dict__, "cache_query_chunk": chunk})
+    outs.append(run(tfm.Transformer(cfg), params, tokens, valid_BxL=valid,
+                    cache=attention.KVCache.init(cfg, 2, 16)))
+  np.testing.assert_allclose(outs[1].logits_BxLxV, outs[0].logits_BxLxV, atol=1e-6)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, outs[1].cache, outs[0].cache)
+
+
 def test_decode_reads_only_the_filled_prefix_of_the_cache(model_and_params):
   """Garbage in slots past the bucket that holds the filled part cannot reach the output, while
   the same garbage in a slot the bucket reads would (were it not masked): the switch picks the
@@ -110,6 +125,7 @@ def test_tied_embeddings_and_qkv_bias_params():
     (dict(heads=("lm", "critic")), "unknown heads"),
     (dict(dtype="float16"), "dtype"),
     (dict(cache_buckets=0), "cache_buckets"),
+    (dict(cache_query_chunk=-1), "cache_query_chunk"),
 ])
 def test_bad_model_config(bad, match):
   with pytest.raises(ValueError, match=match):

@@ -136,6 +136,26 @@ def attend_filled(q_BxLxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxLxS, filled, buckets: 
                         mask_BxLxS)
 
 
+def attend_cached(q_BxLxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxLxS, filled, buckets: int,
+                  query_chunk: int):
+  """`attend_filled`, `query_chunk` queries at a time when the chunk is longer (a `lax.map`
+  over query slices, the last padded with queries that see nothing and are dropped): one
+  slice's scores are live instead of the whole chunk's. 0: all at once."""
+  b, l, n, h = q_BxLxNxH.shape
+  if not query_chunk or l <= query_chunk:
+    return attend_filled(q_BxLxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxLxS, filled, buckets)
+  pieces = -(-l // query_chunk)
+  pad = pieces * query_chunk - l
+  q_JxBxCxNxH = jnp.pad(q_BxLxNxH, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
+      b, pieces, query_chunk, n, h).swapaxes(0, 1)
+  mask_JxBxCxS = jnp.pad(mask_BxLxS, ((0, 0), (0, pad), (0, 0))).reshape(
+      b, pieces, query_chunk, -1).swapaxes(0, 1)
+  out_JxBxCxNxH = jax.lax.map(
+      lambda qm: attend_filled(qm[0], k_BxKxHxS, v_BxKxSxH, qm[1], filled, buckets),
+      (q_JxBxCxNxH, mask_JxBxCxS))
+  return out_JxBxCxNxH.swapaxes(0, 1).reshape(b, pieces * query_chunk, n, h)[:, :l]
+
+
 class Attention(nn.Module):
   cfg: TransformerConfig
 
@@ -186,8 +206,8 @@ class Attention(nn.Module):
               for lo in range(0, l, chunk)]
       out_BxLxNxH = jnp.concatenate(outs, axis=1)
     elif cache_kv is not None:
-      out_BxLxNxH = attend_filled(q_BxLxNxH, k_all, v_all, mask_BxLxS, index + l,
-                                  cfg.cache_buckets)
+      out_BxLxNxH = attend_cached(q_BxLxNxH, k_all, v_all, mask_BxLxS, index + l,
+                                  cfg.cache_buckets, cfg.cache_query_chunk)
     else:
       out_BxLxNxH = attend(q_BxLxNxH, k_all, v_all, mask_BxLxS)
     (out_BxLxD,) = fused_projection(out_BxLxNxH.reshape(b, l, n * h),

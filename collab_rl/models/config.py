@@ -57,6 +57,11 @@ class TransformerConfig:
   # cache's up to float rounding (the softmax sums fewer terms: log-probs ~5e-7 apart, not bit for
   # bit; runs made before this option replay bit for bit only at 1).
   cache_buckets: int = 4
+  # With a KV cache, a chunk of more queries than this (a prefill) is attended this many at a
+  # time, in a `lax.map`, so only one slice's f32 scores ([B, K, chunk x G, cache]) are live:
+  # an 8B user prefilling a 395-token reply against a 5564-slot cache holds 0.8 GiB of them a
+  # row otherwise. 0: all at once. Each query's scores are the same either way.
+  cache_query_chunk: int = 0
   # Dropout on the input of LoRA adapters given unmerged, in a "lora" variables collection, with
   # a "dropout" RNG (models/lora.py sets it; a checkpoint's model never carries it).
   lora_dropout: float = 0.0
@@ -75,6 +80,8 @@ class TransformerConfig:
       raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
     if self.cache_buckets < 1:
       raise ValueError(f"cache_buckets={self.cache_buckets}: use 1 (the whole cache) or more")
+    if self.cache_query_chunk < 0:
+      raise ValueError(f"cache_query_chunk={self.cache_query_chunk}: use 0 (all at once) or more")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):

@@ -337,9 +337,12 @@ def from_config(config, *, max_turns: int | None = None) -> TextTask:
   policy_tok = tokenizer_lib.Tokenizer.from_pretrained(tokenizer_folder(config))
   user_tok = tokenizer_lib.Tokenizer.from_pretrained(folder)
   # The dtype `load_user_params` loads its weights in; the layers laid out as the policy's
-  # (`model.scan_layers`), so that a user sharing the policy's reference reads its arrays.
-  scan = bool((config.get("model") or {}).get("scan_layers", False))
-  user_cfg = dataclasses.replace(hf.folder_config(folder), scan_layers=scan)
+  # (`model.scan_layers`), so that a user sharing the policy's reference reads its arrays, and
+  # its prefills attended in the policy's query chunks (`model.cache_query_chunk`).
+  policy = config.get("model") or {}
+  user_cfg = dataclasses.replace(
+      hf.folder_config(folder), scan_layers=bool(policy.get("scan_layers", False)),
+      cache_query_chunk=int(policy.get("cache_query_chunk", 0)))
   turns = config.num_turns if max_turns is None else max_turns
   task = TextTask(policy_tok, Transformer(user_cfg), user_tok, ucfg,
                   reply_tokens=config.reply_tokens, max_turns=turns)
