@@ -87,18 +87,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.reward.window = int(opts["window"])  # MR's forward turns (the paper's w = 2)
   c.reward.samples = 3  # S futures per reply: B x S rows decode beside the B conversations
-  # v5e's 16 GiB: the futures one at a time. XLA's TPU compiler puts the rollout at 17.23 GiB a
-  # chip with all 3 at once (it holds several copies of the futures' KV caches) and at 8.86 one
-  # at a time; v4-64's 2 conversations a chip with all 3 at once: 26.51 of 32 GiB (README
-  # "Scale out": memory_plan --compile).
-  c.reward.samples_chunk = 1 if s.hbm_gib < 32 else 0
+  # The rollout as XLA's TPU compiler lays it out (README "Scale out": memory_plan --compile).
+  # v5e's 16 GiB: the futures one at a time, 6.63 GiB a chip (all 3 at once: 15.34, too close
+  # to the 15.75 XLA may use; 14.08 with the prefill in query chunks). 32 GiB chips, 2
+  # conversations each: all 3 at once (faster where rows do not fill a chip) with the prefill
+  # in query chunks of 128, 26.86 GiB on v4-64 (32.43 without the chunks; one future at a
+  # time 15.30). Query chunks cost v5e's one-at-a-time rollout memory (7.28), so it has none.
+  big = s.hbm_gib >= 32
+  c.reward.samples_chunk = 0 if big else 1
+  c.model.cache_query_chunk = 128 if big else 0
   c.reward.token_cost = 5e-4  # lambda per token read (the paper's; 1e-4 for documents)
   c.reward.w_int = 1.0 if opts["judge"] else 0.0  # R_int needs --config.judge.folder
 
   # Conversations a chip: 2 where a chip has 32 GiB or more (v4, v5p, v6e), 1 on v5e's 16 GiB.
-  # The rollout holds each with its S futures in both KV caches, and XLA copies the user's
-  # caches around its prefill (README "Scale out"; python -m experiments.memory_plan --collabllm).
-  per_chip = 2 if s.hbm_gib >= 32 else 1
+  # The rollout holds each with its futures in both KV caches (the compiled figures above;
+  # python -m experiments.memory_plan --collabllm [--compile]).
+  per_chip = 2 if big else 1
   c.batch_size = per_chip * rows  # conversations per iteration
   c.eval_batch_size = rows  # validation records per evaluation (one per chip)
   c.ppo.minibatches = per_chip  # so each update step trains one 4k-token conversation per chip
