@@ -2,6 +2,8 @@
 
   pip install "jax[tpu]"    # libtpu: only its compiler is used; no TPU is needed
   python -m experiments.memory_plan --collabllm --compile --slices=v5litepod-64
+  python -m experiments.memory_plan --collabllm --compile --slices=v4-64 \
+      --compile_programs=rollout --compile_overrides=reward.samples_chunk=1
 
 `memory_plan` sums array shards; this lowers and compiles the run's real jitted programs with
 XLA's TPU compiler for the slice's topology (`jax.experimental.topologies`, compile-only devices)

@@ -425,7 +425,8 @@ def main(argv):
     model_cfg = task.user_model.cfg
   result = {
       "what": "MR evaluations/s: B candidate replies, each with S futures of w turns",
-      "window": w, "samples": s, "samples_chunk": f.samples_chunk, "reply_tokens": f.reply_tokens, "user_tokens": f.user_tokens,
+      "window": w, "samples": s, "samples_chunk": f.samples_chunk,
+      "reply_tokens": f.reply_tokens, "user_tokens": f.user_tokens,
       "repeats": f.repeats, "host_replies": nh,
       "model": {"hidden_size": model_cfg.hidden_size, "layers": model_cfg.num_hidden_layers,
                 "heads": model_cfg.num_attention_heads,
