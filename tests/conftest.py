@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices, asked for before JAX is imported anywhere."""
 
 import os
+import shutil
 import tempfile
 
 # Must run before the first `import jax`: XLA reads the flag when the CPU backend starts.
@@ -76,3 +77,16 @@ class CompileCounter:
 @pytest.fixture
 def compile_counter():
   return CompileCounter()
+
+
+@pytest.fixture
+def own_tempdir(monkeypatch, tmp_path_factory):
+  """A temporary directory of this test's own as `tempfile`'s default, so the code sandbox's
+  workdirs (`sandbox_*`) land there: the suite runs in two processes (pytest-xdist), and a test
+  that checks its sandboxes left no workdir behind would otherwise see the other process's."""
+  tmp_path_factory.getbasetemp()  # pytest's own temporary root stays where it is
+  d = tempfile.mkdtemp(prefix="collab_rl_tests_tmp_")
+  os.chmod(d, 0o711)  # the sandbox's uid passes through it when no tmpfs is mounted on its workdir
+  monkeypatch.setattr(tempfile, "tempdir", d)
+  yield d
+  shutil.rmtree(d, ignore_errors=True)

@@ -15,6 +15,10 @@ import pytest
 
 from collab_rl.tasks import sandbox
 
+# Each test's sandbox workdirs in a directory of its own (tests/conftest.py), so the workdir
+# checks do not see the other pytest-xdist process's sandboxes.
+pytestmark = pytest.mark.usefixtures("own_tempdir")
+
 ADD = "def add(a, b):\n  return a + b\n"
 
 

@@ -26,7 +26,11 @@ import pytest
 
 from collab_rl.tasks import sandbox
 
-TMP = tempfile.gettempdir()
+# Each test's sandbox workdirs in a directory of its own (tests/conftest.py), so the caller's
+# `sandbox_dirs` do not include the other pytest-xdist process's sandboxes.
+pytestmark = pytest.mark.usefixtures("own_tempdir")
+
+TMP = tempfile.gettempdir()  # the machine's (read at import): where an escape would write
 MARKER = "987.654"  # a sleep length no real process uses: finds escaped grandchildren
 REFUSE = "try:\n  {}\nexcept Exception as e:\n  print('refused', e)\n"
 
@@ -155,9 +159,11 @@ def granted_layers() -> tuple[str, ...]:
   return sandbox.run("", "", 5).layers
 
 
-def sandbox_pids() -> list[int]:
+def sandbox_pids(claimed: list[int]) -> list[int]:
+  """Live processes running as a sandbox uid this test's runs `claimed`: an escaped grandchild
+  keeps its uid, and the other pytest-xdist process's sandboxes run as others."""
   return [pid for pid, uids in sandbox._process_uids().items()  # pylint: disable=protected-access
-          if any(uid in sandbox.SANDBOX_UIDS for uid in uids)]
+          if any(uid in claimed for uid in uids)]
 
 
 def children() -> list[int]:
@@ -189,7 +195,8 @@ def state_of_caller(canary: str) -> dict:
     canary_bytes = f.read()
   return {"pid": os.getpid(), "cwd": os.getcwd(), "env": dict(os.environ),
           "fds": sorted(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
-          "children": children(), "sandbox_dirs": sorted(glob.glob(f"{TMP}/sandbox_*")),
+          "children": children(),
+          "sandbox_dirs": sorted(glob.glob(f"{tempfile.gettempdir()}/sandbox_*")),
           "canary": (canary_bytes, os.stat(canary).st_mode)}
 
 
@@ -221,6 +228,8 @@ def test_hostile_program_is_contained_and_caller_unharmed(name, mode, caller, mo
   if missing := needed - set(granted_layers()):
     pytest.skip(f"layers {sorted(missing)} are not available here")
   monkeypatch.setattr(sandbox, "_use_audit_hook", mode == "hook")
+  claimed, claim = [], sandbox._claim_uid  # pylint: disable=protected-access
+  monkeypatch.setattr(sandbox, "_claim_uid", lambda: claimed.append(claim()) or claimed[-1])
   fill = lambda s: s.format(**{k: v for k, v in caller.items() if isinstance(v, (str, int))})
   before = state_of_caller(caller["canary"])
 
@@ -237,6 +246,6 @@ def test_hostile_program_is_contained_and_caller_unharmed(name, mode, caller, mo
   assert not caller["received"], caller["received"]
   with pytest.raises(TimeoutError):
     caller["listener"].accept()
-  assert not sandbox_pids() and not marker_processes()
+  assert not sandbox_pids(claimed) and not marker_processes()
   assert not [t for t in _escape_targets(caller["escape"]) if os.path.exists(t)]
   assert sandbox.run("def add(a, b):\n  return a + b\n", "assert add(2, 3) == 5\n", 5).passed
