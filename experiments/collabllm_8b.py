@@ -90,9 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The rollout as XLA's TPU compiler lays it out (README "Scale out": memory_plan --compile).
   # v5e's 16 GiB: the futures one at a time, 6.63 GiB a chip (all 3 at once: 15.34, too close
   # to the 15.75 XLA may use; 14.08 with the prefill in query chunks). 32 GiB chips, 2
-  # conversations each: all 3 at once (faster where rows do not fill a chip) with the prefill
-  # in query chunks of 128, 26.86 GiB on v4-64 (32.43 without the chunks; one future at a
-  # time 15.30). Query chunks cost v5e's one-at-a-time rollout memory (7.28), so it has none.
+  # conversations each: all 3 at once (a third of the decoding steps of one at a time) with the
+  # prefill in query chunks of 128, 26.86 GiB on v4-64 (32.43 without the chunks; one future at
+  # a time 15.30). Query chunks cost v5e's one-at-a-time rollout memory (7.28), so it has none.
   big = s.hbm_gib >= 32
   c.reward.samples_chunk = 0 if big else 1
   c.model.cache_query_chunk = 128 if big else 0
