@@ -9,8 +9,8 @@ experiments/collabllm.py at CollabLLM's sizes (issue 19).
       --config.data_dir=/tmp/collabllm
 
 `slice=` names the launcher's --accelerator (v5litepod-64 by default; v4-64, v5litepod-256, ...):
-it sets the mesh (pods.policy_8b_mesh) and the batch (one conversation per chip in each update
-step; two per iteration where a chip has 32 GiB, one on v5e). The records are prepared here
+it sets the mesh (pods.policy_8b_mesh) and the batch (one conversation a chip in each update
+step, two per iteration). The records are prepared here
 (`python -m collab_rl.data prepare --task collabllm --input records.jsonl --data_dir D`, then
 `gcloud storage rsync -r D gs://...`). The library reads the Hugging Face folders and the records
 as local paths, so `--stage=LOCAL=gs://...` copies them onto every worker before each run (again
@@ -87,25 +87,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.reward.window = int(opts["window"])  # MR's forward turns (the paper's w = 2)
   c.reward.samples = 3  # S futures per reply: B x S rows decode beside the B conversations
-  # The rollout as XLA's TPU compiler lays it out (README "Scale out": memory_plan --compile).
-  # v5e's 16 GiB: the futures one at a time, 6.63 GiB a chip (all 3 at once: 15.34, too close
-  # to the 15.75 XLA may use; 14.08 with the prefill in query chunks). 32 GiB chips, 2
-  # conversations each: all 3 at once (a third of the decoding steps of one at a time) with the
-  # prefill in query chunks of 128, 26.86 GiB on v4-64 (32.43 without the chunks; one future at
-  # a time 15.30). Query chunks cost v5e's one-at-a-time rollout memory (7.28), so it has none.
-  big = s.hbm_gib >= 32
-  c.reward.samples_chunk = 0 if big else 1
-  c.model.cache_query_chunk = 128 if big else 0
+  # The rollout as XLA's TPU compiler lays it out (README "Scale out": memory_plan --compile),
+  # two conversations a chip (below), a prefill into a KV cache attended 128 queries at a time.
+  # v5e's 16 GiB: the futures one at a time, 11.71 GiB a chip (12.36 without the query chunks;
+  # all 3 at once held 15.34 for one conversation, too close to the 15.75 XLA may use). 32 GiB
+  # chips: all 3 at once (a third of the decoding steps of one at a time), 26.86 GiB on v4-64
+  # (32.43 without the query chunks; one future at a time 15.30).
+  c.reward.samples_chunk = 0 if s.hbm_gib >= 32 else 1
+  c.model.cache_query_chunk = 128
   c.reward.token_cost = 5e-4  # lambda per token read (the paper's; 1e-4 for documents)
   c.reward.w_int = 1.0 if opts["judge"] else 0.0  # R_int needs --config.judge.folder
 
-  # Conversations a chip: 2 where a chip has 32 GiB or more (v4, v5p, v6e), 1 on v5e's 16 GiB.
-  # The rollout holds each with its futures in both KV caches (the compiled figures above;
-  # python -m experiments.memory_plan --collabllm [--compile]).
-  per_chip = 2 if big else 1
-  c.batch_size = per_chip * rows  # conversations per iteration
-  c.eval_batch_size = rows  # validation records per evaluation (one per chip)
-  c.ppo.minibatches = per_chip  # so each update step trains one 4k-token conversation per chip
+  # Conversations a chip: 2 on every slice (with tensor=T, one a T chips, as it was compiled). A
+  # decoding step gathers each layer's fsdp-split weights whatever the rows it decodes, so a
+  # chip's second conversation adds little to the rollout's time (the reason; not measured on a
+  # TPU). The rollout holds both with their futures in both KV caches (the figures above;
+  # v5e-64 with LoRA r = 32: 12.87 GiB); the log-prob pass reads both (3.78 GiB on v5e-64);
+  # each update step trains one (7.30). `python -m experiments.memory_plan --collabllm
+  # [--compile]` prints them.
+  per_row = 2 if tensor == 1 else 1  # conversations per data x fsdp row of the mesh
+  c.batch_size = per_row * rows  # conversations per iteration
+  c.eval_batch_size = rows  # validation records per evaluation (one per row)
+  c.ppo.minibatches = per_row  # so each update step trains one 4k-token conversation per row
   c.ppo.epochs = 2  # passes over each iteration's conversations
   c.ppo.kl_coef = 0.05  # k3 KL to the frozen reference (the starting policy)
   # LM-head logits 512 positions at a time: whole, a conversation's fp32 logits, their
