@@ -17,7 +17,10 @@ its op is a `dot_general`, else a reduction):
 
 The matmul FLOPs come from the dots' shapes in the HLO, so `matmul_gflops_per_s` is what the
 dots reach on one device's thread; `peak_matmul_gflops_per_s` is a [2048, 256] x [256, 688]
-matmul (the MLP's shape) run on every device at once, about the best a device's dots reach here.
+matmul (the MLP's shape) run on every device at once, about the best a device's dots reach here;
+`decode_matmuls_gflops_per_s` is the generation's dots alone, chained token after token on
+every device at once (`decode_matmuls`), about the best a decode step's dots reach here, and
+`decode_matmuls_one_device_gflops_per_s` the same on one device while the others idle.
 """
 
 from __future__ import annotations
@@ -178,6 +181,44 @@ def peak_matmul() -> float:
   return 2 * 2048 * 256 * 688 / sec / 1e9
 
 
+def decode_matmuls(rows: int, devices: int, tokens: int = 128) -> float:
+  """GFLOP/s per device of the tiny Llama's decode-step dots alone (each layer's fused q/k/v,
+  o, fused gate/up and down projections, then the LM head), `rows` rows a device, chained for
+  `tokens` steps in one `fori_loop` on the first `devices` host devices at once, the weights
+  one shared copy (as the batch-16 generation reads them). Every step reads all the weights
+  again for few rows: the best a decode step's dots reach here, with no attention, sampling or
+  loop around them."""
+  import jax
+  import jax.numpy as jnp
+
+  from collab_rl import sharding as sharding_lib
+
+  c = tiny_llama.HF_CONFIG
+  d, f, heads, kv = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                     c["num_key_value_heads"])
+  qkv = d + 2 * d // heads * kv
+  layer = [(d, qkv), (d, d), (d, 2 * f), (f, d)]
+  shapes = layer * c["num_hidden_layers"] + [(d, c["vocab_size"])]
+  ws = [jax.random.normal(jax.random.key(i), s) * 0.02 for i, s in enumerate(shapes)]
+  mesh = sharding_lib.make_mesh((-1, 1, 1), devices=jax.devices()[:devices])
+
+  def run(x_RxD, ws):
+    def step(_, x_RxD):
+      for i in range(0, len(ws) - 1, 4):
+        wqkv, wo, wgu, wd = ws[i:i + 4]
+        x_RxD = x_RxD + (x_RxD @ wqkv)[:, :d] @ wo
+        gu_RxF2 = x_RxD @ wgu
+        x_RxD = x_RxD + (jax.nn.silu(gu_RxF2[:, :f]) * gu_RxF2[:, f:]) @ wd
+      return x_RxD + 1e-3 * jnp.max(x_RxD @ ws[-1], axis=-1, keepdims=True)
+    return jax.lax.fori_loop(0, tokens, step, x_RxD)
+
+  x = jax.device_put(jnp.full((rows * devices, d), 0.01), sharding_lib.batch_sharding(mesh))
+  ws = sharding_lib.replicate_host_shared(ws, sharding_lib.replicated(mesh))
+  jitted = jax.jit(run)
+  sec = common.median_seconds(lambda: jitted(x, ws), 7, jax.block_until_ready)
+  return 2 * rows * sum(a * b for a, b in shapes) * tokens / sec / 1e9
+
+
 def main(argv):
   del argv
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
@@ -205,6 +246,12 @@ def main(argv):
   result["peak_matmul_gflops_per_s"] = peak_matmul()
   print("a [2048, 256] x [256, 688] matmul on every device at once:",
         f"{result['peak_matmul_gflops_per_s']:.1f} GFLOP/s per device")
+  rows, n = 16 // len(jax.devices()), len(jax.devices())  # the batch-16 generation's rows
+  result["decode_matmuls_gflops_per_s"] = decode_matmuls(rows, n)
+  result["decode_matmuls_one_device_gflops_per_s"] = decode_matmuls(rows, 1)
+  print(f"the decode step's dots alone, {rows} rows a device, chained over 128 tokens:",
+        f"{result['decode_matmuls_gflops_per_s']:.1f} GFLOP/s per device on {n} at once,",
+        f"{result['decode_matmuls_one_device_gflops_per_s']:.1f} on one device alone")
   common.write_json(_OUT.value, result)
 
 
