@@ -40,6 +40,9 @@ def rope_inv_freq(cfg: TransformerConfig) -> jax.Array:
   return jnp.where(is_medium, blended, out)
 
 
+# The named scopes (here and on `attend`) only name the ops in a profile (bench/op_profile.py's
+# parts); they change no computation.
+@jax.named_scope("rope")
 def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotates pairs (i, i + H/2), Hugging Face's `rotate_half` convention."""
   angles_BxLxF = positions_BxL[..., None].astype(jnp.float32) * inv_freq
@@ -88,6 +91,7 @@ class KVCache:
 # ------------------------------------------------------------------------------------------------
 
 
+@jax.named_scope("attend")
 def attend(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, keys_transposed: bool = False):
   """Grouped-query attention: N = K * G query heads share K key/value heads (HF's order).
 

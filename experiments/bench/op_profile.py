@@ -15,6 +15,10 @@ its op is a `dot_general`, else a reduction):
 - `not_in_ops_ms`: the wall time per call the busiest device thread spent in no op at all
   (dispatch, the decode loop's control, waiting for the host).
 
+The same time is also summed by part of the model (`ms_per_call_and_device_by_part`, `part_of`:
+attention, rope, lm_head, dense, collective, other elementwise and layout), from the named
+scopes in each op's jax name.
+
 The matmul FLOPs come from the dots' shapes in the HLO, so `matmul_gflops_per_s` is what the
 dots reach on one device's thread; `peak_matmul_gflops_per_s` is a [2048, 256] x [256, 688]
 matmul (the MLP's shape) run on every device at once, about the best a device's dots reach here;
@@ -71,7 +75,7 @@ def hlo_ops(hlo_text: str) -> dict[str, dict]:
     shapes[name] = shape
     what = _OP_NAME.search(rest)
     # The jax op it came from, with the module path that places it (layers_3/mlp/...).
-    info = {"op": opcode, "flops": 0,
+    info = {"op": opcode, "flops": 0, "scope": what.group(1) if what else "",
             "what": "/".join(what.group(1).split("/")[-3:]) if what else ""}
     if opcode == "dot":
       lhs = re.findall(r"%([\w.\-]+)", args)[0]
@@ -115,6 +119,20 @@ def kind_of(event: str, ops: dict[str, dict]) -> str:
   return "elementwise"
 
 
+def part_of(event: str, ops: dict[str, dict], kind: str) -> str:
+  """Which part of the model an op belongs to, from the scopes in its jax op name (the
+  backward's ops keep their forward's): `attention` (`attention.attend`: both products, the
+  mask and the softmax), `rope` (`attention.apply_rope`), `lm_head`, `dense` (the other dots:
+  the layers' projections), `collective`, else the kind (`elementwise`, `layout`: norms,
+  SwiGLU, the loss, the optimizer, sampling, copies). A fusion is named after its root op: the
+  greedy sampler's LM head, fused into the argmax's reduction, counts as `dense`."""
+  scope = ops.get(event, {}).get("scope", "")
+  for part in ("attend", "rope", "lm_head"):
+    if f"/{part}/" in f"/{scope}/":
+      return "attention" if part == "attend" else part
+  return "dense" if kind == "matmul" else kind
+
+
 def profile(call, calls: int) -> tuple[float, list[dict]]:
   """(wall seconds per call, untraced; the trace's complete events of `calls` more calls)."""
   import jax
@@ -140,8 +158,8 @@ def summarise(events, ops, module: str, calls: int, devices: int, wall_s: float)
   """Per call and device: ms per kind, the dots' GFLOP/s, the top ops, and `not_in_ops` (the
   wall time the busiest device thread spent in no op: dispatch, loop control, waiting)."""
   per = calls * devices
-  by_kind, by_op, by_thread, flops = (collections.Counter(), collections.Counter(),
-                                      collections.Counter(), 0)
+  by_kind, by_part, by_op, by_thread, flops = (collections.Counter(), collections.Counter(),
+                                               collections.Counter(), collections.Counter(), 0)
   for e in events:
     kind = kind_of(e["name"], ops)
     if e["name"].startswith(("Rendezvous", "Wait: pending")):
@@ -149,6 +167,7 @@ def summarise(events, ops, module: str, calls: int, devices: int, wall_s: float)
     if kind in ("other", "loop") or e.get("args", {}).get("hlo_module") != module:
       continue
     by_kind[kind] += e["dur"]
+    by_part[part_of(e["name"], ops, kind)] += e["dur"]
     by_op[e["name"]] += e["dur"]
     by_thread[(e["pid"], e["tid"])] += e["dur"]
     if kind == "matmul":
@@ -156,6 +175,7 @@ def summarise(events, ops, module: str, calls: int, devices: int, wall_s: float)
   ms = {k: v / per / 1e3 for k, v in by_kind.items()}
   busiest_ms = max(by_thread.values(), default=0) / calls / 1e3
   return {"ms_per_call_and_device": ms,
+          "ms_per_call_and_device_by_part": {k: v / per / 1e3 for k, v in by_part.items()},
           "not_in_ops_ms": wall_s * 1e3 - busiest_ms,
           "matmul_gflops_per_s": flops / calls / devices / max(ms.get("matmul", 0), 1e-9) / 1e6,
           "top_ops": [{"op": k, "what": ops.get(k, {}).get("what", ""), "kind": kind_of(k, ops),
