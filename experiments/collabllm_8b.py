@@ -101,10 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Conversations a chip: 2 on every slice (with tensor=T, one a T chips, as it was compiled). A
   # decoding step gathers each layer's fsdp-split weights whatever the rows it decodes, so a
   # chip's second conversation should add little to the rollout's time (the reason; not
-  # measured on a TPU). The rollout holds both with their futures in both KV caches (the figures above;
-  # v5e-64 with LoRA r = 32: 12.87 GiB); the log-prob pass reads both (3.78 GiB on v5e-64);
-  # each update step trains one (7.30). `python -m experiments.memory_plan --collabllm
-  # [--compile]` prints them.
+  # measured on a TPU). The rollout holds both with their futures in both KV caches (the
+  # figures above; v5e-64 with LoRA r = 32: 12.87 GiB); the log-prob pass reads both (3.78 GiB
+  # on v5e-64); each update step trains one (7.30). `python -m experiments.memory_plan
+  # --collabllm [--compile]` prints them.
   per_row = 2 if tensor == 1 else 1  # conversations per data x fsdp row of the mesh
   c.batch_size = per_row * rows  # conversations per iteration
   c.eval_batch_size = rows  # validation records per evaluation (one per row)

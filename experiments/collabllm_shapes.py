@@ -1,11 +1,10 @@
 """experiments/collabllm_8b.py's language task as shapes, with no file: what the memory plan
 (`memory_plan.plan_collabllm`) and the compiled check (`memory_compiled`) build the run's
-programs on. Only sizes and Llama-3.1's special ids matter to them, so no tokenizer or record
-is read."""
+programs on (the LM user's model: `text.user_model_config`). Only sizes and Llama-3.1's
+special ids matter to them, so no tokenizer or record is read."""
 
 from __future__ import annotations
 
-import dataclasses
 import types
 
 import jax
@@ -34,13 +33,6 @@ class Llama3Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode())
-
-
-def user_config(config, hf_cfg: transformer.TransformerConfig) -> transformer.TransformerConfig:
-  """The LM user's model as `text.from_config` builds it: config.json's, the layers laid out as
-  the policy's (`model.scan_layers`), its prefills in the policy's query chunks."""
-  return dataclasses.replace(hf_cfg, scan_layers=bool(config.model.scan_layers),
-                             cache_query_chunk=int(config.model.get("cache_query_chunk", 0)))
 
 
 def task(config, user: transformer.Transformer, rcfg: rewards.RewardConfig) -> text_lib.TextTask:

@@ -39,6 +39,7 @@ from collab_rl import run_rl
 from collab_rl import sharding
 from collab_rl import train_state as state_lib
 from collab_rl.models import hf, lora, transformer
+from collab_rl.tasks import text as text_lib
 from collab_rl.trainers import ppo
 from experiments import collabllm_8b
 from experiments import collabllm_shapes
@@ -211,7 +212,7 @@ def compile_collabllm(accelerator: str, judge: bool, length: int, lora_rank: int
     # The user shares the policy's reference (run_text.shared_models): its params are the
     # reference's arrays, the starting params (with adapters, the state's own base).
     rcfg = rewards.RewardConfig.from_config(config.reward)
-    user = transformer.Transformer(collabllm_shapes.user_config(config, hf_cfg))
+    user = transformer.Transformer(text_lib.user_model_config(config, hf_cfg))
     task = collabllm_shapes.task(config, user, rcfg)
     policy = run_rl.rollout_policy(config, model, task, rcfg)
     reference = lora.weights(lora.reference(state.params) if lcfg.enabled else state.params,

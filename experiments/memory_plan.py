@@ -45,6 +45,7 @@ from collab_rl import run_rl
 from collab_rl import sharding
 from collab_rl import train_state as state_lib
 from collab_rl.models import attention, hf, transformer
+from collab_rl.tasks import text as text_lib
 from experiments import collabllm_8b
 from experiments import collabllm_shapes
 from experiments import lm_synthetic
@@ -229,7 +230,7 @@ def plan_collabllm(accelerator: str, judge: bool = True, share: bool = True) -> 
   hf_cfg = hf.config_from_hf(pods.LLAMA31_8B_INSTRUCT_HF)
   arch = {k: getattr(hf_cfg, k) for k in run_lib.HF_ARCHITECTURE}
   policy = _model({**config.model.to_dict(), **arch})
-  user = transformer.Transformer(collabllm_shapes.user_config(config, hf_cfg))
+  user = transformer.Transformer(text_lib.user_model_config(config, hf_cfg))
   state = _rl_state(policy.cfg, tuple(sorted(config.optimizer.items())))
   specs = _specs(state_lib.state_shardings(state, mesh, rules))
   out = {"slice": s, "mesh": shape, "config": config, "policy": policy.cfg, "user_cfg": hf_cfg,

@@ -327,6 +327,15 @@ def tokenizer_folder(config) -> str:
   return folder
 
 
+def user_model_config(config, folder_cfg):
+  """The LM user's model config: its folder's (`folder_cfg`), the layers laid out as the
+  policy's (`config.model.scan_layers`), so that a user sharing the policy's reference reads its
+  arrays, and its prefills attended in the policy's query chunks (`model.cache_query_chunk`)."""
+  policy = config.get("model") or {}
+  return dataclasses.replace(folder_cfg, scan_layers=bool(policy.get("scan_layers", False)),
+                             cache_query_chunk=int(policy.get("cache_query_chunk", 0)))
+
+
 def from_config(config, *, max_turns: int | None = None) -> TextTask:
   """The `TextTask` of a language-tier config (`task = "collabllm"`): the policy's tokenizer,
   the LM user of `config.sim.user_from` (its model built from its config.json; its params are
@@ -336,13 +345,8 @@ def from_config(config, *, max_turns: int | None = None) -> TextTask:
   folder = _hf_folder(ucfg.user_from, "config.sim.user_from")
   policy_tok = tokenizer_lib.Tokenizer.from_pretrained(tokenizer_folder(config))
   user_tok = tokenizer_lib.Tokenizer.from_pretrained(folder)
-  # The dtype `load_user_params` loads its weights in; the layers laid out as the policy's
-  # (`model.scan_layers`), so that a user sharing the policy's reference reads its arrays, and
-  # its prefills attended in the policy's query chunks (`model.cache_query_chunk`).
-  policy = config.get("model") or {}
-  user_cfg = dataclasses.replace(
-      hf.folder_config(folder), scan_layers=bool(policy.get("scan_layers", False)),
-      cache_query_chunk=int(policy.get("cache_query_chunk", 0)))
+  # The dtype `load_user_params` loads its weights in.
+  user_cfg = user_model_config(config, hf.folder_config(folder))
   turns = config.num_turns if max_turns is None else max_turns
   task = TextTask(policy_tok, Transformer(user_cfg), user_tok, ucfg,
                   reply_tokens=config.reply_tokens, max_turns=turns)
