@@ -146,3 +146,26 @@ def test_causal_query_chunks_match_one_block(model_and_params):
   a = run(chunked, params, tokens, valid_BxL=valid).logits_BxLxV
   b = run(whole, params, tokens, valid_BxL=valid).logits_BxLxV
   np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [dict(causal_query_chunk=4),
+                                   dict(causal_query_chunk=0, remat=True, scan_layers=True)])
+def test_attention_recompute_matches_autodiff(extra):
+  """The custom backward (`attention_recompute`) gives autodiff's loss and gradients, padding
+  rows included (their outputs are in the loss), chunked or whole, under remat and scan."""
+  cfgs = [tfm.TransformerConfig(**{**TINY.__dict__, **extra, "attention_recompute": on})
+          for on in (False, True)]
+  params = tfm.init_params(tfm.Transformer(cfgs[0]), jax.random.key(4))
+  tokens = jax.random.randint(jax.random.key(5), (2, 16), 1, 64)
+  valid = jnp.arange(16)[None] < jnp.array([[11], [16]])
+  weights = jax.random.normal(jax.random.key(6), (2, 16, 64))
+
+  def loss(params, cfg):
+    out = tfm.Transformer(cfg).apply({"params": params}, tokens, valid_BxL=valid)
+    return jnp.sum(out.logits_BxLxV * weights) + jnp.sum(out.value_BxL)
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (off, g_off), (on, g_on) = grad(params, cfgs[0]), grad(params, cfgs[1])
+  np.testing.assert_allclose(on, off, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_on), jax.tree.leaves(g_off)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

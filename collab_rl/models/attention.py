@@ -116,6 +116,97 @@ def attend(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, keys_transposed: bool = 
   return out_BxKxQxH.reshape(b, kv, l, g, h).transpose(0, 2, 1, 3, 4).reshape(b, l, n, h)
 
 
+# ------------------------------------------------------------------------------------------------
+# Attention without a cache whose backward pass recomputes the probabilities (a custom VJP).
+# ------------------------------------------------------------------------------------------------
+
+
+def _fold_heads(x_BxLxNxH: jax.Array, kv: int) -> jax.Array:
+  """[B, L, N, H] -> [B, K, L * G, H]: each kv head's G query heads folded into its rows."""
+  b, l, n, h = x_BxLxNxH.shape
+  return x_BxLxNxH.reshape(b, l, kv, n // kv, h).transpose(0, 2, 1, 3, 4).reshape(
+      b, kv, l * (n // kv), h)
+
+
+def _unfold_heads(x_BxKxQxH: jax.Array, l: int) -> jax.Array:
+  b, kv, q, h = x_BxKxQxH.shape
+  g = q // l
+  return x_BxKxQxH.reshape(b, kv, l, g, h).transpose(0, 2, 1, 3, 4).reshape(b, l, kv * g, h)
+
+
+def _masked_logits(q_BxKxQxH, k_BxKxHxS, mask_BxLxS):
+  """Scaled f32 scores [B, K, L, G, S], masked slots at -1e30 as in `attend`."""
+  b, kv, rows, h = q_BxKxQxH.shape
+  l = mask_BxLxS.shape[1]
+  logits_BxKxQxS = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxQxH, k_BxKxHxS,
+                              preferred_element_type=jnp.float32) / math.sqrt(h)
+  return jnp.where(mask_BxLxS[:, None, :, None, :],
+                   logits_BxKxQxS.reshape(b, kv, l, rows // l, -1), -1e30)
+
+
+def _attend_recompute_fwd(q_BxLxNxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS):
+  b, l, n, h = q_BxLxNxH.shape
+  kv = k_BxKxHxS.shape[1]
+  q_BxKxQxH = _fold_heads(q_BxLxNxH, kv)
+  logits_BxKxLxGxS = _masked_logits(q_BxKxQxH, k_BxKxHxS, mask_BxLxS)
+  max_BxKxLxGx1 = jnp.max(logits_BxKxLxGxS, axis=-1, keepdims=True)
+  exp_BxKxLxGxS = jnp.exp(logits_BxKxLxGxS - max_BxKxLxGx1)
+  sum_BxKxLxGx1 = jnp.sum(exp_BxKxLxGxS, axis=-1, keepdims=True)
+  # Normalise after the product: [Q, H] divisions instead of [Q, S].
+  out_BxKxLxGxH = jnp.einsum("bkqs,bkhs->bkqh",
+                             exp_BxKxLxGxS.reshape(b, kv, -1, k_BxKxHxS.shape[3]).astype(
+                                 v_BxKxHxS.dtype), v_BxKxHxS,
+                             preferred_element_type=jnp.float32).reshape(b, kv, l, n // kv, h)
+  out_BxKxQxH = (out_BxKxLxGxH / sum_BxKxLxGx1).reshape(b, kv, -1, h).astype(q_BxLxNxH.dtype)
+  lse_BxKxLxGx1 = max_BxKxLxGx1 + jnp.log(sum_BxKxLxGx1)
+  residuals = (q_BxKxQxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS, out_BxKxQxH, lse_BxKxLxGx1)
+  return _unfold_heads(out_BxKxQxH, l), residuals
+
+
+def _attend_recompute_bwd(residuals, dout_BxLxNxH):
+  q_BxKxQxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS, out_BxKxQxH, lse_BxKxLxGx1 = residuals
+  b, kv, rows, h = q_BxKxQxH.shape
+  l = mask_BxLxS.shape[1]
+  dout_BxKxQxH = _fold_heads(dout_BxLxNxH, kv)
+  # The probabilities again, from the saved log-sum-exp. A fully masked (padding) query row
+  # is uniform over its slots, as `attend`'s softmax makes it.
+  probs_BxKxLxGxS = jnp.exp(_masked_logits(q_BxKxQxH, k_BxKxHxS, mask_BxLxS) - lse_BxKxLxGx1)
+  probs_BxKxQxS = probs_BxKxLxGxS.reshape(b, kv, rows, -1)
+  f32 = jnp.float32
+  dv_BxKxHxS = jnp.einsum("bkqh,bkqs->bkhs", dout_BxKxQxH,
+                          probs_BxKxQxS.astype(dout_BxKxQxH.dtype), preferred_element_type=f32)
+  dprobs_BxKxQxS = jnp.einsum("bkqh,bkhs->bkqs", dout_BxKxQxH, v_BxKxHxS,
+                              preferred_element_type=f32)
+  # Softmax's backward with sum_s(dprobs * probs) = sum_h(dout * out): a [Q, H] reduction.
+  delta_BxKxQx1 = jnp.sum(dout_BxKxQxH.astype(f32) * out_BxKxQxH.astype(f32), -1, keepdims=True)
+  dlogits_BxKxLxGxS = jnp.where(
+      mask_BxLxS[:, None, :, None, :],
+      probs_BxKxLxGxS * (dprobs_BxKxQxS - delta_BxKxQx1).reshape(probs_BxKxLxGxS.shape), 0.0)
+  dlogits_BxKxQxS = (dlogits_BxKxLxGxS / math.sqrt(h)).reshape(b, kv, rows, -1).astype(
+      q_BxKxQxH.dtype)
+  dq_BxKxQxH = jnp.einsum("bkqs,bkhs->bkqh", dlogits_BxKxQxS, k_BxKxHxS,
+                          preferred_element_type=f32)
+  dk_BxKxHxS = jnp.einsum("bkqh,bkqs->bkhs", q_BxKxQxH, dlogits_BxKxQxS,
+                          preferred_element_type=f32)
+  return (_unfold_heads(dq_BxKxQxH, l).astype(q_BxKxQxH.dtype), dk_BxKxHxS.astype(
+      k_BxKxHxS.dtype), dv_BxKxHxS.astype(v_BxKxHxS.dtype), None)
+
+
+@jax.custom_vjp
+@jax.named_scope("attend")
+def attend_recompute(q_BxLxNxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS):
+  """`attend` (keys and values both [B, K, H, S]) whose backward pass keeps only the output
+  and each query's log-sum-exp and recomputes the probabilities (FlashAttention's backward,
+  unblocked): no [B, K, Q, S] tensor is saved for the backward pass, and the products there
+  contract over the folded query rows directly. Equal to autodiff through `attend` up to float
+  rounding (tests)."""
+  return _attend_recompute_fwd(q_BxLxNxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS)[0]
+
+
+attend_recompute.defvjp(jax.named_scope("attend")(_attend_recompute_fwd),
+                        jax.named_scope("attend")(_attend_recompute_bwd))
+
+
 def attend_filled(q_BxLxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxLxS, filled, buckets: int):
   """`attend` over a cache's first `filled` slots only, rounded up to one of `buckets` equal
   prefixes of the cache (keys as the cache keeps them, [B, K, H, S]).
@@ -203,17 +294,26 @@ class Attention(nn.Module):
       k_all, v_all, new_kv = k_BxKxLxH, v_BxKxLxH, None
     # At most 8 chunks: more would cost more in small ops than the skipped work saves.
     chunk = max(cfg.causal_query_chunk, -(-l // 8)) if cfg.causal_query_chunk else 0
-    if cache_kv is None and chunk and l > chunk:
-      # Query rows [lo, hi) only see keys [0, hi): slice instead of computing masked scores.
-      outs = [attend(q_BxLxNxH[:, lo:lo + chunk], k_all[:, :, :lo + chunk],
-                     v_all[:, :, :lo + chunk], mask_BxLxS[:, lo:lo + chunk, :lo + chunk])
-              for lo in range(0, l, chunk)]
-      out_BxLxNxH = jnp.concatenate(outs, axis=1)
-    elif cache_kv is not None:
+    if cache_kv is not None:
       out_BxLxNxH = attend_cached(q_BxLxNxH, k_all, v_all, mask_BxLxS, index + l,
                                   cfg.cache_buckets, cfg.cache_query_chunk)
     else:
-      out_BxLxNxH = attend(q_BxLxNxH, k_all, v_all, mask_BxLxS)
+      if cfg.attention_recompute:
+        k_all, v_all = k_all.swapaxes(2, 3), v_all.swapaxes(2, 3)  # both [B, K, H, L]
+        attend_fn = attend_recompute
+        def keys(x, hi):
+          return x[..., :hi]
+      else:
+        attend_fn = attend
+        def keys(x, hi):
+          return x[:, :, :hi]
+      # Query rows [lo, hi) only see keys [0, hi): slice instead of computing masked scores.
+      pieces = range(0, l, chunk) if chunk and l > chunk else [0]
+      width = chunk if len(pieces) > 1 else l
+      outs = [attend_fn(q_BxLxNxH[:, lo:lo + width], keys(k_all, lo + width),
+                        keys(v_all, lo + width), mask_BxLxS[:, lo:lo + width, :lo + width])
+              for lo in pieces]
+      out_BxLxNxH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     (out_BxLxD,) = fused_projection(out_BxLxNxH.reshape(b, l, n * h),
                                     [Weights(cfg.hidden_size, False, pdt, name="o_proj")], dt,
                                     cfg.lora_dropout)
