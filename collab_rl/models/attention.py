@@ -158,19 +158,23 @@ def _attend_recompute_fwd(q_BxLxNxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS):
                                  v_BxKxHxS.dtype), v_BxKxHxS,
                              preferred_element_type=jnp.float32).reshape(b, kv, l, n // kv, h)
   out_BxKxQxH = (out_BxKxLxGxH / sum_BxKxLxGx1).reshape(b, kv, -1, h).astype(q_BxLxNxH.dtype)
-  lse_BxKxLxGx1 = max_BxKxLxGx1 + jnp.log(sum_BxKxLxGx1)
-  residuals = (q_BxKxQxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS, out_BxKxQxH, lse_BxKxLxGx1)
+  # The max and the sum, not their log-sum-exp: at a fully masked row's max of -1e30, adding
+  # log(sum) is lost to rounding.
+  residuals = (q_BxKxQxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS, out_BxKxQxH, max_BxKxLxGx1,
+               sum_BxKxLxGx1)
   return _unfold_heads(out_BxKxQxH, l), residuals
 
 
 def _attend_recompute_bwd(residuals, dout_BxLxNxH):
-  q_BxKxQxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS, out_BxKxQxH, lse_BxKxLxGx1 = residuals
+  (q_BxKxQxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS, out_BxKxQxH, max_BxKxLxGx1,
+   sum_BxKxLxGx1) = residuals
   b, kv, rows, h = q_BxKxQxH.shape
   l = mask_BxLxS.shape[1]
   dout_BxKxQxH = _fold_heads(dout_BxLxNxH, kv)
-  # The probabilities again, from the saved log-sum-exp. A fully masked (padding) query row
+  # The probabilities again, from the saved max and sum. A fully masked (padding) query row
   # is uniform over its slots, as `attend`'s softmax makes it.
-  probs_BxKxLxGxS = jnp.exp(_masked_logits(q_BxKxQxH, k_BxKxHxS, mask_BxLxS) - lse_BxKxLxGx1)
+  probs_BxKxLxGxS = jnp.exp(_masked_logits(q_BxKxQxH, k_BxKxHxS, mask_BxLxS)
+                            - max_BxKxLxGx1) * (1.0 / sum_BxKxLxGx1)  # [Q, 1] divisions
   probs_BxKxQxS = probs_BxKxLxGxS.reshape(b, kv, rows, -1)
   f32 = jnp.float32
   dv_BxKxHxS = jnp.einsum("bkqh,bkqs->bkhs", dout_BxKxQxH,
@@ -196,8 +200,8 @@ def _attend_recompute_bwd(residuals, dout_BxLxNxH):
 @jax.named_scope("attend")
 def attend_recompute(q_BxLxNxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS):
   """`attend` (keys and values both [B, K, H, S]) whose backward pass keeps only the output
-  and each query's log-sum-exp and recomputes the probabilities (FlashAttention's backward,
-  unblocked): no [B, K, Q, S] tensor is saved for the backward pass, and the products there
+  and each query's softmax max and sum and recomputes the probabilities (FlashAttention's
+  backward, unblocked): no [B, K, Q, S] tensor is saved for the backward pass, and the products there
   contract over the folded query rows directly. Equal to autodiff through `attend` up to float
   rounding (tests)."""
   return _attend_recompute_fwd(q_BxLxNxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS)[0]
