@@ -15,11 +15,14 @@ HF_CONFIG = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hi
 PROMPT, NEW, TRAIN_BATCH, TRAIN_LEN = 64, 128, 16, 256
 
 
-def collab_rl_programs(folder: str) -> dict:
+def collab_rl_programs(folder: str, **model_overrides) -> dict:
   """The measured calls of collab_rl on the weights in `folder`, each a zero-argument function
   that returns what to wait on, inputs already placed: `greedy_b1`, `greedy_b16`, `sampled_b1`,
   `sampled_b16` (one `sample` call) and `train_step` (one AdamW step, its state donated). Each
-  has `.hlo()`, the text of its compiled program (`bench/op_profile.py` names its ops by it)."""
+  has `.hlo()`, the text of its compiled program (`bench/op_profile.py` names its ops by it).
+  `model_overrides`: `TransformerConfig` fields changed from the folder's (`bench/variants.py`)."""
+  import dataclasses
+
   import jax
   import jax.numpy as jnp
   import optax
@@ -31,6 +34,7 @@ def collab_rl_programs(folder: str) -> dict:
   from collab_rl.trainers import lm
 
   model, params = hf.load_pretrained(folder)
+  model = model.clone(cfg=dataclasses.replace(model.cfg, **model_overrides))
   mesh = sharding_lib.make_mesh((-1, 1, 1)) if len(jax.devices()) > 1 else None
 
   def place(tree, batched: bool):
