@@ -201,9 +201,9 @@ def _attend_recompute_bwd(residuals, dout_BxLxNxH):
 def attend_recompute(q_BxLxNxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS):
   """`attend` (keys and values both [B, K, H, S]) whose backward pass keeps only the output
   and each query's softmax max and sum and recomputes the probabilities (FlashAttention's
-  backward, unblocked): no [B, K, Q, S] tensor is saved for the backward pass, and the products there
-  contract over the folded query rows directly. Equal to autodiff through `attend` up to float
-  rounding (tests)."""
+  backward, unblocked): no [B, K, Q, S] tensor is saved for the backward pass, and the products
+  there contract over the folded query rows in place. Equal to autodiff through `attend` up to
+  float rounding (tests)."""
   return _attend_recompute_fwd(q_BxLxNxH, k_BxKxHxS, v_BxKxHxS, mask_BxLxS)[0]
 
 
@@ -302,20 +302,18 @@ class Attention(nn.Module):
       out_BxLxNxH = attend_cached(q_BxLxNxH, k_all, v_all, mask_BxLxS, index + l,
                                   cfg.cache_buckets, cfg.cache_query_chunk)
     else:
+      attend_fn, slot_axis = attend, 2
       if cfg.attention_recompute:
-        k_all, v_all = k_all.swapaxes(2, 3), v_all.swapaxes(2, 3)  # both [B, K, H, L]
-        attend_fn = attend_recompute
-        def keys(x, hi):
-          return x[..., :hi]
-      else:
-        attend_fn = attend
-        def keys(x, hi):
-          return x[:, :, :hi]
+        # Keys and values both [B, K, H, L], as attend_recompute's backward reads them.
+        attend_fn, slot_axis = attend_recompute, 3
+        k_all, v_all = k_all.swapaxes(2, 3), v_all.swapaxes(2, 3)
+      def first(x, hi):  # a key or value array's first `hi` slots
+        return jax.lax.slice_in_dim(x, 0, hi, axis=slot_axis)
       # Query rows [lo, hi) only see keys [0, hi): slice instead of computing masked scores.
       pieces = range(0, l, chunk) if chunk and l > chunk else [0]
       width = chunk if len(pieces) > 1 else l
-      outs = [attend_fn(q_BxLxNxH[:, lo:lo + width], keys(k_all, lo + width),
-                        keys(v_all, lo + width), mask_BxLxS[:, lo:lo + width, :lo + width])
+      outs = [attend_fn(q_BxLxNxH[:, lo:lo + width], first(k_all, lo + width),
+                        first(v_all, lo + width), mask_BxLxS[:, lo:lo + width, :lo + width])
               for lo in pieces]
       out_BxLxNxH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     (out_BxLxD,) = fused_projection(out_BxLxNxH.reshape(b, l, n * h),
