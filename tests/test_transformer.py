@@ -151,9 +151,9 @@ def test_causal_query_chunks_match_one_block(model_and_params):
 def test_attention_recompute_matches_autodiff():
   """The custom backward (`attention_recompute`) gives autodiff's loss and gradients, padding
   rows included (their outputs are in the loss; row 1's first two queries see no valid key),
-  over causal query chunks of growing key widths, under remat and scan (one case: each extra
-  compile costs the suite seconds)."""
-  extra = dict(causal_query_chunk=4, remat=True, scan_layers=True)
+  over causal query chunks of growing key widths (5, 10, 15, then a last chunk of one query
+  against all 16), under remat and scan (one case: each extra compile costs the suite seconds)."""
+  extra = dict(causal_query_chunk=5, remat=True, scan_layers=True)
   cfgs = [tfm.TransformerConfig(**{**TINY.__dict__, **extra, "attention_recompute": on})
           for on in (False, True)]
   params = tfm.init_params(tfm.Transformer(cfgs[0]), jax.random.key(4))

@@ -307,8 +307,8 @@ class Attention(nn.Module):
         # Keys and values both [B, K, H, L], as attend_recompute's backward reads them.
         attend_fn, slot_axis = attend_recompute, 3
         k_all, v_all = k_all.swapaxes(2, 3), v_all.swapaxes(2, 3)
-      def first(x, hi):  # a key or value array's first `hi` slots
-        return jax.lax.slice_in_dim(x, 0, hi, axis=slot_axis)
+      def first(x, hi):  # a key or value array's first `hi` slots (all of them past its end)
+        return jax.lax.slice_in_dim(x, 0, min(hi, x.shape[slot_axis]), axis=slot_axis)
       # Query rows [lo, hi) only see keys [0, hi): slice instead of computing masked scores.
       pieces = range(0, l, chunk) if chunk and l > chunk else [0]
       width = chunk if len(pieces) > 1 else l

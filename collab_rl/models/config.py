@@ -54,7 +54,7 @@ class TransformerConfig:
   # query's softmax max and sum for the backward pass, which recomputes the probabilities (a
   # custom VJP, `attention.attend_recompute`) instead of differentiating through the softmax:
   # no [B, K, L x G, L] probabilities are saved, and the backward's products contract over query
-  # rows without transposing them (on CPU the arms' update 13-45% faster, the vs_transformers
+  # rows without transposing them (on CPU the arms' update 12-46% faster, the vs_transformers
   # step 0-3%; README "Benchmarks"). Gradients equal autodiff's up to float rounding, not bit
   # for bit: runs made before it replay bit for bit only with it off.
   attention_recompute: bool = True

@@ -7,6 +7,7 @@ prompts for 128 new tokens at batch 1 and 16, and a train step at 16 x 256 token
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 HF_CONFIG = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -15,14 +16,35 @@ HF_CONFIG = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hi
 PROMPT, NEW, TRAIN_BATCH, TRAIN_LEN = 64, 128, 16, 256
 
 
+def parse_variant(variant: str) -> dict:
+  """`field=value` -> {field: value}, the value read as a bool, int or float where it is one,
+  else kept as text (`dtype=bfloat16`); `default` -> {}. The field must be a
+  `TransformerConfig` field. For `collab_rl_programs(folder, **overrides)`."""
+  from collab_rl.models.config import TransformerConfig
+
+  if variant == "default":
+    return {}
+  field, sep, text = variant.partition("=")
+  fields = [f.name for f in dataclasses.fields(TransformerConfig)]
+  if not sep or field not in fields:
+    raise ValueError(f"--variants: {variant!r} is not `default` or field=value with a "
+                     f"TransformerConfig field ({', '.join(fields)})")
+  if text.lower() in ("true", "false"):
+    return {field: text.lower() == "true"}
+  for kind in (int, float):
+    try:
+      return {field: kind(text)}
+    except ValueError:
+      pass
+  return {field: text}
+
+
 def collab_rl_programs(folder: str, **model_overrides) -> dict:
   """The measured calls of collab_rl on the weights in `folder`, each a zero-argument function
   that returns what to wait on, inputs already placed: `greedy_b1`, `greedy_b16`, `sampled_b1`,
   `sampled_b16` (one `sample` call) and `train_step` (one AdamW step, its state donated). Each
   has `.hlo()`, the text of its compiled program (`bench/op_profile.py` names its ops by it).
   `model_overrides`: `TransformerConfig` fields changed from the folder's (`bench/variants.py`)."""
-  import dataclasses
-
   import jax
   import jax.numpy as jnp
   import optax

@@ -12,7 +12,6 @@ variant's median step time per round and its median over the rounds.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import tempfile
@@ -31,38 +30,15 @@ _HOST_DEVICES = flags.DEFINE_integer("host_devices", 2, "XLA CPU devices.", lowe
 _OUT = flags.DEFINE_string("out", "bench_out/variants.json", "Where the JSON goes.")
 
 
-def parse(variant: str) -> dict:
-  """`field=value` -> {field: value}, the value read as a bool, int or float where it is one,
-  else kept as text (`dtype=bfloat16`); `default` -> {}. The field must be a
-  `TransformerConfig` field."""
-  from collab_rl.models.config import TransformerConfig
-
-  if variant == "default":
-    return {}
-  field, sep, text = variant.partition("=")
-  fields = [f.name for f in dataclasses.fields(TransformerConfig)]
-  if not sep or field not in fields:
-    raise ValueError(f"--variants: {variant!r} is not `default` or field=value with a "
-                     f"TransformerConfig field ({', '.join(fields)})")
-  if text.lower() in ("true", "false"):
-    return {field: text.lower() == "true"}
-  for kind in (int, float):
-    try:
-      return {field: kind(text)}
-    except ValueError:
-      pass
-  return {field: text}
-
-
 def main(argv):
   del argv
+  overrides = {v: tiny_llama.parse_variant(v) for v in _VARIANTS.value}  # before any work
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                              f"device_count={_HOST_DEVICES.value}")
   import jax
   import torch
   import transformers
 
-  overrides = {v: parse(v) for v in _VARIANTS.value}  # fails on a bad variant before any work
   with tempfile.TemporaryDirectory() as folder:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(
