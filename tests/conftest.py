@@ -12,8 +12,8 @@ if "xla_force_host_platform_device_count" not in _flags:
 # largest cost) at the same speed (bench.compile_time, a train step and the sampler, 2026-12-06;
 # README "Benchmarks"). Tests only: one train step is bit-identical under it, but whole runs are
 # not (the main job's table moves), and no test compares against the README's figures. Test
-# subprocesses that set XLA_FLAGS themselves (test_main, test_multihost, reliability/) compile
-# at XLA's default level.
+# subprocesses that set XLA_FLAGS themselves (test_main, test_multihost, reliability/) name the
+# same level.
 if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=1"
 os.environ["XLA_FLAGS"] = _flags.strip()

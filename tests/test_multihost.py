@@ -55,10 +55,16 @@ def _config():
   return config
 
 
-def _env():
+def _env(cache_dir: str):
+  """The processes' environment: 4 CPU devices each, gloo, LLVM at -O1 as in-process tests
+  compile (tests/conftest.py), and one compilation cache, so the restarted run's processes read
+  what the interrupted run's compiled."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                       "--xla_backend_optimization_level=1", JAX_PLATFORMS="cpu",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
 
 
@@ -68,11 +74,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_interrupted(workdir: str) -> None:
+def _run_interrupted(workdir: str, env: dict) -> None:
   address = f"127.0.0.1:{_free_port()}"
   tests_dir = os.path.dirname(os.path.abspath(__file__))
   procs = [subprocess.Popen([sys.executable, "-c", _WORKER, tests_dir, address, str(i), workdir],
-                            cwd=ROOT, env=_env(),
+                            cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   for i, p in enumerate(procs):
@@ -85,10 +91,10 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   one = lm.train(config, str(tmp_path / "one"))  # 1 process x 8 devices, in this process
   params_one = jax.device_get(one["state"].params)
 
-  workdir = tmp_path / "two"
-  _run_interrupted(str(workdir))
+  workdir, env = tmp_path / "two", _env(str(tmp_path / "jit_cache"))
+  _run_interrupted(str(workdir), env)
   r = subprocess.run([os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "-d", "4", "--",
-                      *CONFIG_FLAGS, f"--workdir={workdir}"], cwd=ROOT, env=_env(),
+                      *CONFIG_FLAGS, f"--workdir={workdir}"], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=240)
   logs = [(workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)]
   assert r.returncode == 0, r.stderr[-2000:] + logs[1][-2000:]

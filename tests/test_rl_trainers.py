@@ -82,15 +82,6 @@ def _check_hf_export(folder, params, cfg):
   np.testing.assert_allclose(np.asarray(ours), ref_logits, atol=1e-4)
 
 
-def test_dpo_runs(tmp_path):
-  cfg = _tiny(dpo_ambig_math.get_config("runlocal"))
-  out = dpo.train(cfg, str(tmp_path / "run"))
-  for key in ("loss", "mr/mean", "pairs/kept_share", "eval/score", "tokens_per_s"):
-    assert np.isfinite(out["final"][key]), key
-  leaves = jax.tree_util.tree_leaves(out["state"].params)
-  assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
-
-
 @pytest.mark.parametrize("field, value, match", [
     ("reward.kind", "vibes", "reward.kind"),
     ("reward.window", 3, "longer than the turn budget"),
@@ -134,9 +125,12 @@ def test_short_ppo_run_raises_the_reward(tmp_path):
 
 
 def test_short_online_dpo_run_raises_the_reward(tmp_path):
+  """Online DPO on pairs ranked by MR (window 1, 2 futures): it runs, logs, and learns."""
   cfg = _learnable(dpo_ambig_math.get_config(None))
-  cfg.reward.window, cfg.optimizer.learning_rate, cfg.dpo.beta = 0, 1e-3, 0.5
-  dpo.train(cfg, str(tmp_path / "run"))
+  cfg.optimizer.learning_rate, cfg.dpo.beta = 1e-3, 0.5
+  out = dpo.train(cfg, str(tmp_path / "run"))
+  for key in ("loss", "mr/mean", "pairs/kept_share", "eval/score", "tokens_per_s"):
+    assert np.isfinite(out["final"][key]), key
   rewards_seen = _eval_rewards(tmp_path / "run")
   assert rewards_seen[-1] > rewards_seen[0] + 0.2, rewards_seen  # measured: -0.60 -> -0.10
 

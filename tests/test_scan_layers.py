@@ -200,14 +200,16 @@ def test_hugging_face_folders_load_stacked_and_save_the_same_tensors(tmp_path):
     np.testing.assert_array_equal(b[k], a[k], err_msg=k)
 
 
-def test_ppo_with_mr_trains_checkpoints_and_exports_with_scanned_layers(tmp_path):
+def test_ppo_trains_checkpoints_and_exports_with_scanned_layers(tmp_path):
   from experiments import ppo_ambig_math  # pylint: disable=g-import-not-at-top
   from collab_rl import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from collab_rl.trainers import ppo  # pylint: disable=g-import-not-at-top
-  cfg = ppo_ambig_math.get_config("runlocal")
+  # The next-turn reward: MR's futures from a stacked cache have their own test above
+  # (test_mr_futures_from_a_tiled_stacked_cache_equal_the_unrolled_models); here they would
+  # only double the collection's compile time (the suite's largest cost).
+  cfg = ppo_ambig_math.get_config("runlocal,reward=next_turn_ext")
   cfg.batch_size = cfg.eval_batch_size = 8
   cfg.num_turns, cfg.reply_tokens = 2, 6
-  cfg.reward.window, cfg.reward.samples = 1, 2
   cfg.num_steps = cfg.eval_every = cfg.checkpoint.every_steps = 1
   cfg.ppo.minibatches = 1
   cfg.export_hf = True

@@ -34,7 +34,10 @@ def tiny_args(num_steps: int) -> list[str]:
 
 def process_env(cache_dir: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+  # LLVM at -O1, as in-process tests compile (tests/conftest.py): every process of a test
+  # compiles the same way, so the bit-for-bit comparisons between them hold.
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+                       "--xla_backend_optimization_level=1", JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
