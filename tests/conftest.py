@@ -12,10 +12,17 @@ if "xla_force_host_platform_device_count" not in _flags:
 # largest cost) at the same speed (bench.compile_time, a train step and the sampler, 2026-12-06;
 # README "Benchmarks"). Tests only: one train step is bit-identical under it, but whole runs are
 # not (the main job's table moves), and no test compares against the README's figures. Test
-# subprocesses that set XLA_FLAGS themselves (test_main, test_multihost, reliability/) name the
-# same level.
+# subprocesses (test_main, test_multihost, reliability/) keep these flags with their own device
+# count (`subprocess_env.xla_flags`).
 if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=1"
+# XLA:CPU's older elemental emitters for its fusions instead of the MLIR fusion emitters: 12-22%
+# less backend compile on top of -O1 (`bench.compile_options`, alternated in one process,
+# 2026-12-07: base 12.5 -> 9.8 s, PPO with MR 17.7 -> 15.6 s) and the suite 730 s against 876 s
+# (22.4 against 27.0 CPU minutes). Tests only, like -O1: the kernels' arithmetic may round
+# differently, and runs keep XLA's defaults (README "Benchmarks").
+if "xla_cpu_use_fusion_emitters" not in _flags:
+  _flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

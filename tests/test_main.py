@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
+import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(*args, timeout=240):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  # LLVM at -O1 as in-process tests compile (tests/conftest.py): a shorter compile.
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=1"
+  env = {**os.environ, "XLA_FLAGS": subprocess_env.xla_flags(2)}
   return subprocess.run([sys.executable, "-m", "collab_rl.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

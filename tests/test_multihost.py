@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 
+import subprocess_env
 from collab_rl import checkpoint as ckpt_lib
 from collab_rl.trainers import lm
 from experiments import lm_synthetic
@@ -56,12 +57,11 @@ def _config():
 
 
 def _env(cache_dir: str):
-  """The processes' environment: 4 CPU devices each, gloo, LLVM at -O1 as in-process tests
-  compile (tests/conftest.py), and one compilation cache, so the restarted run's processes read
-  what the interrupted run's compiled."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-                       "--xla_backend_optimization_level=1", JAX_PLATFORMS="cpu",
+  """The processes' environment: 4 CPU devices each (with the suite's compiler flags), gloo,
+  and one compilation cache, so the restarted run's processes read what the interrupted run's
+  compiled."""
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=subprocess_env.xla_flags(4), JAX_PLATFORMS="cpu",
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

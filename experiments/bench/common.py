@@ -25,3 +25,30 @@ def write_json(path: str, result: dict) -> None:
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
   print(f"wrote {path}")
+
+
+def typed(text: str):
+  """A command-line value as the bool, int or float it reads as, else the text itself."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def parse_xla_options(variant: str) -> dict:
+  """`default` -> {}; `key=value[;key=value...]` -> XLA DebugOptions fields for JAX's
+  `env_options_overrides`, typed (`typed`: XLA refuses the text "false" for a bool field)."""
+  if variant == "default":
+    return {}
+  options = {}
+  for pair in variant.split(";"):
+    key, sep, text = pair.partition("=")
+    if not sep or not key.startswith("xla_") or not text:
+      raise ValueError(f"--options: {variant!r} is not `default` or xla_field=value pairs "
+                       "joined by ';'")
+    options[key] = typed(text)
+  return options

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from experiments.bench import common
+
 HF_CONFIG = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
                  rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -29,14 +31,7 @@ def parse_variant(variant: str) -> dict:
   if not sep or field not in fields:
     raise ValueError(f"--variants: {variant!r} is not `default` or field=value with a "
                      f"TransformerConfig field ({', '.join(fields)})")
-  if text.lower() in ("true", "false"):
-    return {field: text.lower() == "true"}
-  for kind in (int, float):
-    try:
-      return {field: kind(text)}
-    except ValueError:
-      pass
-  return {field: text}
+  return {field: common.typed(text)}
 
 
 def collab_rl_programs(folder: str, **model_overrides) -> dict:

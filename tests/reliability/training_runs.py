@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAULTY_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faulty_main.py")
 EVERY = 4  # checkpoint and evaluation interval, steps
@@ -34,10 +36,7 @@ def tiny_args(num_steps: int) -> list[str]:
 
 def process_env(cache_dir: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-  # LLVM at -O1, as in-process tests compile (tests/conftest.py): every process of a test
-  # compiles the same way, so the bit-for-bit comparisons between them hold.
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-                       "--xla_backend_optimization_level=1", JAX_PLATFORMS="cpu",
+  env.update(XLA_FLAGS=subprocess_env.xla_flags(2), JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
