@@ -19,8 +19,8 @@ if "xla_backend_optimization_level" not in _flags:
 # XLA:CPU's older elemental emitters for its fusions instead of the MLIR fusion emitters: 12-22%
 # less backend compile on top of -O1 (`bench.compile_options`, alternated in one process,
 # 2026-12-07: base 12.5 -> 9.8 s, PPO with MR 17.7 -> 15.6 s) and the suite 730 s against 876 s
-# (22.4 against 27.0 CPU minutes). Tests only, like -O1: the kernels' arithmetic may round
-# differently, and runs keep XLA's defaults (README "Benchmarks").
+# (22.4 against 27.0 CPU minutes). Tests only: the programs run 5-23% slower (bench.train_step)
+# and round differently, so runs keep XLA's defaults (README "Benchmarks").
 if "xla_cpu_use_fusion_emitters" not in _flags:
   _flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
