@@ -131,6 +131,8 @@ def test_short_online_dpo_run_raises_the_reward(tmp_path):
   out = dpo.train(cfg, str(tmp_path / "run"))
   for key in ("loss", "mr/mean", "pairs/kept_share", "eval/score", "tokens_per_s"):
     assert np.isfinite(out["final"][key]), key
+  leaves = jax.tree_util.tree_leaves(out["state"].params)
+  assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
   rewards_seen = _eval_rewards(tmp_path / "run")
   assert rewards_seen[-1] > rewards_seen[0] + 0.2, rewards_seen  # measured: -0.60 -> -0.10
 
