@@ -13,9 +13,10 @@ XLA DebugOptions fields added to every compilation's options (JAX's `env_options
 what `.compile(compiler_options=...)` passes). JAX has no public switch for every compilation of
 a process, and the trainers jit their own programs, so this benchmark wraps the private
 `jax._src.compiler.get_compile_options`; it also times `backend_compile_and_load` in CPU seconds
-of the process (less sensitive to the machine's other load than wall time). Prints and writes,
-per variant, job and round: XLA's backend compile in wall seconds (`jax.monitoring`, as
-`compile_time` reports it) and in CPU seconds, per program, and the medians over the rounds.
+of the process (less sensitive to the machine's other load than wall time). Prints, per
+variant, job and round, XLA's backend compile in wall seconds (`jax.monitoring`, as
+`compile_time` reports it) and in CPU seconds, then the medians over the rounds; the JSON adds
+each round's seconds per program.
 """
 
 from __future__ import annotations
