@@ -43,15 +43,23 @@ jax.config.update("jax_cpu_enable_async_dispatch", False)
 # Under pytest-xdist (the README's `-n 2`) the workers of one run share it: a program one worker
 # compiled is a hit in the other. JAX writes an entry in place, so a worker may read one half
 # written; it then warns and compiles the program itself.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-if _RUN:
-  _CACHE = os.path.join(tempfile.gettempdir(), f"collab_rl_tests_jax_{_RUN}")
-  os.makedirs(_CACHE, exist_ok=True)
-else:
+# The process that made the directory (pytest's own, or xdist's controller, whose workers
+# inherit the environment variable) removes it when the run ends, so runs leave nothing behind.
+_CACHE_ENV = "COLLAB_RL_TESTS_JAX_CACHE"
+_CACHE = os.environ.get(_CACHE_ENV)
+_OWN_CACHE = not _CACHE
+if _OWN_CACHE:
   _CACHE = tempfile.mkdtemp(prefix="collab_rl_tests_jax_")
+  os.environ[_CACHE_ENV] = _CACHE
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
