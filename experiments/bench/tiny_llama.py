@@ -61,9 +61,11 @@ def collab_rl_programs(folder: str, **model_overrides) -> dict:
     return jax.device_put(tree, sharding_lib.batch_sharding(mesh))
 
   params_1 = place(params, False)
-  params_n = params_1 if mesh is None else jax.device_put(params, sharding_lib.replicated(mesh))
-  # Generation only reads the weights: the host devices share one copy (the train step donates
-  # its state, so it keeps params_n, one copy per device).
+  # Generation only reads the weights: the host devices share one copy. The train step donates
+  # its state, so it gets copies of its own (one per device): the generation calls can still
+  # run after it.
+  train_sharding = jax.devices()[0] if mesh is None else sharding_lib.replicated(mesh)
+  params_n = jax.device_put(jax.tree.map(jnp.copy, params), train_sharding)
   params_gen = params_1 if mesh is None else sharding_lib.replicate_host_shared(
       params, sharding_lib.replicated(mesh))
   calls = {}
@@ -82,7 +84,9 @@ def collab_rl_programs(folder: str, **model_overrides) -> dict:
       calls[f"{'greedy' if greedy else 'sampled'}_b{batch}"] = call
 
   tx = optax.adamw(1e-3)
-  holder = [state_lib.create(params_n, tx, jax.random.key(3))]
+  # The whole state placed as the step returns it (the step counter and RNG too, which
+  # `create` leaves on the default device): otherwise the second call compiles the step again.
+  holder = [jax.device_put(state_lib.create(params_n, tx, jax.random.key(3)), train_sharding)]
   step = jax.jit(lambda s, b: lm.train_step(model, tx, s, b), donate_argnums=0)
   batch = place({"tokens": jax.random.randint(jax.random.key(4), (TRAIN_BATCH, TRAIN_LEN + 1), 1,
                                               HF_CONFIG["vocab_size"]),
