@@ -1,7 +1,9 @@
 """collab_rl against Tunix (Google's JAX post-training library) on the same weights, as JSON.
 
-  pip install google-tunix==0.1.7   # not a dependency of collab_rl: best in a venv of its own
-  python -m experiments.bench.vs_tunix --out bench_out/vs_tunix.json
+  # Tunix is not a dependency of collab_rl: a venv of its own, where both resolve together
+  # (jax 0.10.2, flax 0.12.8; checked with `pip install --dry-run`, 2026-12-07).
+  python3 -m venv /tmp/tunix && /tmp/tunix/bin/pip install -e . google-tunix==0.1.7
+  /tmp/tunix/bin/python -m experiments.bench.vs_tunix --out bench_out/vs_tunix.json
 
 The tiny Llama of `vs_transformers` (`tiny_llama.HF_CONFIG`: width 256, 4 layers, 8 heads, 2
 key/value heads, vocab 2048, fp32), random weights from collab_rl's own init, written as a
