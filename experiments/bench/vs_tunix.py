@@ -216,8 +216,9 @@ def main(argv):
                        "apart): the comparison would time two different models")
     programs = {"collab_rl": collab_rl_programs(folder),
                 "tunix": tunix_programs(folder, _HOST_DEVICES.value)}
-  # Two untimed calls each first: Tunix's train step compiles again at its second call (its
-  # optimizer state comes back placed differently from how it went in).
+  # One untimed call each here and `median_seconds`' warm-up call in the first round: Tunix's
+  # train step compiles again at its second call (its optimizer state comes back placed
+  # differently from how it went in).
   for calls in programs.values():
     for call in calls.values():
       jax.block_until_ready(call())
