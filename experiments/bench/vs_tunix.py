@@ -204,7 +204,12 @@ def main(argv):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                              f"device_count={_HOST_DEVICES.value}")
   import importlib.metadata
+  import importlib.util
 
+  if importlib.util.find_spec("tunix") is None:
+    raise SystemExit("vs_tunix needs Tunix, which collab_rl does not depend on: python3 -m venv "
+                     "/tmp/tunix && /tmp/tunix/bin/pip install -e . google-tunix==0.1.7, then "
+                     "/tmp/tunix/bin/python -m experiments.bench.vs_tunix")
   import jax
 
   with tempfile.TemporaryDirectory() as folder:
