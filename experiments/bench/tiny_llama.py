@@ -34,12 +34,14 @@ def parse_variant(variant: str) -> dict:
   return {field: common.typed(text)}
 
 
-def collab_rl_programs(folder: str, **model_overrides) -> dict:
+def collab_rl_programs(folder: str, lora_rank: int = 0, **model_overrides) -> dict:
   """The measured calls of collab_rl on the weights in `folder`, each a zero-argument function
   that returns what to wait on, inputs already placed: `greedy_b1`, `greedy_b16`, `sampled_b1`,
-  `sampled_b16` (one `sample` call) and `train_step` (one AdamW step, its state donated). Each
-  has `.hlo()`, the text of its compiled program (`bench/op_profile.py` names its ops by it).
-  `model_overrides`: `TransformerConfig` fields changed from the folder's (`bench/variants.py`)."""
+  `sampled_b16` (one `sample` call) and `train_step` (one AdamW step, its state donated); with
+  `lora_rank` > 0 also `train_step_lora` (the same step training rank-`lora_rank` adapters on
+  every projection, `models/lora.py`'s defaults, the base frozen). Each has `.hlo()`, the text of
+  its compiled program (`bench/op_profile.py` names its ops by it). `model_overrides`:
+  `TransformerConfig` fields changed from the folder's (`bench/variants.py`)."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -48,6 +50,7 @@ def collab_rl_programs(folder: str, **model_overrides) -> dict:
   from collab_rl import sharding as sharding_lib
   from collab_rl import train_state as state_lib
   from collab_rl.models import hf
+  from collab_rl.models import lora as lora_lib
   from collab_rl.trainers import lm
 
   model, params = hf.load_pretrained(folder)
@@ -83,19 +86,30 @@ def collab_rl_programs(folder: str, **model_overrides) -> dict:
                                    lengths, jax.random.key(2))
       calls[f"{'greedy' if greedy else 'sampled'}_b{batch}"] = call
 
-  tx = optax.adamw(1e-3)
-  # The whole state placed as the step returns it (the step counter and RNG too, which
-  # `create` leaves on the default device): otherwise the second call compiles the step again.
-  holder = [jax.device_put(state_lib.create(params_n, tx, jax.random.key(3)), train_sharding)]
-  step = jax.jit(lambda s, b: lm.train_step(model, tx, s, b), donate_argnums=0)
   batch = place({"tokens": jax.random.randint(jax.random.key(4), (TRAIN_BATCH, TRAIN_LEN + 1), 1,
                                               HF_CONFIG["vocab_size"]),
                  "length": jnp.full((TRAIN_BATCH,), TRAIN_LEN + 1)}, True)
 
-  def train_step():
-    holder[0], m = step(holder[0], batch)
-    return m["loss"]
+  def train_call(step_model, step_params, tx):
+    # The whole state placed as the step returns it (the step counter and RNG too, which
+    # `create` leaves on the default device): otherwise the second call compiles it again.
+    holder = [jax.device_put(state_lib.create(step_params, tx, jax.random.key(3)),
+                             train_sharding)]
+    step = jax.jit(lambda s, b: lm.train_step(step_model, tx, s, b), donate_argnums=0)
 
-  train_step.hlo = lambda: step.lower(holder[0], batch).compile().as_text()
-  calls["train_step"] = train_step
+    def train_step():
+      holder[0], m = step(holder[0], batch)
+      return m["loss"]
+
+    train_step.hlo = lambda: step.lower(holder[0], batch).compile().as_text()
+    return train_step
+
+  calls["train_step"] = train_call(model, params_n, optax.adamw(1e-3))
+  if lora_rank:
+    cfg = lora_lib.LoraConfig(rank=lora_rank)
+    adapters = lora_lib.init_adapters(params_n, cfg, jax.random.key(5))
+    calls["train_step_lora"] = train_call(
+        lora_lib.LoraModel(model, cfg),
+        jax.device_put(lora_lib.split(jax.tree.map(jnp.copy, params), adapters), train_sharding),
+        lora_lib.trainable_only(optax.adamw(1e-3), cfg))
   return calls

@@ -21,7 +21,9 @@ with its Llama 3 loader (`tunix.models.llama3.params.create_model_from_safe_tens
 - Train step: the jitted step of Tunix's `PeftTrainer` (all weights trained, `optax.adamw(1e-3)`,
   its default next-token loss, its example's causal mask and positions) called directly rather
   than through `train()`, whose host loop adds logging; 16 x 257 tokens, 256 predicted a row, as
-  collab_rl's step.
+  collab_rl's step. With `--lora_rank r` (8 by default) also the same step training rank-r LoRA
+  adapters (alpha 16) on all seven projections of every layer, the base frozen: qwix's
+  `apply_lora_to_model`, which Tunix uses, against collab_rl's `models/lora.py`.
 
 Both run on `--host_devices` XLA CPU devices: collab_rl data-parallel as in `vs_transformers`
 (batch 1 on one device), Tunix on an ('fsdp', 'tp') mesh of (host_devices, 1) with its default
@@ -51,6 +53,9 @@ _OUT = flags.DEFINE_string("out", "bench_out/vs_tunix.json", "Where the JSON goe
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per round (their median counts).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds over the calls, collab_rl's and Tunix's "
                                "alternated; the ratio's median and range are over the rounds.")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 8, "Also a train step that trains rank-r LoRA "
+                                  "adapters on every projection, the base frozen; 0: none.",
+                                  lower_bound=0)
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 2, "XLA CPU devices (see the docstring).",
                                      lower_bound=1)
 
@@ -135,7 +140,7 @@ def tunix_mesh(devices: int):
   return jax.sharding.Mesh(np.array(jax.devices()[:devices]).reshape(devices, 1), ("fsdp", "tp"))
 
 
-def tunix_programs(folder: str, devices: int) -> dict:
+def tunix_programs(folder: str, devices: int, lora_rank: int = 0) -> dict:
   """Tunix's calls on the weights in `folder`, named as `tiny_llama.collab_rl_programs` names
   collab_rl's, each a zero-argument function that returns what to wait on."""
   import jax
@@ -174,27 +179,43 @@ def tunix_programs(folder: str, devices: int) -> dict:
       calls[f"{'greedy' if greedy else 'sampled'}_b{batch}"] = call
 
   mesh = tunix_mesh(devices)
+  tokens = rng.integers(1, HF_CONFIG["vocab_size"], (TRAIN_BATCH, TRAIN_LEN + 1), np.int32)
+  batch = jax.device_put(
+      peft_trainer.TrainingInput(input_tokens=tokens, input_mask=np.ones_like(tokens, bool)),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
+
+  def model_input(x: peft_trainer.TrainingInput):
+    return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
+            "positions": sft_utils.build_positions_from_mask(x.input_mask),
+            "attention_mask": sft_utils.make_causal_attn_mask(x.input_mask)}
+
+  def train_call(model):
+    with jax.set_mesh(mesh):
+      trainer = peft_trainer.PeftTrainer(
+          model, optax.adamw(1e-3), peft_trainer.TrainingConfig(eval_every_n_steps=10**9))
+      step, _ = trainer.with_gen_model_input_fn(model_input).jit_train_and_eval_step()
+
+    def train_step():
+      with jax.set_mesh(mesh):
+        return step(batch)[0]  # the loss
+
+    return train_step
+
   with jax.set_mesh(mesh):
     model = llama3_params.create_model_from_safe_tensors(folder, tunix_config(False), mesh)
-    trainer = peft_trainer.PeftTrainer(
-        model, optax.adamw(1e-3), peft_trainer.TrainingConfig(eval_every_n_steps=10**9))
+  calls["train_step"] = train_call(model)
+  if lora_rank:
+    from flax import nnx
+    import qwix
 
-    def model_input(x: peft_trainer.TrainingInput):
-      return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
-              "positions": sft_utils.build_positions_from_mask(x.input_mask),
-              "attention_mask": sft_utils.make_causal_attn_mask(x.input_mask)}
-
-    step, _ = trainer.with_gen_model_input_fn(model_input).jit_train_and_eval_step()
-    tokens = rng.integers(1, HF_CONFIG["vocab_size"], (TRAIN_BATCH, TRAIN_LEN + 1), np.int32)
-    batch = jax.device_put(
-        peft_trainer.TrainingInput(input_tokens=tokens, input_mask=np.ones_like(tokens, bool)),
-        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
-
-  def train_step():
+    # The projections collab_rl's LoRA adapts by default (models/lora.py), alpha 16 as there.
+    provider = qwix.LoraProvider(module_path=".*(q|k|v|o)_proj|.*(gate|up|down)_proj",
+                                 rank=lora_rank, alpha=16.0)
     with jax.set_mesh(mesh):
-      return step(batch)[0]  # the loss
-
-  calls["train_step"] = train_step
+      base = llama3_params.create_model_from_safe_tensors(folder, tunix_config(False), mesh)
+      adapted = qwix.apply_lora_to_model(base, provider, rngs=nnx.Rngs(5),
+                                         **base.get_model_input())
+    calls["train_step_lora"] = train_call(adapted)
   return calls
 
 
@@ -219,8 +240,8 @@ def main(argv):
     if gap > 1e-4:
       raise SystemExit(f"collab_rl and Tunix disagree on the same weights (logits {gap:.2e} "
                        "apart): the comparison would time two different models")
-    programs = {"collab_rl": collab_rl_programs(folder),
-                "tunix": tunix_programs(folder, _HOST_DEVICES.value)}
+    programs = {"collab_rl": collab_rl_programs(folder, lora_rank=_LORA_RANK.value),
+                "tunix": tunix_programs(folder, _HOST_DEVICES.value, _LORA_RANK.value)}
   # One untimed call each here and `median_seconds`' warm-up call in the first round: Tunix's
   # train step compiles again at its second call (its optimizer state comes back placed
   # differently from how it went in).
@@ -239,6 +260,7 @@ def main(argv):
             f"tunix {seconds['tunix'][name][-1]:.3f} s", flush=True)
   result = {"model": HF_CONFIG, "prompt_len": PROMPT, "new_tokens": NEW,
             "train_batch": [TRAIN_BATCH, TRAIN_LEN], "host_devices": _HOST_DEVICES.value,
+            "lora_rank": _LORA_RANK.value,
             "rounds": _ROUNDS.value, "repeats": _REPEATS.value, "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "jax": jax.__version__,
             "tunix": importlib.metadata.version("google-tunix"), "logits_gap": gap,
@@ -249,11 +271,12 @@ def main(argv):
     ratios = sorted(t / c for c, t in zip(seconds["collab_rl"][name], seconds["tunix"][name]))
     result["ratio_collab_rl_over_tunix"][name] = {"median": statistics.median(ratios),
                                                   "min": ratios[0], "max": ratios[-1]}
-    rows = TRAIN_BATCH * TRAIN_LEN if name == "train_step" else int(name.split("_b")[1]) * NEW
+    training = name.startswith("train_step")
+    rows = TRAIN_BATCH * TRAIN_LEN if training else int(name.split("_b")[1]) * NEW
     per_s = {lib: rows / statistics.median(seconds[lib][name]) for lib in programs}
     print(f"{name}: {statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}); "
           f"collab_rl {per_s['collab_rl']:,.0f}, tunix {per_s['tunix']:,.0f} "
-          f"{'tokens' if name == 'train_step' else 'new tokens'}/s")
+          f"{'tokens' if training else 'new tokens'}/s")
   common.write_json(_OUT.value, result)
 
 
